@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real models saved to disk, so tests exercise the real from_pretrained path."""
+"""Shared fixtures: tiny real models saved to disk, so tests take the real from_pretrained path."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen2 causal LM (plain text model) saved with ``save_pretrained``."""
+def _save_tiny_qwen2(path: Path, *, tie_word_embeddings: bool) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -25,9 +23,19 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    model = Qwen2ForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    model.save_pretrained(path)
+    Qwen2ForCausalLM(config).eval().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 causal LM (plain text model) saved with ``save_pretrained``."""
+    return _save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tied_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like ``tiny_lm_dir`` but with ``lm_head`` tied to ``embed_tokens``."""
+    return _save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-tied"), tie_word_embeddings=True)

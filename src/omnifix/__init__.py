@@ -20,10 +20,12 @@ from omnifix._meta import assert_no_meta as assert_no_meta
 from omnifix._meta import find_meta_tensors as find_meta_tensors
 from omnifix._types import DeviceLike as DeviceLike
 from omnifix._types import DeviceMapValue as DeviceMapValue
+from omnifix._types import DeviceRequest as DeviceRequest
 from omnifix._version import __version__ as __version__
 from omnifix.errors import DeviceError as DeviceError
 from omnifix.errors import DeviceUnavailableError as DeviceUnavailableError
 from omnifix.errors import InsufficientMemoryError as InsufficientMemoryError
+from omnifix.errors import InvalidArgumentError as InvalidArgumentError
 from omnifix.errors import MetaTensorError as MetaTensorError
 from omnifix.errors import OmnifixError as OmnifixError
 from omnifix.errors import OmnifixWarning as OmnifixWarning
@@ -33,9 +35,11 @@ __all__ = [
     "DeviceError",
     "DeviceLike",
     "DeviceMapValue",
+    "DeviceRequest",
     "DeviceUnavailableError",
     "EmbeddingPin",
     "InsufficientMemoryError",
+    "InvalidArgumentError",
     "MetaReport",
     "MetaTensor",
     "MetaTensorError",

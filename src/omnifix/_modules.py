@@ -85,8 +85,11 @@ def hook_execution_device(module: nn.Module) -> torch.device | None:
     for hook in iter_hooks(module):
         device = getattr(hook, "execution_device", None)
         if device is not None:
-            # accelerate stores a bare int for "cuda:<int>"; torch.device(int) reads it the same way.
-            return device if isinstance(device, torch.device) else torch.device(device)
+            if isinstance(device, torch.device):
+                return device
+            # accelerate stores a bare int for "cuda:<int>" (its hooks only get ints on CUDA
+            # machines); spell the type out, since torch.device(int) means "current accelerator".
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     return None
 
 

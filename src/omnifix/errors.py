@@ -19,6 +19,7 @@ __all__ = [
     "DeviceError",
     "DeviceUnavailableError",
     "InsufficientMemoryError",
+    "InvalidArgumentError",
     "MetaTensorError",
     "OmnifixError",
     "OmnifixWarning",
@@ -30,12 +31,16 @@ class OmnifixError(Exception):
     """Root of every error omnifix raises; catch it to handle all of them."""
 
 
-class DeviceError(OmnifixError, ValueError):
+class InvalidArgumentError(OmnifixError, ValueError):
+    """An argument has a value omnifix cannot use (a negative batch size, say)."""
+
+
+class DeviceError(InvalidArgumentError):
     """A device was named wrongly, or a device_map word was used where a device is needed."""
 
 
 class DeviceUnavailableError(DeviceError):
-    """The device is well formed but this machine does not have it (e.g. ``"cuda:7"`` with 2 GPUs)."""
+    """The device is well formed but this machine lacks it (``"cuda:7"`` with 2 GPUs, say)."""
 
 
 class MetaTensorError(OmnifixError, RuntimeError):

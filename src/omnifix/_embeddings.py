@@ -1,0 +1,296 @@
+"""Pinning input embeddings: ids go to the embedding's device, embeddings come back to the caller's.
+
+Multimodal models merge text embeddings with image/audio features right after the embedding
+lookup (``inputs_embeds.masked_scatter(mask, features)``). When ``device_map`` puts
+``embed_tokens`` on another GPU than the caller's ``input_ids``, the lookup either fails
+(``index_select``: ids and weight on different devices) or, behind accelerate's hook, returns the
+embeddings on the embedding's GPU while the mask stays on the caller's: the merge then fails with
+"Expected all tensors to be on the same device". :func:`pin_embeddings` fixes both with two
+forward hooks per embedding and nothing else: the module, its weights and its ``state_dict`` are
+untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from omnifix._modules import execution_device, find_input_embeddings
+from omnifix.errors import DeviceError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    import torch
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+    from typing_extensions import Self
+
+    from omnifix._types import DeviceLike
+
+__all__ = ["EmbeddingPin", "pin_embeddings"]
+
+# The attribute that marks a pinned embedding. It lives in the module's ``__dict__`` (not a
+# parameter, buffer or submodule), so it never shows up in ``state_dict`` or ``save_pretrained``.
+_STATE_ATTR = "_omnifix_embedding_pin"
+
+
+class _PinState:
+    """What one pinned embedding carries: target device, its two hook handles and its owners.
+
+    ``owners`` counts the live :class:`EmbeddingPin` handles that pinned this embedding; the hooks
+    go when the last one is removed. The pre-hook records, per thread, the device the ids came
+    from, and the post-hook reads it back (the post-hook only sees the ids already moved).
+    """
+
+    __slots__ = ("device", "handles", "local", "owners")
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device
+        self.handles: tuple[RemovableHandle, ...] = ()
+        self.owners = 0
+        self.local = threading.local()
+
+    # Hooks are plain picklable objects (not closures) so ``copy.deepcopy(model)`` and
+    # ``torch.save(model)`` keep working; torch's RemovableHandle already follows the copied hook
+    # dicts. A copy is pinned but owned by no handle: ``pin_embeddings(copy).remove()`` unpins it.
+    def __getstate__(self) -> tuple[torch.device | None, tuple[RemovableHandle, ...]]:
+        return self.device, self.handles
+
+    def __setstate__(self, state: tuple[torch.device | None, tuple[RemovableHandle, ...]]) -> None:
+        self.device, self.handles = state
+        self.owners = 0
+        self.local = threading.local()
+
+
+def _find_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, Any]:
+    """The ids tensor of an embedding call and where it was: a positional index or a kwarg name."""
+    import torch
+
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], 0
+    # ``nn.Embedding.forward(input)``; subclasses (scaled embeddings) may call it ``input_ids``.
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return value, key
+    return None, None
+
+
+class _MoveIdsToExecutionDevice:
+    """Forward pre-hook: remember where the ids are, then move them to where the embedding runs."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: _PinState) -> None:
+        self.state = state
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        ids, where = _find_ids(args, kwargs)
+        self.state.local.source = None if ids is None else ids.device
+        if ids is None:
+            return None
+        # Resolved per call (two attribute lookups for an embedding), so re-dispatching the model
+        # after pinning, or accelerate hooks added/removed later, are followed.
+        target = execution_device(module)
+        if target is None or target.type == "meta" or ids.device == target:
+            return None
+        moved = ids.to(target)
+        if isinstance(where, int):
+            return (moved, *args[1:]), kwargs
+        return args, {**kwargs, where: moved}
+
+
+class _ReturnToCaller:
+    """Forward hook: move the embeddings to the pinned device, else to where the ids came from."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: _PinState) -> None:
+        self.state = state
+
+    def __call__(
+        self, _module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        import torch
+
+        target = self.state.device
+        if target is None:
+            target = getattr(self.state.local, "source", None)
+        if target is None or target.type == "meta":
+            return None
+        if isinstance(output, torch.Tensor):
+            return None if output.device == target else output.to(target)
+        # Embedding subclasses returning tuples or dicts: accelerate already walks nested outputs.
+        from accelerate.utils import send_to_device
+
+        return send_to_device(output, target)
+
+
+class EmbeddingPin:
+    """Handle returned by :func:`omnifix.pin_embeddings`; ``remove()`` or use as a context manager.
+
+    Pins are reference counted per embedding: pinning an already pinned embedding adds no hook
+    but one owner, and the hooks go when the last owner is removed. So removing (or leaving the
+    ``with`` block of) a second pin never unpins what an earlier pin still holds. Dropping the
+    handle without ``remove()`` leaves the pin in place, like torch's own hook handles. The handle
+    refers to the embeddings weakly: it does not keep a deleted model alive.
+    """
+
+    __slots__ = ("_active", "_device", "_entries")
+
+    def __init__(
+        self,
+        entries: list[tuple[str, nn.Module, _PinState]],
+        device: torch.device | None,
+    ) -> None:
+        self._entries = tuple((name, weakref.ref(module), state) for name, module, state in entries)
+        self._device = device
+        self._active = True
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Qualified names (in the pinned model) of the embeddings this handle pinned."""
+        return tuple(name for name, _, _ in self._entries)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where embeddings are returned; ``None`` means "the device the ids came from"."""
+        return self._device
+
+    @property
+    def active(self) -> bool:
+        """Whether this handle still holds its pins (``False`` after :meth:`remove`)."""
+        return self._active
+
+    def remove(self) -> None:
+        """Release this handle's pins; hooks of embeddings no other handle holds are removed.
+
+        Calling it again does nothing. Removal deletes exactly the two hooks the pin added, so
+        the embedding's hook dictionaries are the same as before pinning.
+        """
+        if not self._active:
+            return
+        self._active = False
+        for _, ref, state in self._entries:
+            module = ref()
+            if module is None or module.__dict__.get(_STATE_ATTR) is not state:
+                continue
+            state.owners -= 1
+            if state.owners <= 0:
+                for handle in state.handles:
+                    handle.remove()
+                del module.__dict__[_STATE_ATTR]
+
+    def __enter__(self) -> Self:
+        """Return the handle itself; the pin is already in place."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Remove the pin, whether or not the block raised."""
+        self.remove()
+
+    def __repr__(self) -> str:
+        """Name the pinned embeddings, the target device and whether the pin is active."""
+        return (
+            f"EmbeddingPin(modules={self.modules!r}, device={self._device!r}, "
+            f"active={self._active})"
+        )
+
+
+def pin_embeddings(model: nn.Module, device: DeviceLike = None) -> EmbeddingPin:
+    """Make every input embedding of ``model`` safe to call with ids on any device.
+
+    Finds the input embeddings (``get_input_embeddings()`` where it works, else the
+    ``embed_tokens`` of every language model inside a composite model, e.g. Qwen2.5-Omni's
+    thinker and talker) and adds two forward hooks to each: before the lookup, the ids move to
+    the embedding's execution device (accelerate's hook device when dispatched, else its weight's
+    device, read at call time); after it, the embeddings move to ``device``, or back to the device
+    the ids came from. The multimodal merge that follows then sees one device, which is what
+    ``generate`` needs for Qwen2-VL & co. with ``device_map="auto"`` on several GPUs.
+
+    Nothing is replaced: ``state_dict()``, ``.weight``, tied ``lm_head`` weights and
+    ``save_pretrained`` are exactly as before, and accelerate's hooks (which wrap ``forward``)
+    keep working inside ours, whether added before or after pinning. Pinning twice adds no
+    hook (see :class:`omnifix.EmbeddingPin` for who owns what).
+
+    Args:
+        model: Any ``nn.Module`` with token embeddings; usually a transformers model.
+        device: Where to return the embeddings. ``None`` (default): the device the ids came from.
+
+    Returns:
+        A handle: ``.modules`` names the pinned embeddings, ``.remove()`` (or leaving a ``with``
+        block) unpins.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not an ``nn.Module`` or has no input embedding.
+        DeviceError: ``device`` is not a device, or an embedding is already pinned to another one.
+
+    Example:
+        >>> import torch, omnifix
+        >>> from transformers import Qwen2Config, Qwen2ForCausalLM
+        >>> config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        >>> model = Qwen2ForCausalLM(config)
+        >>> with omnifix.pin_embeddings(model) as pin:
+        ...     pin.modules
+        ...     model(torch.tensor([[1, 2, 3]])).logits.device
+        ('model.embed_tokens',)
+        device(type='cpu')
+        >>> pin
+        EmbeddingPin(modules=('model.embed_tokens',), device=None, active=False)
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"pin_embeddings needs a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model itself (e.g. the result of from_pretrained)."
+        )
+    from omnifix._devices import normalize_device
+
+    target = None if device is None else normalize_device(device)
+    found: list[tuple[str, nn.Module]] = list(find_input_embeddings(model))
+    if not found and isinstance(model, nn.Embedding):
+        # ``pin_embeddings(model.get_input_embeddings())``: the embedding itself, named as
+        # ``named_modules`` names a root.
+        found = [("", model)]
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no input embedding: get_input_embeddings() returns no "
+            "nn.Embedding on it or on any submodule, and no submodule is named embed_tokens; "
+            "pass the model (or language model) that owns the token embedding."
+        )
+    # Check every embedding before touching any, so a refused call pins nothing.
+    for name, embedding in found:
+        existing = embedding.__dict__.get(_STATE_ATTR)
+        if existing is not None and existing.device != target:
+            raise DeviceError(
+                f"{name} is already pinned with device={existing.device!r}, so it cannot also "
+                f"return embeddings to device={target!r}; remove the earlier pin first "
+                f"(handle.remove()) or pin with device={existing.device!r}."
+            )
+    entries: list[tuple[str, nn.Module, _PinState]] = []
+    for name, embedding in found:
+        state = embedding.__dict__.get(_STATE_ATTR)
+        if state is None:
+            state = _PinState(target)
+            # The pre-hook goes first and the post-hook last, so the pin wraps every hook
+            # already there: those see ids and embeddings where the embedding computes.
+            state.handles = (
+                embedding.register_forward_pre_hook(
+                    _MoveIdsToExecutionDevice(state), with_kwargs=True, prepend=True
+                ),
+                embedding.register_forward_hook(_ReturnToCaller(state), with_kwargs=True),
+            )
+            embedding.__dict__[_STATE_ATTR] = state
+        state.owners += 1
+        entries.append((name, embedding, state))
+    return EmbeddingPin(entries, target)

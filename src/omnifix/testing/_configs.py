@@ -1,0 +1,450 @@
+"""Tiny configs for each Qwen family, written in the layout of the installed transformers.
+
+The config classes changed shape twice: 4.52 split Qwen2-VL/Qwen2.5-VL into ``text_config`` and
+``vision_config`` (before, the text fields sat at the top level), and 5.0 renamed ``rope_scaling``
+to ``rope_parameters`` (with ``rope_theta`` inside) and made every config a strict dataclass. We
+detect the layout from the installed classes (their ``__init__`` signature) and the major version,
+and always build through the config class itself, so every version's own validation runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "Tokens",
+    "available_families",
+    "check_family",
+    "model_class",
+    "speakers",
+    "tiny_config",
+]
+
+Family: TypeAlias = Literal[
+    "qwen2", "qwen2-vl", "qwen2.5-vl", "qwen2-audio", "qwen2.5-omni-thinker", "qwen2.5-omni"
+]
+
+FAMILIES: Final[tuple[Family, ...]] = (
+    "qwen2",
+    "qwen2-vl",
+    "qwen2.5-vl",
+    "qwen2-audio",
+    "qwen2.5-omni-thinker",
+    "qwen2.5-omni",
+)
+
+#: The oldest transformers that ships each family (omnifix itself needs 4.45).
+_MIN_VERSION: Final[dict[Family, str]] = {
+    "qwen2": "4.45",
+    "qwen2-vl": "4.45",
+    "qwen2.5-vl": "4.49",
+    "qwen2-audio": "4.45",
+    "qwen2.5-omni-thinker": "4.52",
+    "qwen2.5-omni": "4.52",
+}
+
+_CLASS_NAME: Final[dict[Family, str]] = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
+    "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2-audio": "Qwen2AudioForConditionalGeneration",
+    "qwen2.5-omni-thinker": "Qwen2_5OmniThinkerForConditionalGeneration",
+    "qwen2.5-omni": "Qwen2_5OmniForConditionalGeneration",
+}
+
+_DISPLAY_NAME: Final[dict[Family, str]] = {
+    "qwen2": "Qwen2",
+    "qwen2-vl": "Qwen2-VL",
+    "qwen2.5-vl": "Qwen2.5-VL",
+    "qwen2-audio": "Qwen2-Audio",
+    "qwen2.5-omni-thinker": "Qwen2.5-Omni (thinker)",
+    "qwen2.5-omni": "Qwen2.5-Omni",
+}
+
+
+class Tokens:
+    """Token ids of the tiny vocabulary: text below 240, special tokens from 240 up."""
+
+    VOCAB: Final = 256
+    END_OF_TEXT: Final = 240  # bos and pad, as <|endoftext|> in the real tokenizer
+    IM_START: Final = 241
+    IM_END: Final = 242  # eos
+    AUDIO_START: Final = 243
+    AUDIO_END: Final = 244
+    AUDIO: Final = 245
+    VISION_START: Final = 246
+    VISION_END: Final = 247
+    IMAGE: Final = 248
+    VIDEO: Final = 249
+    TTS_TEXT_START: Final = 250
+    TTS_TEXT_END: Final = 251
+    TTS_TEXT_PAD: Final = 252
+    SPEAKER_BOS: Final = (253, 254)  # one talker bos token per speaker
+    USER: Final = 255
+    # The talker's codec vocabulary is its own, but as large as the text one: the talker's config
+    # also holds text-vocabulary ids (tts_text_*, vision_start, ...), and 5.x checks every
+    # ``*_token_id`` against ``vocab_size`` (the real talker, 8448 codes, fails that check).
+    CODEC_VOCAB: Final = 256
+    CODEC_PAD: Final = 232
+    CODEC_START: Final = 233
+    CODEC_END: Final = 234
+    CODEC_MASK: Final = 235
+
+
+# Language models: 4 layers (so tests can split them over several devices), head_dim 16, GQA.
+_HIDDEN: Final = 32
+_HEAD_DIM: Final = 16
+_MROPE_SECTION: Final = (2, 3, 3)  # sums to head_dim / 2, as Qwen's (16, 24, 24) does for 128
+_ROPE_THETA: Final = 1_000_000.0
+# Vision towers keep the real patch geometry, so pixel_values have the real processors' shape.
+_PATCH: Final = 14
+_MERGE: Final = 2
+_TEMPORAL_PATCH: Final = 2
+# Audio towers keep the real 128 mel bins. Qwen2-Audio wants exactly 2 * max_source_positions
+# mel frames: 32 here, 8 audio tokens.
+_MEL_BINS: Final = 128
+_AUDIO_POSITIONS: Final = 16
+#: Mel dimension of token2wav (DiT output, BigVGAN input, reference mel of each speaker).
+MEL_DIM: Final = 8
+_SPEAKER_EMBEDDING: Final = 16
+#: The real checkpoint's speakers; ``generate`` uses Chelsie unless told otherwise.
+_SPEAKER_NAMES: Final = ("Chelsie", "Ethan")
+
+
+def _version() -> Any:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__)
+
+
+def _installed() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def available_families() -> tuple[Family, ...]:
+    """The families the installed transformers supports, in :data:`FAMILIES` order."""
+    from packaging.version import Version
+
+    installed = Version(_version().base_version)
+    return tuple(f for f in FAMILIES if installed >= Version(_MIN_VERSION[f]))
+
+
+def check_family(family: str) -> Family:
+    """``family`` itself, once known and supported here; else the error that says what to do."""
+    from omnifix.errors import UnsupportedModelError
+
+    if family not in FAMILIES:
+        known = ", ".join(repr(f) for f in FAMILIES)
+        raise UnsupportedModelError(
+            f"Unknown model family {family!r}: omnifix.testing has no builder for it. "
+            f"Pass one of {known} (omnifix.testing.available_families() lists the ones your "
+            "transformers supports)."
+        )
+    # From here on, mypy knows ``family`` is a Family (the membership test narrows it).
+    if family not in available_families():
+        needed = _MIN_VERSION[family]
+        raise UnsupportedModelError(
+            f"{_DISPLAY_NAME[family]} ({family!r}) needs transformers>={needed}, but "
+            f"transformers {_installed()} is installed. "
+            f"Upgrade it: pip install 'transformers>={needed}'"
+        )
+    return family
+
+
+def model_class(family: str) -> type[PreTrainedModel]:
+    """The transformers class that :func:`tiny_model` instantiates for ``family``."""
+    import transformers
+
+    checked = check_family(family)
+    cls: type[PreTrainedModel] = getattr(transformers, _CLASS_NAME[checked])
+    return cls
+
+
+# --- version-dependent pieces --------------------------------------------------------------------
+
+
+def _rope(*, mrope: bool) -> dict[str, Any]:
+    """Rotary settings, as ``rope_scaling`` + ``rope_theta`` (4.x) or ``rope_parameters`` (5.x)."""
+    if _version().major >= 5:  # noqa: PLR2004
+        parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": _ROPE_THETA}
+        if mrope:
+            parameters["mrope_section"] = list(_MROPE_SECTION)
+        return {"rope_parameters": parameters}
+    if not mrope:
+        return {"rope_theta": _ROPE_THETA}
+    # 4.x converts "mrope" to "default" itself; Omni's text config expects "default" directly.
+    scaling = {"type": "default", "rope_type": "default", "mrope_section": list(_MROPE_SECTION)}
+    return {"rope_theta": _ROPE_THETA, "rope_scaling": scaling}
+
+
+def _config_class(name: str) -> Any:
+    """A transformers config class by name (typed ``Any``: 4.x ships it unannotated)."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _build(name: str, fields: dict[str, Any]) -> PretrainedConfig:
+    """``transformers.<name>(**fields)``, which validates the fields the way that version does."""
+    config: PretrainedConfig = _config_class(name)(**fields)
+    return config
+
+
+def _takes(config_class: type[Any], name: str) -> bool:
+    return name in inspect.signature(config_class.__init__).parameters
+
+
+def _text(*, mrope: bool, vocab_size: int = Tokens.VOCAB) -> dict[str, Any]:
+    """A 4-layer Qwen2-style decoder (the language model of every family)."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": _HIDDEN,
+        "intermediate_size": 2 * _HIDDEN,
+        "num_hidden_layers": 4,
+        "num_attention_heads": _HIDDEN // _HEAD_DIM,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "bos_token_id": Tokens.END_OF_TEXT,
+        "eos_token_id": Tokens.IM_END,
+        "pad_token_id": Tokens.END_OF_TEXT,
+        **_rope(mrope=mrope),
+    }
+
+
+def _windowed_vision() -> dict[str, Any]:
+    """Qwen2.5-VL / Qwen2.5-Omni vision tower: window attention, last block full attention."""
+    return {
+        "depth": 2,
+        "hidden_size": _HIDDEN,
+        "intermediate_size": 2 * _HIDDEN,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": _PATCH,
+        "spatial_merge_size": _MERGE,
+        "temporal_patch_size": _TEMPORAL_PATCH,
+        "window_size": _PATCH * _MERGE * 4,  # 112 as in the real models: 4x4 merged patches
+        "out_hidden_size": _HIDDEN,
+        "fullatt_block_indexes": [1],
+    }
+
+
+def _audio_encoder() -> dict[str, Any]:
+    """Whisper-style audio tower shared by Qwen2-Audio and Qwen2.5-Omni."""
+    return {
+        "num_mel_bins": _MEL_BINS,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 2 * _HIDDEN,
+        "d_model": _HIDDEN,
+        "max_source_positions": _AUDIO_POSITIONS,
+    }
+
+
+def _vision_tokens() -> dict[str, Any]:
+    return {
+        "image_token_id": Tokens.IMAGE,
+        "video_token_id": Tokens.VIDEO,
+        "vision_start_token_id": Tokens.VISION_START,
+        "vision_end_token_id": Tokens.VISION_END,
+    }
+
+
+# --- one builder per family -----------------------------------------------------------------------
+
+
+def _qwen2() -> PretrainedConfig:
+    return _build("Qwen2Config", _text(mrope=False))
+
+
+def _vl(name: str, vision: dict[str, Any]) -> PretrainedConfig:
+    fields = {"vision_config": vision, **_vision_tokens()}
+    if _takes(_config_class(name), "text_config"):  # 4.52+: text fields in their own sub-config
+        fields.update(text_config=_text(mrope=True), tie_word_embeddings=False)
+    else:  # 4.45-4.51: text fields at the top level; token ids are stored as plain attributes.
+        fields.update(_text(mrope=True))
+    return _build(name, fields)
+
+
+def _qwen2_vl() -> PretrainedConfig:
+    vision = {
+        "depth": 2,
+        "embed_dim": _HIDDEN,
+        "hidden_size": _HIDDEN,  # output of the patch merger = the language model's width
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "in_channels": 3,
+        "patch_size": _PATCH,
+        "spatial_merge_size": _MERGE,
+        "temporal_patch_size": _TEMPORAL_PATCH,
+    }
+    return _vl("Qwen2VLConfig", vision)
+
+
+def _qwen2_5_vl() -> PretrainedConfig:
+    vision = _windowed_vision()
+    vision["tokens_per_second"] = 2
+    return _vl("Qwen2_5_VLConfig", vision)
+
+
+def _qwen2_audio() -> PretrainedConfig:
+    text = _text(mrope=False)
+    text["model_type"] = "qwen2"
+    audio = _audio_encoder()
+    audio["model_type"] = "qwen2_audio_encoder"
+    fields: dict[str, Any] = {
+        "audio_config": audio,
+        "text_config": text,
+        "audio_token_index": Tokens.AUDIO,
+        # 4.x: the composite config's own flag defaults to True (5.x has no such field).
+        "tie_word_embeddings": False,
+    }
+    return _build("Qwen2AudioConfig", fields)
+
+
+def _thinker_fields() -> dict[str, Any]:
+    audio = _audio_encoder()
+    audio["n_window"] = 8  # chunks of 16 frames (real: 100, i.e. 200 frames)
+    audio["output_dim"] = _HIDDEN
+    return {
+        "text_config": _text(mrope=True),
+        "vision_config": _windowed_vision(),
+        "audio_config": audio,
+        "audio_token_index": Tokens.AUDIO,
+        "image_token_index": Tokens.IMAGE,
+        "video_token_index": Tokens.VIDEO,
+        "audio_start_token_id": Tokens.AUDIO_START,
+        "audio_end_token_id": Tokens.AUDIO_END,
+        "vision_start_token_id": Tokens.VISION_START,
+        "vision_end_token_id": Tokens.VISION_END,
+        "user_token_id": Tokens.USER,
+        "position_id_per_seconds": 25,
+        "seconds_per_chunk": 2,
+        "tie_word_embeddings": False,
+        "bos_token_id": Tokens.END_OF_TEXT,
+        "eos_token_id": Tokens.IM_END,
+        "pad_token_id": Tokens.END_OF_TEXT,
+    }
+
+
+def _qwen2_5_omni_thinker() -> PretrainedConfig:
+    return _build("Qwen2_5OmniThinkerConfig", _thinker_fields())
+
+
+def _talker_fields() -> dict[str, Any]:
+    text = _text(mrope=True, vocab_size=Tokens.CODEC_VOCAB)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        del text[key]
+    return {
+        **text,
+        "embedding_size": _HIDDEN,  # = the thinker's width: the talker reads its hidden states
+        "head_dim": _HEAD_DIM,
+        "audio_token_index": Tokens.AUDIO,
+        "image_token_index": Tokens.IMAGE,
+        "video_token_index": Tokens.VIDEO,
+        "vision_start_token_id": Tokens.VISION_START,
+        "vision_end_token_id": Tokens.VISION_END,
+        "audio_start_token_id": Tokens.AUDIO_START,
+        "audio_end_token_id": Tokens.AUDIO_END,
+        "tts_text_start_token_id": Tokens.TTS_TEXT_START,
+        "tts_text_end_token_id": Tokens.TTS_TEXT_END,
+        "tts_text_pad_token_id": Tokens.TTS_TEXT_PAD,
+        "tts_codec_start_token_id": Tokens.CODEC_START,
+        "tts_codec_end_token_id": Tokens.CODEC_END,
+        "tts_codec_pad_token_id": Tokens.CODEC_PAD,
+        "tts_codec_mask_token_id": Tokens.CODEC_MASK,
+        "spatial_merge_size": _MERGE,
+        "position_id_per_seconds": 25,
+        "seconds_per_chunk": 2,
+    }
+
+
+def _token2wav_fields() -> dict[str, Any]:
+    dit = {
+        "hidden_size": _HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "head_dim": _HEAD_DIM,
+        "ff_mult": 2,
+        "emb_dim": 16,
+        "max_position_embeddings": 1024,
+        "block_size": 24,
+        "look_ahead_layers": [1],
+        "look_backward_layers": [0],
+        "repeats": 2,
+        "num_embeds": Tokens.CODEC_VOCAB,
+        "mel_dim": MEL_DIM,
+        "dropout": 0.0,
+        "enc_emb_dim": _SPEAKER_EMBEDDING,
+        "enc_dim": 16,
+        # ECAPA speaker encoder: the last channel count is the concatenation of the middle three.
+        "enc_channels": [16, 16, 16, 16, 48],
+        "enc_kernel_sizes": [5, 3, 3, 3, 1],
+        "enc_dilations": [1, 2, 3, 4, 1],
+        "enc_attention_channels": 8,
+        "enc_res2net_scale": 2,
+        "enc_se_channels": 8,
+    }
+    bigvgan = {
+        "mel_dim": MEL_DIM,
+        "upsample_initial_channel": 32,
+        "resblock_kernel_sizes": [3],
+        "resblock_dilation_sizes": [[1, 3, 5]],
+        "upsample_rates": [2, 2],
+        "upsample_kernel_sizes": [4, 4],
+    }
+    return {"dit_config": dit, "bigvgan_config": bigvgan}
+
+
+def _qwen2_5_omni() -> PretrainedConfig:
+    fields = {
+        "thinker_config": _thinker_fields(),
+        "talker_config": _talker_fields(),
+        "token2wav_config": _token2wav_fields(),
+        "enable_audio_output": True,
+    }
+    return _build("Qwen2_5OmniConfig", fields)
+
+
+_BUILDERS: Final = {
+    "qwen2": _qwen2,
+    "qwen2-vl": _qwen2_vl,
+    "qwen2.5-vl": _qwen2_5_vl,
+    "qwen2-audio": _qwen2_audio,
+    "qwen2.5-omni-thinker": _qwen2_5_omni_thinker,
+    "qwen2.5-omni": _qwen2_5_omni,
+}
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """A fresh tiny config of ``family`` in the installed transformers' own layout."""
+    return _BUILDERS[check_family(family)]()
+
+
+def speakers() -> dict[str, dict[str, Any]]:
+    """The ``spk_dict.pt`` content of the full Omni model: conditioning per speaker name.
+
+    ``cond`` is the speaker embedding and ``ref_mel`` a reference mel spectrogram (both read by
+    token2wav's DiT); ``bos_token`` starts the talker's text stream.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return {
+        name: {
+            "cond": torch.randn(1, _SPEAKER_EMBEDDING, generator=generator),
+            "ref_mel": torch.randn(1, 48, MEL_DIM, generator=generator),
+            "bos_token": bos,
+        }
+        for name, bos in zip(_SPEAKER_NAMES, Tokens.SPEAKER_BOS, strict=True)
+    }

@@ -1,0 +1,68 @@
+"""Type-checked by ``mypy --strict`` in CI, never run: the public API reads as users will write it.
+
+If a signature changes in a way that breaks these lines, users' type-checked code breaks too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import omnifix
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def devices() -> None:
+    a: torch.device = omnifix.normalize_device()
+    b: torch.device = omnifix.normalize_device("cuda:1")
+    c: torch.device = omnifix.normalize_device(0)
+    d: torch.device = omnifix.normalize_device(None)
+    e: torch.device = omnifix.normalize_device(a)
+    resolved: omnifix.ResolvedDevice = omnifix.resolve_device_map("cuda")
+    device_map, input_device = resolved
+    explicit = omnifix.resolve_device_map({"model": 0, "lm_head": "cpu"})
+    maybe: torch.device | None = explicit.input_device
+    request: omnifix.DeviceRequest = "balanced"
+    value: omnifix.DeviceMapValue = omnifix.resolve_device_map(request).device_map
+    del b, c, d, e, device_map, input_device, maybe, value
+
+
+def models(model: nn.Module) -> None:
+    where: torch.device = omnifix.input_device(model)
+    report: omnifix.MetaReport = omnifix.find_meta_tensors(model)
+    names: list[str] = [tensor.name for tensor in report.tensors]
+    total: int = report.total_bytes
+    omnifix.assert_no_meta(model)
+    omnifix.assert_no_meta(model, allow_offloaded=True)
+    pin: omnifix.EmbeddingPin = omnifix.pin_embeddings(model)
+    pinned: tuple[str, ...] = pin.modules
+    pin.remove()
+    with omnifix.pin_embeddings(model, "cuda:0") as again:
+        assert again.active
+    del where, names, total, pinned
+
+
+def errors() -> None:
+    try:
+        omnifix.normalize_device("cdua")
+    except omnifix.DeviceUnavailableError as unavailable:
+        device_error: omnifix.DeviceError = unavailable
+        value_error: ValueError = unavailable
+        del device_error, value_error
+    except omnifix.OmnifixError:
+        pass
+    memory: MemoryError = omnifix.InsufficientMemoryError("x")
+    runtime: RuntimeError = omnifix.MetaTensorError("x")
+    del memory, runtime
+
+
+def testing(tmp: str) -> None:
+    import omnifix.testing
+
+    family: omnifix.testing.Family = "qwen2-vl"
+    path = omnifix.testing.save_tiny_model(family, tmp, seed=1)
+    model = omnifix.testing.model_class(family).from_pretrained(path)
+    inputs: dict[str, torch.Tensor] = omnifix.testing.tiny_inputs(family, model.config)
+    del inputs
