@@ -13,6 +13,13 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${OMNIFIX_TORCH:-torch==2.13.0}
 STACKS=${STACKS:-$(cd ci/stacks && ls *.txt | sed 's/\.txt$//' | tr '\n' ' ')}
 
+# pip install into a venv, keeping its exit status; drops pip's notes about local index folders.
+pip_in() {
+  local venv=$1
+  shift
+  "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
+
 setup_stack() {
   local name=$1 venv=.venvs/$1
   local stamp
@@ -23,10 +30,10 @@ setup_stack() {
   echo "== setting up $venv"
   rm -rf "$venv"
   "$PY" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  pip_in "$venv" --upgrade pip
   # torch first, so that nothing later resolves a different (CUDA) build.
-  "$venv/bin/python" -m pip install -q "$TORCH_SPEC"
-  "$venv/bin/python" -m pip install -q -e ".[dev]" -r "ci/stacks/$name.txt"
+  pip_in "$venv" "$TORCH_SPEC"
+  pip_in "$venv" -e ".[dev]" -r "ci/stacks/$name.txt"
   echo "$stamp" >"$venv/.omnifix-stamp"
 }
 

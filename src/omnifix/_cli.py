@@ -1,0 +1,111 @@
+"""The ``omnifix`` command line (``omnifix demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import Counter
+from typing import TYPE_CHECKING, Any, cast
+
+from omnifix.testing import FAMILIES
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from torch import nn
+
+    from omnifix.testing import Family
+
+
+_KIB = 1024
+
+
+def _format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < _KIB or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= _KIB
+    raise AssertionError  # pragma: no cover - the loop always returns
+
+
+def _placement_lines(model: nn.Module) -> list[str]:
+    """Bytes of parameters and buffers per device, as accelerate would execute them."""
+    from omnifix._modules import hook_execution_device
+
+    per_device: Counter[str] = Counter()
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not tensors:
+            continue
+        hooked = hook_execution_device(module)
+        for tensor in tensors:
+            where = str(tensor.device)
+            if where == "meta" and hooked is not None:
+                where = f"{hooked} (offloaded)"
+            per_device[where] += tensor.numel() * tensor.element_size()
+    return [
+        f"  {where:<24} {_format_bytes(size):>12}" for where, size in sorted(per_device.items())
+    ]
+
+
+def _demo(family: Family, device: str, max_new_tokens: int) -> int:
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    import omnifix
+    import omnifix.testing
+
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    resolved = omnifix.resolve_device_map(device)
+    with tempfile.TemporaryDirectory(prefix="omnifix-demo-") as folder:
+        # The demo uses a random tiny model so that it runs offline in seconds, yet goes through the
+        # same from_pretrained path as a real checkpoint.
+        path = omnifix.testing.save_tiny_model(family, folder)
+        model_class = omnifix.testing.model_class(family)
+        model: Any = model_class.from_pretrained(path, device_map=resolved.device_map)
+    model.eval()
+    omnifix.assert_no_meta(model)
+    devices = {str(p.device) for p in model.parameters()}
+    pin = omnifix.pin_embeddings(model) if len(devices) > 1 else None
+    where = omnifix.input_device(model)
+    inputs = omnifix.testing.tiny_inputs(family, model.config, device=where)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output.shape[-1] - inputs["input_ids"].shape[-1]
+
+    print(
+        f"omnifix demo: tiny {family} ({sum(p.numel() for p in model.parameters()):,} parameters)"
+    )
+    print(f"  requested device       {device!r}")
+    print(f"  device_map passed      {resolved.device_map!r}")
+    print(f"  input device           {where}")
+    print(f"  model.device says      {model.device}")
+    print(f"  embeddings pinned      {', '.join(pin.modules) if pin else 'no (one device)'}")
+    print("  meta tensors           none")
+    print(f"  generated              {new_tokens} tokens on {output.device}")
+    print("placement (parameters and buffers per device):")
+    print("\n".join(_placement_lines(model)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``omnifix`` command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="omnifix", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="load a tiny built-in model on this machine's devices and print where it landed",
+    )
+    demo.add_argument("--family", default="qwen2-vl", choices=FAMILIES, help="tiny model family")
+    demo.add_argument("--device", default="auto", help='where to load it (default: "auto")')
+    demo.add_argument("--max-new-tokens", type=int, default=4)
+    args = parser.parse_args(argv)
+
+    from omnifix.errors import OmnifixError
+
+    try:
+        return _demo(cast("Family", args.family), args.device, args.max_new_tokens)
+    except OmnifixError as error:
+        print(f"omnifix: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
