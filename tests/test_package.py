@@ -52,6 +52,9 @@ def test_every_public_error_is_an_omnifix_error() -> None:
         (omnifix.MetaTensorError, RuntimeError),
         (omnifix.InsufficientMemoryError, MemoryError),
         (omnifix.UnsupportedModelError, TypeError),
+        (omnifix.AttentionUnavailableError, ImportError),
+        (omnifix.AttentionUnavailableError, omnifix.UnsupportedModelError),
+        (omnifix.CheckpointError, OSError),
     ],
 )
 def test_errors_are_caught_by_the_builtin_handlers_callers_already_have(

@@ -16,6 +16,8 @@ DeviceError
 from __future__ import annotations
 
 __all__ = [
+    "AttentionUnavailableError",
+    "CheckpointError",
     "DeviceError",
     "DeviceUnavailableError",
     "InsufficientMemoryError",
@@ -53,6 +55,21 @@ class InsufficientMemoryError(OmnifixError, MemoryError):
 
 class UnsupportedModelError(OmnifixError, TypeError):
     """The model, or the installed transformers, lacks what the operation needs."""
+
+
+class AttentionUnavailableError(UnsupportedModelError, ImportError):
+    """The requested attention implementation cannot run here (raised with ``strict=True``).
+
+    Also an ``ImportError``, which is what transformers raises for a missing flash-attn, so code
+    that caught that keeps working.
+    """
+
+
+class CheckpointError(OmnifixError, OSError):
+    """The checkpoint is missing, unreadable, incomplete or corrupt.
+
+    Also an ``OSError``, which is what transformers raises for a missing directory or file.
+    """
 
 
 class OmnifixWarning(UserWarning):

@@ -66,3 +66,22 @@ def testing(tmp: str) -> None:
     model = omnifix.testing.model_class(family).from_pretrained(path)
     inputs: dict[str, torch.Tensor] = omnifix.testing.tiny_inputs(family, model.config)
     del inputs
+
+
+def planning_and_loading(path: str) -> None:
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    work = omnifix.Workload(text_tokens=2048, image_tokens=1280, max_new_tokens=64)
+    plan: omnifix.PlacementPlan = omnifix.plan_placement(
+        "qwen2.5-vl-7b", budgets={0: "24GiB", 1: "24GiB"}, workload=work
+    )
+    fits: bool = plan.fits
+    device_map: dict[str, int | str] = plan.device_map
+    rows: tuple[omnifix.DeviceBudget, ...] = plan.devices
+    peak: int = rows[0].total
+    explicit = omnifix.plan_placement(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = omnifix.load_safely(path, model_class=Qwen2VLForConditionalGeneration, workload=work)
+    typed: Qwen2VLForConditionalGeneration = model
+    report: omnifix.PlacementReport = omnifix.placement_report(typed)
+    del fits, device_map, peak, explicit, report

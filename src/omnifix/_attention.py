@@ -1,0 +1,417 @@
+"""Choosing the dtype and the attention implementation, and passing them to ``from_pretrained``.
+
+Three decisions that ``from_pretrained`` leaves to the caller, each made here by a small function
+that takes the machine's facts as arguments (so it is testable without the machine):
+
+* **dtype** (:func:`choose_dtype`): bfloat16 where every GPU the model uses supports it (compute
+  capability 8.0, Ampere, or newer), float16 on older GPUs, float32 on the cpu; a dtype the caller
+  names is kept.
+* **attention** (:func:`choose_attention`): ``flash_attention_2`` when flash-attn imports, every GPU
+  is Ampere or newer, the dtype is half precision and the model class supports it; else ``sdpa``;
+  ``eager`` only when asked (or when the model supports nothing else). A requested implementation
+  that cannot run here (flash-attn not installed, an fp32 model, a pre-Ampere GPU, a model class
+  without it) falls back with an :class:`omnifix.OmnifixWarning` instead of transformers'
+  ``ImportError``/``ValueError`` at load time, or raises :class:`AttentionUnavailableError` when
+  ``strict=True``.
+* **the keyword** (:func:`dtype_keyword`): transformers 4.56 renamed
+  ``from_pretrained(torch_dtype=)`` to ``dtype=`` (huggingface/transformers#39782). 4.45 to 4.55
+  only know ``torch_dtype`` (an unknown ``dtype=`` goes to the model's config); 4.56 and later
+  take ``dtype`` and log "`torch_dtype` is deprecated! Use `dtype` instead!" for the old name.
+
+Models that pin their own attention are left to do so: Qwen2.5-Omni's token2wav (DiT + BigVGAN)
+must run in float32 with sdpa, and its ``__init__`` (transformers 4.52 to 5.x) already swaps a
+requested flash or eager implementation for sdpa and calls ``token2wav.float()``; loading the full
+Omni model in bfloat16 therefore leaves token2wav in float32, which is what it needs. One string
+for the whole model is enough for it, so omnifix passes one (a per-sub-config dict, which
+transformers 4.5x+ accepts, is forwarded when the caller gives one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Final, Literal
+
+from omnifix.errors import (
+    AttentionUnavailableError,
+    InvalidArgumentError,
+    OmnifixWarning,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable, Sequence
+
+    import torch
+
+__all__ = [
+    "Capability",
+    "choose_attention",
+    "choose_dtype",
+    "dtype_keyword",
+    "gpu_capabilities",
+    "installed_attention",
+    "parse_dtype",
+    "supported_attention",
+]
+
+#: A CUDA compute capability, ``(major, minor)``: ``(8, 0)`` for an A100, ``(9, 0)`` for an H100.
+Capability = tuple[int, int]
+
+#: The first compute capability with bfloat16 and FlashAttention-2 (Ampere).
+_AMPERE: Final[Capability] = (8, 0)
+#: The first compute capability FlashAttention-3 and -4 run on (Hopper).
+_HOPPER: Final[Capability] = (9, 0)
+#: transformers from which ``from_pretrained`` takes ``dtype=`` (and deprecates ``torch_dtype=``).
+_DTYPE_KEYWORD_SINCE: Final = (4, 56)
+
+_DTYPE_NAMES: Final[dict[str, str]] = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+#: Implementations omnifix knows, with transformers' availability probe (in ``transformers.utils``)
+#: and the class flags that say a model supports them (4.45 spells flash ``_supports_flash_attn_2``,
+#: 4.5x+ ``_supports_flash_attn``).
+_IMPLEMENTATIONS: Final[dict[str, tuple[str | None, tuple[str, ...]]]] = {
+    "eager": (None, ()),
+    "sdpa": (None, ("_supports_sdpa",)),
+    "flash_attention_2": (
+        "is_flash_attn_2_available",
+        ("_supports_flash_attn_2", "_supports_flash_attn"),
+    ),
+    "flash_attention_3": (
+        "is_flash_attn_3_available",
+        ("_supports_flash_attn_3", "_supports_flash_attn"),
+    ),
+    "flash_attention_4": ("is_flash_attn_4_available", ("_supports_flash_attn",)),
+    "flex_attention": ("is_torch_flex_attn_available", ("_supports_flex_attn",)),
+}
+_FLASH: Final = frozenset({"flash_attention_2", "flash_attention_3", "flash_attention_4"})
+
+
+# --------------------------------------------------------------------------------------------
+# dtype
+# --------------------------------------------------------------------------------------------
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
+    """The floating dtype ``dtype`` names, or ``None`` for ``"auto"``.
+
+    Args:
+        dtype: A floating :class:`torch.dtype`, ``"auto"``, or a name: ``"bfloat16"``/``"bf16"``,
+            ``"float16"``/``"fp16"``/``"half"``, ``"float32"``/``"fp32"``/``"float"`` (case and
+            a ``"torch."`` prefix are ignored).
+
+    Returns:
+        The dtype; ``None`` when ``dtype`` is ``"auto"`` (let :func:`choose_dtype` decide).
+
+    Raises:
+        InvalidArgumentError: Not a floating dtype or a known name.
+
+    Example:
+        >>> from omnifix._attention import parse_dtype
+        >>> parse_dtype("BF16"), parse_dtype("torch.float32"), parse_dtype("auto")
+        (torch.bfloat16, torch.float32, None)
+    """
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InvalidArgumentError(
+                f"dtype={dtype} is not a floating dtype: model weights load as bfloat16, float16 "
+                "or float32 (quantised loading goes through quantization_config=). Pass one of "
+                "those, or 'auto'."
+            )
+        return dtype
+    if isinstance(dtype, str):
+        text = dtype.strip().lower().removeprefix("torch.")
+        if text == "auto":
+            return None
+        if text in _DTYPE_NAMES:
+            parsed: torch.dtype = getattr(torch, _DTYPE_NAMES[text])
+            return parsed
+    close = difflib.get_close_matches(str(dtype).lower(), [*_DTYPE_NAMES, "auto"], n=1)
+    hint = f"Did you mean {close[0]!r}? " if close else ""
+    raise InvalidArgumentError(
+        f"dtype={dtype!r} is not a dtype omnifix loads models in. {hint}Pass 'auto', "
+        "torch.bfloat16, torch.float16 or torch.float32 (or their names)."
+    )
+
+
+def choose_dtype(
+    dtype: torch.dtype | str = "auto", *, capabilities: Sequence[Capability] = ()
+) -> torch.dtype:
+    """The dtype to load in: the one asked for, else the best the devices support.
+
+    Args:
+        dtype: ``"auto"`` or what :func:`parse_dtype` accepts; anything but ``"auto"`` is
+            returned as is.
+        capabilities: The CUDA compute capability of every GPU the model will use (see
+            :func:`gpu_capabilities`); empty for the cpu.
+
+    Returns:
+        For ``"auto"``: bfloat16 when every GPU is Ampere (8.0) or newer, float16 when one is
+        older, float32 on the cpu (no GPU).
+
+    Raises:
+        InvalidArgumentError: ``dtype`` is not a dtype (see :func:`parse_dtype`).
+
+    Example:
+        >>> from omnifix._attention import choose_dtype
+        >>> choose_dtype(capabilities=[(9, 0), (8, 6)]), choose_dtype(capabilities=[(8, 0), (7, 5)])
+        (torch.bfloat16, torch.float16)
+        >>> choose_dtype(), choose_dtype("fp16")
+        (torch.float32, torch.float16)
+    """
+    import torch
+
+    parsed = parse_dtype(dtype)
+    if parsed is not None:
+        return parsed
+    if not capabilities:
+        return torch.float32
+    return torch.bfloat16 if min(capabilities) >= _AMPERE else torch.float16
+
+
+def gpu_capabilities(devices: Iterable[torch.device]) -> tuple[Capability, ...]:
+    """The compute capability of each CUDA device in ``devices`` (others are skipped).
+
+    Example:
+        >>> import torch
+        >>> from omnifix._attention import gpu_capabilities
+        >>> gpu_capabilities([torch.device("cpu")])
+        ()
+    """
+    import torch
+
+    found: list[Capability] = []
+    for device in devices:
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            found.append((int(major), int(minor)))
+    return tuple(found)
+
+
+def _transformers_release() -> tuple[int, ...]:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release
+
+
+def dtype_keyword() -> Literal["dtype", "torch_dtype"]:
+    """The ``from_pretrained`` keyword for the dtype in the installed transformers.
+
+    Returns:
+        ``"dtype"`` from transformers 4.56 on (where ``torch_dtype`` logs a deprecation),
+        ``"torch_dtype"`` before (where ``dtype=`` is not a loading option).
+
+    Example:
+        >>> import transformers
+        >>> from omnifix._attention import dtype_keyword
+        >>> major, minor = map(int, transformers.__version__.split(".")[:2])
+        >>> dtype_keyword() == ("dtype" if (major, minor) >= (4, 56) else "torch_dtype")
+        True
+    """
+    return "dtype" if _transformers_release()[:2] >= _DTYPE_KEYWORD_SINCE else "torch_dtype"
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def installed_attention() -> frozenset[str]:
+    """The attention implementations whose kernels this process can run, by transformers' probes.
+
+    ``eager`` and ``sdpa`` always; flash and flex attention when transformers' own
+    ``is_flash_attn_*_available``/``is_torch_flex_attn_available`` say so (the flash probes also
+    need a visible CUDA GPU). Names the installed transformers does not know are left out.
+
+    Example:
+        >>> from omnifix._attention import installed_attention
+        >>> {"eager", "sdpa"} <= installed_attention()
+        True
+    """
+    utils = importlib.import_module("transformers.utils")
+    found = {"eager", "sdpa"}
+    for name, (probe, _) in _IMPLEMENTATIONS.items():
+        check = getattr(utils, probe, None) if probe is not None else None
+        if callable(check) and check():
+            found.add(name)
+    return frozenset(found)
+
+
+def supported_attention(model_class: type) -> frozenset[str]:
+    """The attention implementations ``model_class`` declares support for (its ``_supports_*``).
+
+    Composite models (Qwen2.5-Omni, Qwen2-VL on 4.52+) check each sub-model again at load time;
+    this reads the class that is loaded. ``eager`` is always included.
+
+    Example:
+        >>> from transformers import Qwen2ForCausalLM
+        >>> from omnifix._attention import supported_attention
+        >>> {"eager", "sdpa", "flash_attention_2"} <= supported_attention(Qwen2ForCausalLM)
+        True
+    """
+    found = {"eager"}
+    for name, (_, flags) in _IMPLEMENTATIONS.items():
+        values = [getattr(model_class, flag, False) for flag in flags]
+        # A property (Qwen2-Audio on 4.45 asks its language model) only answers on an instance;
+        # count it as support and let transformers check at load time.
+        if any(value is True or isinstance(value, property) for value in values):
+            found.add(name)
+    return frozenset(found)
+
+
+def _passes_through(name: str) -> bool:
+    """Names transformers resolves itself: hub kernels (``org/repo``) and paged variants."""
+    return "/" in name or name.startswith("paged|") or name.endswith("_paged")
+
+
+def _why_not(
+    name: str,
+    *,
+    dtype: torch.dtype,
+    capabilities: Sequence[Capability],
+    installed: Collection[str],
+    supported: Collection[str],
+) -> str | None:
+    """Every reason why ``name`` cannot run here, joined; ``None`` when it can."""
+    import torch
+
+    reasons = []
+    if name not in supported:
+        reasons.append("the model class does not support it")
+    if name in _FLASH:
+        needed = _AMPERE if name == "flash_attention_2" else _HOPPER
+        if not capabilities:
+            reasons.append("flash attention runs on CUDA GPUs only, and the model goes to the cpu")
+        elif min(capabilities) < needed:
+            worst = min(capabilities)
+            reasons.append(
+                f"it needs GPUs of compute capability {needed[0]}.{needed[1]} or newer, and one "
+                f"has {worst[0]}.{worst[1]}"
+            )
+        if dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"it runs in float16 or bfloat16 only, and the model loads in {dtype}")
+    if name not in installed:
+        package = {
+            "flash_attention_2": "the flash-attn package",
+            "flash_attention_3": "FlashAttention-3 (flash_attn_interface)",
+            "flash_attention_4": "the flash-attn-4 package",
+            "flex_attention": "flex attention",
+        }.get(name, name)
+        reasons.append(
+            f"{package} is not available in this process (not installed, no CUDA GPU, or not "
+            "supported by this transformers)"
+        )
+    return "; and ".join(reasons) if reasons else None
+
+
+def _fallback(supported: Collection[str]) -> str:
+    return "sdpa" if "sdpa" in supported else "eager"
+
+
+def choose_attention(
+    requested: str = "auto",
+    *,
+    dtype: torch.dtype,
+    capabilities: Sequence[Capability] = (),
+    model_class: type | None = None,
+    installed: Collection[str] | None = None,
+    strict: bool = False,
+    stacklevel: int = 2,
+) -> str:
+    """The attention implementation to load with, given the devices, dtype and model.
+
+    Args:
+        requested: ``"auto"``, or an implementation name: ``"eager"``, ``"sdpa"``,
+            ``"flash_attention_2"``/``"_3"``/``"_4"``, ``"flex_attention"``; hub kernels
+            (``"kernels-community/..."``) and ``"paged|..."`` names are returned untouched.
+        dtype: The dtype the model loads in (flash attention needs float16 or bfloat16).
+        capabilities: Compute capability of every GPU the model uses; empty for the cpu.
+        model_class: The class to load; its ``_supports_*`` flags limit the choice. ``None``:
+            assume it supports everything.
+        installed: The implementations that can run in this process; ``None`` asks
+            :func:`installed_attention`.
+        strict: Raise instead of falling back when ``requested`` cannot run.
+        stacklevel: Passed to :func:`warnings.warn`: 2 (default) blames the caller of this
+            function; a wrapper adds one per frame of its own.
+
+    Returns:
+        For ``"auto"``: ``"flash_attention_2"`` when it can run here, else ``"sdpa"`` (``"eager"``
+        for a model without sdpa). Otherwise ``requested`` when it can run, else the same
+        fallback, with an :class:`omnifix.OmnifixWarning` that says why.
+
+    Raises:
+        AttentionUnavailableError: ``strict=True`` and ``requested`` cannot run here.
+        InvalidArgumentError: ``requested`` is not an attention implementation.
+
+    Example:
+        >>> import torch
+        >>> from omnifix._attention import choose_attention
+        >>> everything = {"eager", "sdpa", "flash_attention_2"}
+        >>> choose_attention(dtype=torch.bfloat16, capabilities=[(9, 0)], installed=everything)
+        'flash_attention_2'
+        >>> choose_attention(dtype=torch.float32, capabilities=[(9, 0)], installed=everything)
+        'sdpa'
+        >>> choose_attention(dtype=torch.float32)  # the cpu
+        'sdpa'
+    """
+    given: object = requested  # callers without a type checker may pass anything
+    name = given.strip().lower() if isinstance(given, str) else ""
+    if not name:
+        raise InvalidArgumentError(
+            f"attn_implementation={requested!r} is not an attention implementation. Pass 'auto', "
+            "'sdpa', 'flash_attention_2' or 'eager'."
+        )
+    if _passes_through(name):
+        return requested
+    if name != "auto" and name not in _IMPLEMENTATIONS:
+        close = difflib.get_close_matches(name, [*_IMPLEMENTATIONS, "auto"], n=1)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
+        raise InvalidArgumentError(
+            f"attn_implementation={requested!r} is not an attention implementation. {hint}Pass "
+            f"'auto' or one of {', '.join(repr(known) for known in _IMPLEMENTATIONS)}."
+        )
+    ready = installed_attention() if installed is None else installed
+    supported = _IMPLEMENTATIONS.keys() if model_class is None else supported_attention(model_class)
+
+    def why_not(candidate: str) -> str | None:
+        return _why_not(
+            candidate,
+            dtype=dtype,
+            capabilities=capabilities,
+            installed=ready,
+            supported=supported,
+        )
+
+    if name == "auto":
+        return "flash_attention_2" if why_not("flash_attention_2") is None else _fallback(supported)
+    reason = why_not(name)
+    if reason is None:
+        return name
+    fallback = _fallback(supported)
+    owner = "" if model_class is None else f" for {model_class.__name__}"
+    if strict:
+        raise AttentionUnavailableError(
+            f"attn_implementation={name!r} cannot run{owner} here: {reason}. Install what it "
+            f"needs, or pass attn_implementation={fallback!r} (or 'auto', or strict=False to fall "
+            f"back to {fallback!r} with a warning)."
+        )
+    warnings.warn(
+        f"attn_implementation={name!r} cannot run{owner} here: {reason}; loading with "
+        f"{fallback!r} instead. To get {name!r}, install what it needs; to silence this, pass "
+        f"attn_implementation={fallback!r} (or 'auto').",
+        OmnifixWarning,
+        stacklevel=stacklevel,
+    )
+    return fallback
