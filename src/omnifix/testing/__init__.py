@@ -69,6 +69,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from omnifix.testing._configs import FAMILIES, Family
+from omnifix.testing._materialize import materialize as materialize
+from omnifix.testing._workload_inputs import workload_inputs as workload_inputs
 
 if TYPE_CHECKING:
     import os
@@ -83,12 +85,14 @@ __all__ = [
     "FAMILIES",
     "Family",
     "available_families",
+    "materialize",
     "model_class",
     "save_tiny_model",
     "text_generation_kwargs",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
+    "workload_inputs",
 ]
 
 

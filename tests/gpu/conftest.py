@@ -1,0 +1,101 @@
+"""GPU tests: skipped cleanly without CUDA GPUs; each case can record its outcome for the docs.
+
+Set ``OMNIFIX_ZOO_RECORD=path.jsonl`` to append one JSON line per recorded case (stack, before,
+after, error text); ``scripts/gpu.sh`` does this and ``docs/bug-zoo.md`` is written from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    count = _gpu_count()
+    for item in items:
+        if item.get_closest_marker("multi_gpu") and count < 2:
+            item.add_marker(pytest.mark.skip(reason=f"needs 2 CUDA GPUs, this machine has {count}"))
+        elif item.get_closest_marker("gpu") and count < 1:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU, this machine has none"))
+
+
+def _stack() -> dict[str, str]:
+    import accelerate
+    import torch
+    import transformers
+
+    gpus = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    return {
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "torch": torch.__version__,
+        "gpus": f"{torch.cuda.device_count()}x {', '.join(gpus)}",
+    }
+
+
+def _module_apart_map(model: Any, module: str, there: int | str, rest: int | str) -> dict[str, Any]:
+    """A device_map with ``module`` on ``there`` and every other piece of ``model`` on ``rest``."""
+    device_map: dict[str, Any] = {module: there}
+    prefix = ""
+    current = model
+    for part in module.split("."):
+        for name, _ in current.named_children():
+            if name != part:
+                device_map[prefix + name] = rest
+        current = getattr(current, part)
+        prefix += part + "."
+    return device_map
+
+
+def _error_of(call: Callable[[], object]) -> str:
+    try:
+        call()
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return ""
+
+
+@pytest.fixture
+def error_of() -> Callable[[Callable[[], object]], str]:
+    """``error_of(call)``: the first line of the error ``call()`` raises, ``""`` if it runs."""
+    return _error_of
+
+
+@pytest.fixture
+def module_apart_map() -> Callable[..., dict[str, Any]]:
+    """``module_apart_map(model, "model.visual", 0, 1)``: that module on 0, the rest on 1.
+
+    Module names differ between transformers versions (``visual`` vs ``model.visual``), so tests
+    find the module by class and build the map from the model they have.
+    """
+    return _module_apart_map
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Call ``record(case=..., before=..., after=..., error=...)`` to log a bug-zoo outcome."""
+
+    def write(**fields: Any) -> None:
+        path = os.environ.get("OMNIFIX_ZOO_RECORD")
+        if not path:
+            return
+        entry = {"test": request.node.nodeid, **_stack(), **fields}
+        with Path(path).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, default=str) + "\n")
+
+    return write

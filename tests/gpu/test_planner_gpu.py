@@ -1,0 +1,141 @@
+"""The planner against real GPUs: full-size presets, random weights, predicted vs measured peaks.
+
+Each case plans with explicit budgets, builds the preset on ``meta``, gives it random weights on the
+plan's devices (as ``from_pretrained`` would place a checkpoint), runs ``generate`` on the workload
+and compares each GPU's measured peak (``torch.cuda.max_memory_allocated`` plus what the CUDA
+context and libraries hold outside the allocator) with the plan's predicted total. Results go to
+``OMNIFIX_PLANNER_RECORD`` (JSON lines) for ``docs/planner.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import omnifix
+import omnifix.testing
+
+GIB = 2**30
+#: The planner must predict each GPU's peak within this relative error.
+TOLERANCE = 0.10
+
+CASES: list[tuple[str, str, dict[int, str], dict[str, Any]]] = [
+    ("qwen2.5-vl-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 8192, "max_new_tokens": 16}),
+    ("qwen2.5-vl-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 256, "image_tokens": 4096}),
+    ("qwen2.5-vl-7b", "eager", {0: "60GiB"}, {"text_tokens": 8192, "max_new_tokens": 16}),
+    ("qwen2.5-vl-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 256, "video_seconds": 30}),
+    ("qwen2-audio-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 256, "audio_seconds": 30}),
+    ("qwen2-audio-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 8192, "max_new_tokens": 16}),
+    ("qwen2.5-omni-7b", "sdpa", {0: "60GiB"}, {"text_tokens": 256, "audio_seconds": 30}),
+    ("qwen2.5-vl-7b", "sdpa", {0: "12GiB", 1: "12GiB"}, {"text_tokens": 16384}),
+    ("qwen2.5-vl-7b", "sdpa", {0: "14GiB", 1: "14GiB"}, {"text_tokens": 256, "image_tokens": 4096}),
+]
+
+
+def _outside_allocator(device: int) -> int:
+    """Bytes the process holds on ``device`` outside torch's allocator (context, libraries)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from omnifix._presets import build_skeleton
+
+    workload = omnifix.Workload(**work)
+    plan = omnifix.plan_placement(
+        preset, budgets=budgets, dtype=torch.bfloat16, attn_implementation=attn, workload=workload
+    )
+    assert plan.fits, plan.explain()
+    gpus = sorted({d for d in plan.device_map.values() if isinstance(d, int)})
+    gc.collect()
+    torch.cuda.empty_cache()
+    # Anything still allocated belongs to earlier tests, not to this case: measure above it.
+    before = {gpu: torch.cuda.memory_allocated(gpu) for gpu in gpus}
+    model: Any = build_skeleton(preset)
+    omnifix.testing.materialize(model, plan.device_map)
+    model.eval()
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(attn)
+    del setter  # a bound method: it would keep the model alive past the cleanup below
+    # Qwen2.5-Omni: text generation is the thinker's (the full class's generate also wants the
+    # speaker files of a real checkpoint); every part's weights are loaded all the same.
+    target = getattr(model, "thinker", model)
+    inputs = omnifix.testing.workload_inputs(target, workload)
+    pin = omnifix.pin_embeddings(model) if len(gpus) > 1 else None
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
+        torch.cuda.reset_peak_memory_stats(gpu)
+    status = "ok"
+    try:
+        with torch.inference_mode():
+            target.generate(
+                **inputs,
+                max_new_tokens=workload.max_new_tokens,
+                min_new_tokens=workload.max_new_tokens,
+                do_sample=False,
+            )
+    except torch.cuda.OutOfMemoryError as error:
+        status = f"oom: {str(error).splitlines()[0]}"
+    measured = {
+        gpu: torch.cuda.max_memory_allocated(gpu) - before[gpu] + _outside_allocator(gpu)
+        for gpu in gpus
+    }
+    predicted = {gpu: plan.device(f"cuda:{gpu}").total for gpu in gpus}
+    if pin is not None:
+        pin.remove()
+    del model, target, inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    leftover = {gpu: torch.cuda.memory_allocated(gpu) - before[gpu] for gpu in gpus}
+    return {
+        "preset": preset,
+        "attn": attn,
+        "budgets": budgets,
+        "workload": str(workload),
+        "strategy": plan.strategy,
+        "status": status,
+        "left_allocated_after_gib": {f"cuda:{g}": round(b / GIB, 3) for g, b in leftover.items()},
+        "devices": {
+            f"cuda:{gpu}": {
+                "predicted_gib": round(predicted[gpu] / GIB, 3),
+                "measured_gib": round(measured[gpu] / GIB, 3),
+                "error": round(predicted[gpu] / measured[gpu] - 1, 4),
+            }
+            for gpu in gpus
+        },
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("preset", "attn", "budgets", "work"), CASES)
+def test_predicted_peak_matches_the_measured_one(
+    preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]
+) -> None:
+    import torch
+
+    if len(budgets) > torch.cuda.device_count():
+        pytest.skip(f"needs {len(budgets)} GPUs")
+    result = _run(preset, attn, budgets, work)
+    path = os.environ.get("OMNIFIX_PLANNER_RECORD")
+    if path:
+        import transformers
+
+        result["stack"] = (
+            f"transformers {transformers.__version__}, torch {torch.__version__}, "
+            f"{torch.cuda.get_device_name(0)}"
+        )
+        with Path(path).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result) + "\n")
+    assert result["status"] == "ok", result
+    for device, row in result["devices"].items():
+        assert abs(row["error"]) <= TOLERANCE, (device, result)
