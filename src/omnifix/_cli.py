@@ -1,4 +1,4 @@
-"""The ``omnifix`` command line (``omnifix demo``)."""
+"""The ``omnifix`` command line (``omnifix demo``, ``omnifix doctor``)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--family", default="qwen2-vl", choices=FAMILIES, help="tiny model family")
     demo.add_argument("--device", default="auto", help='where to load it (default: "auto")')
     demo.add_argument("--max-new-tokens", type=int, default=4)
+    doctor = commands.add_parser(
+        "doctor",
+        help="versions, GPUs, attention backends and what to fix; exits 1 when something is broken",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
+    doctor.add_argument("--plain", action="store_true", help="plain text even if rich is installed")
     args = parser.parse_args(argv)
+
+    if args.command == "doctor":
+        from omnifix._doctor import run
+
+        return run(as_json=args.json, plain=args.plain)
 
     from omnifix.errors import OmnifixError
 

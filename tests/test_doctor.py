@@ -1,0 +1,602 @@
+"""``omnifix doctor``: the real run on this machine, and GPUs simulated through torch's own probes.
+
+Machines are simulated the way tests/test_devices.py does it: torch's probes
+(``torch.cuda.is_available``, ``device_count``, ``get_device_properties``,
+``get_device_capability``, ``mem_get_info``, ``torch.version``) are patched, never omnifix.
+flash-attn is simulated by a module in ``sys.modules`` (or a finder that fails the way a
+flash-attn built for another torch does); versions by ``importlib.metadata.version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.metadata
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from unittest import mock
+
+import accelerate
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from packaging.requirements import Requirement
+
+from omnifix._cli import main
+from omnifix._doctor import MINIMUM_VERSIONS, Diagnosis, diagnose, render_rich, render_text
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+GIB = 1024**3
+H100 = ("NVIDIA H100 80GB HBM3", (9, 0), 79 * GIB)
+A100 = ("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GIB)
+T4 = ("Tesla T4", (7, 5), 15 * GIB)
+
+
+@dataclass(frozen=True)
+class FakeGpu:
+    name: str
+    capability: tuple[int, int]
+    total: int
+    free: int | None = None  # None: all free; raise when "error"
+    broken: bool = False  # mem_get_info raises, as for a GPU in exclusive use
+
+
+def gpu(spec: tuple[str, tuple[int, int], int], **kwargs: Any) -> FakeGpu:
+    return FakeGpu(*spec, **kwargs)
+
+
+ABSENT: Any = object()  # for modules(): no entry at all, so the import machinery runs
+
+
+class _FailingFinder(importlib.abc.MetaPathFinder):
+    """Fails ``import flash_attn`` the way a build for another torch does."""
+
+    def find_spec(self, name: str, *_: Any) -> None:
+        if name == "flash_attn":
+            raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+
+
+@contextlib.contextmanager
+def modules(replacements: dict[str, Any]) -> Iterator[None]:
+    """Set these ``sys.modules`` entries (None blocks an import), restoring only them after.
+
+    (``mock.patch.dict(sys.modules)`` would also drop every module first imported inside.)
+    """
+    saved = {name: sys.modules.get(name, ABSENT) for name in replacements}
+    try:
+        for name, value in replacements.items():
+            sys.modules.pop(name, None)
+            if value is not ABSENT:
+                sys.modules[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            sys.modules.pop(name, None)
+            if value is not ABSENT:
+                sys.modules[name] = value
+
+
+@contextlib.contextmanager
+def distributions(versions: dict[str, str | None]) -> Iterator[None]:
+    """``importlib.metadata.version`` answers these (None: not installed), the truth otherwise."""
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name not in versions:
+            return real(name)
+        found = versions[name]
+        if found is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return found
+
+    with mock.patch.object(importlib.metadata, "version", version):
+        yield
+
+
+@contextlib.contextmanager
+def flash_attn(flash: str | None, *, transformers_accepts: bool) -> Iterator[None]:
+    """None: not installed; a version: imports; "broken": installed, fails to import."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(
+                transformers.utils, "is_flash_attn_2_available", return_value=transformers_accepts
+            )
+        )
+        if flash == "broken":
+            finder = _FailingFinder()
+            sys.meta_path.insert(0, finder)
+            stack.callback(sys.meta_path.remove, finder)
+            stack.enter_context(modules({"flash_attn": ABSENT}))
+            stack.enter_context(distributions({"flash-attn": "2.7.4"}))
+        elif flash is None:
+            stack.enter_context(modules({"flash_attn": None}))
+        else:
+            module = types.ModuleType("flash_attn")
+            module.__version__ = flash  # type: ignore[attr-defined]
+            stack.enter_context(modules({"flash_attn": module}))
+        yield
+
+
+@dataclass
+class FakeCuda:
+    """torch.cuda's probes for a machine with these GPUs."""
+
+    gpus: Sequence[FakeGpu]
+    init_warning: str | None = None
+
+    def is_available(self) -> bool:
+        if self.init_warning:
+            warnings.warn(self.init_warning, UserWarning, stacklevel=2)
+        return bool(self.gpus)
+
+    def device_count(self) -> int:
+        return len(self.gpus)
+
+    def get_device_properties(self, index: int) -> Any:
+        fake = self.gpus[index]
+        major, minor = fake.capability
+        return types.SimpleNamespace(
+            name=fake.name, total_memory=fake.total, major=major, minor=minor
+        )
+
+    def get_device_capability(self, index: int) -> tuple[int, int]:
+        return self.gpus[index].capability
+
+    def mem_get_info(self, index: int) -> tuple[int, int]:
+        fake = self.gpus[index]
+        if fake.broken:
+            raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+        return (fake.total if fake.free is None else fake.free), fake.total
+
+
+@contextlib.contextmanager
+def machine(
+    gpus: Sequence[FakeGpu] = (),
+    *,
+    cuda: str | None = "12.8",
+    hip: str | None = None,
+    flash: str | None = None,
+    transformers_flash: bool = True,  # what transformers' is_flash_attn_2_available() says
+    versions: dict[str, str | None] | None = None,  # distribution -> version, None: missing
+    init_warning: str | None = None,
+) -> Iterator[None]:
+    """Make torch describe a machine with these GPUs (and no mps, xpu or npu)."""
+    fake = FakeCuda(gpus, init_warning)
+    with contextlib.ExitStack() as stack:
+
+        def patch(target: Any, name: str, value: Any) -> None:
+            stack.enter_context(mock.patch.object(target, name, value))
+
+        for probe in (
+            "is_available",
+            "device_count",
+            "get_device_properties",
+            "get_device_capability",
+            "mem_get_info",
+        ):
+            patch(torch.cuda, probe, getattr(fake, probe))
+        patch(torch.cuda, "current_device", lambda: 0)
+        patch(torch.version, "cuda", cuda)
+        patch(torch.version, "hip", hip)
+        patch(torch.backends.mps, "is_available", lambda: False)
+        if hasattr(torch, "xpu"):
+            patch(torch.xpu, "is_available", lambda: False)
+        stack.enter_context(modules({"torch_npu": None}))
+        stack.enter_context(distributions(versions or {}))
+        stack.enter_context(flash_attn(flash, transformers_accepts=transformers_flash))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _environment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU-selecting variables are unset unless a test sets them (GPU tests keep them)."""
+    if request.node.get_closest_marker("gpu"):
+        return
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+
+
+def levels(diagnosis: Diagnosis) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {"ok": [], "warn": [], "error": []}
+    for finding in diagnosis.findings:
+        found[finding.level].append(finding.message)
+    return found
+
+
+def attention(diagnosis: Diagnosis) -> dict[str, tuple[bool, str]]:
+    return {backend.name: (backend.usable, backend.detail) for backend in diagnosis.attention}
+
+
+# ---------------------------------------------------------------------------------------------
+# The real machine
+# ---------------------------------------------------------------------------------------------
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+
+
+@needs_no_gpu
+def test_real_run_without_gpu_says_so_and_exits_0() -> None:
+    report = diagnose()
+    assert report.gpus == ()
+    assert report.exit_code == 0, report.errors
+    assert report.devices[-1] == "cpu"
+    assert report.auto_device == "cpu"
+    found = {package.name: package.version for package in report.versions}
+    assert found["torch"] == importlib.metadata.version("torch")
+    assert found["transformers"] == transformers.__version__
+    assert found["accelerate"] == accelerate.__version__
+    assert any("No GPU" in message for message in levels(report)["ok"])
+    usable = attention(report)
+    assert usable["eager"][0]
+    assert usable["sdpa"][0]
+    assert usable["flash_attention_2"] == (False, "it runs on CUDA GPUs only, and torch sees none")
+
+
+@needs_no_gpu
+def test_json_from_a_subprocess_parses_and_exits_0() -> None:
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"}
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "omnifix", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    data = json.loads(result.stdout)
+    assert data["exit_code"] == 0
+    assert data["errors"] == 0
+    assert data["gpus"] == []
+    assert data["devices"][-1] == "cpu"
+    torch_entry = next(entry for entry in data["versions"] if entry["name"] == "torch")
+    assert torch_entry["version"] == importlib.metadata.version("torch")
+    assert torch_entry["minimum"] == "2.4"
+    assert [entry["name"] for entry in data["attention"]] == [
+        "eager",
+        "sdpa",
+        "flash_attention_2",
+    ]
+
+
+def test_plain_text_when_rich_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    with machine(cuda=None), modules({"rich": None, "rich.console": None}):
+        code = main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for heading in ("versions", "attention backends", "findings"):
+        assert f"\n{heading}\n" in out
+    assert "GPUs (CUDA_VISIBLE_DEVICES unset; devices: cpu; 'auto' is cpu)\n  none" in out
+    assert "┃" not in out  # no rich table
+    assert out.rstrip().endswith("Nothing to fix.")
+
+
+def test_rich_tables_when_rich_is_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("rich")
+    with machine([gpu(H100)], flash="2.8.3"):
+        code = main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "┃ attn_implementation ┃" in out  # a rich table, not the plain layout
+    assert "NVIDIA H100 80GB HBM3" in out
+    assert "flash-attn 2.8.3 on cuda:0" in out
+
+
+def test_rich_escapes_text_that_looks_like_markup() -> None:
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    with machine([gpu(("GPU [bold]x[/bold]", (9, 0), 80 * GIB))]):
+        report = diagnose()
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    render_rich(report, console)
+    assert "GPU [bold]x[/bold]" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_minimum_versions_are_the_floors_of_the_package_dependencies() -> None:
+    floors = {}
+    for text in importlib.metadata.requires("omnifix") or []:
+        requirement = Requirement(text)
+        if requirement.marker is None:
+            floors[requirement.name] = next(
+                spec.version for spec in requirement.specifier if spec.operator == ">="
+            )
+    assert floors == MINIMUM_VERSIONS
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated GPUs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_hoppers_with_flash_attn_report_every_fact() -> None:
+    with machine([gpu(H100, free=70 * GIB), gpu(H100)], flash="2.8.3"):
+        report = diagnose()
+        code = main(["doctor", "--json"])
+    assert code == 0
+    assert report.exit_code == 0
+    assert [(g.index, g.name, g.capability, g.bf16) for g in report.gpus] == [
+        (0, "NVIDIA H100 80GB HBM3", (9, 0), True),
+        (1, "NVIDIA H100 80GB HBM3", (9, 0), True),
+    ]
+    assert [(g.free_bytes, g.total_bytes) for g in report.gpus] == [
+        (70 * GIB, 79 * GIB),
+        (79 * GIB, 79 * GIB),
+    ]
+    assert report.devices == ("cuda:0", "cuda:1", "cpu")
+    assert report.auto_device == "cuda:0"
+    assert report.versions[0].note == "CUDA 12.8 build"
+    assert attention(report)["flash_attention_2"] == (
+        True,
+        "flash-attn 2.8.3 on cuda:0, cuda:1, in float16 or bfloat16",
+    )
+    text = render_text(report)
+    assert "cuda:0  NVIDIA H100 80GB HBM3  70.0 GiB / 79.0 GiB  9.0      yes" in text
+    assert "flash-attn    2.8.3" in text
+
+
+@pytest.mark.parametrize(
+    ("gpus", "flash", "transformers_flash", "reason"),
+    [
+        ([gpu(T4)], "2.8.3", True, "needs compute capability 8.0 (Ampere) or newer"),
+        ([gpu(H100)], None, True, "flash-attn is not installed: pip install flash-attn"),
+        ([gpu(H100)], "broken", True, "undefined symbol"),
+        ([gpu(H100)], "2.0.1", False, "refuses flash-attn 2.0.1"),
+    ],
+)
+def test_flash_attention_says_why_it_cannot_run(gpus, flash, transformers_flash, reason) -> None:
+    with machine(gpus, flash=flash, transformers_flash=transformers_flash):
+        report = diagnose()
+    usable, detail = attention(report)["flash_attention_2"]
+    assert not usable
+    assert reason in detail
+    assert attention(report)["sdpa"][0]
+    assert report.exit_code == 0  # sdpa still works: nothing is broken
+
+
+def test_pre_ampere_gpu_has_no_native_bf16() -> None:
+    with machine([gpu(T4)]):
+        report = diagnose()
+    assert report.gpus[0].bf16 is False
+    assert report.gpus[0].capability == (7, 5)
+
+
+def test_rocm_gpus_support_bf16_and_say_so() -> None:
+    with machine([gpu(("AMD Instinct MI300X", (9, 4), 192 * GIB))], cuda=None, hip="6.2.41133"):
+        report = diagnose()
+    assert report.gpus[0].bf16
+    assert report.versions[0].note == "ROCm 6.2.41133 build"
+
+
+def test_flash_attn_that_does_not_import_is_a_warning_with_the_fix() -> None:
+    with machine([gpu(H100)], flash="broken"):
+        report = diagnose()
+    flash = next(package for package in report.versions if package.name == "flash-attn")
+    assert flash.version == "2.7.4"
+    assert "undefined symbol" in flash.note
+    [warning] = report.warnings
+    assert warning.message.startswith("flash-attn 2.7.4 is installed but does not import")
+    assert "pip install flash-attn --no-build-isolation" in warning.fix
+    assert report.exit_code == 0
+
+
+def test_mixed_generations_warn_and_name_the_gpus_to_keep(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")
+    with machine([gpu(A100), gpu(T4), gpu(A100)], flash="2.8.3"):
+        report = diagnose()
+    warned = levels(report)["warn"]
+    assert any(
+        message.startswith("cuda:1 (Tesla T4, 7.5) is older than Ampere") for message in warned
+    )
+    assert any("CUDA_VISIBLE_DEVICES=3,6" in finding.fix for finding in report.warnings)
+    assert any("CUDA_DEVICE_ORDER" in message for message in warned)
+    assert attention(report)["flash_attention_2"][1].endswith(
+        "on cuda:0, cuda:2, in float16 or bfloat16"
+    )
+    assert report.exit_code == 0
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    with machine([gpu(A100), gpu(T4), gpu(A100)]):
+        assert not any("CUDA_DEVICE_ORDER" in m for m in levels(diagnose())["warn"])
+
+
+@pytest.mark.parametrize(
+    ("visible", "count", "level", "text"),
+    [
+        ("0,1,2", 2, "error", "names 3 GPU(s), but torch sees 2"),
+        ("GPU-8f6c1b2e,GPU-1a2b3c4d", 1, "error", "names 2 GPU(s), but torch sees 1"),
+        ("0,1", 2, "ok", "torch sees the 2 GPU(s) named"),
+        ("1,-1,7", 1, "ok", "torch sees the 1 GPU(s) named"),  # CUDA stops at -1
+        ("", 0, "warn", "hides every GPU"),
+        ("-1", 0, "warn", "hides every GPU"),
+    ],
+)
+def test_cuda_visible_devices_is_checked_against_what_torch_sees(
+    monkeypatch, visible, count, level, text
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with machine([gpu(H100)] * count):
+        report = diagnose()
+        code = main(["doctor", "--json"])
+    assert any(text in message for message in levels(report)[level])
+    assert report.exit_code == code == (1 if level == "error" else 0)
+
+
+def test_gpus_named_for_a_cpu_build_of_torch_say_to_install_a_cuda_build(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with machine([], cuda=None):
+        report = diagnose()
+    [error] = report.errors
+    assert "torch is a CPU-only build" in error.message
+    assert error.fix == "Install a CUDA build of torch (pytorch.org lists the pip command)."
+
+
+def test_full_busy_and_unqueryable_gpus(capsys: pytest.CaptureFixture[str]) -> None:
+    gpus = [gpu(H100, free=0), gpu(H100, free=4 * GIB), gpu(H100, broken=True), gpu(H100)]
+    with machine(gpus):
+        report = diagnose()
+        code = main(["doctor", "--plain"])
+    out = capsys.readouterr().out
+    assert code == report.exit_code == 1
+    errors = [finding.message for finding in report.errors]
+    assert errors == [
+        (
+            "cuda:2 (NVIDIA H100 80GB HBM3) cannot be used: torch.cuda.mem_get_info failed with "
+            "'CUDA error: all CUDA-capable devices are busy or unavailable'."
+        ),
+        "cuda:0 (NVIDIA H100 80GB HBM3) has 0.0 GiB free of 79.0 GiB: nothing can be loaded on it.",
+    ]
+    [busy] = report.warnings
+    assert busy.message.startswith(
+        "cuda:1 (NVIDIA H100 80GB HBM3) has only 4.0 GiB free of 79.0 GiB"
+    )
+    assert report.gpus[2].free_bytes is None
+    assert "cuda:2  NVIDIA H100 80GB HBM3  ? / 79.0 GiB" in out
+    assert "2 error(s), 1 warning(s): broken (exit 1)." in out
+
+
+def test_a_cuda_build_that_sees_no_gpu_passes_on_torchs_warning() -> None:
+    warning = (
+        "CUDA initialization: The NVIDIA driver on your system is too old (found version 11040)."
+    )
+    with machine([], init_warning=warning):
+        report = diagnose()
+    warned = levels(report)["warn"]
+    assert f"torch warned while looking for GPUs: {warning}" in warned
+    assert any(message.endswith("(CUDA 12.8 build) sees no GPU.") for message in warned)
+    assert report.exit_code == 0
+
+
+@pytest.mark.parametrize("package", sorted(MINIMUM_VERSIONS))
+@pytest.mark.parametrize("installed", ["0.9", None])
+def test_old_or_missing_required_packages_are_errors(package, installed) -> None:
+    with machine(versions={package: installed}):
+        report = diagnose()
+        code = main(["doctor", "--json"])
+    assert code == report.exit_code == 1
+    [error] = report.errors
+    wanted = f"{package}>={MINIMUM_VERSIONS[package]}"
+    if installed is None:
+        assert error.message == f"{package} is not installed; omnifix needs {wanted}."
+        assert error.fix == f"pip install '{wanted}'"
+    else:
+        assert error.message.startswith(f"{package} 0.9 is older than omnifix supports")
+        assert error.fix == f"pip install --upgrade '{wanted}'"
+
+
+def test_a_torch_that_does_not_import_is_reported_not_raised() -> None:
+    with modules({"torch": None}):  # what a broken install looks like to `import torch`
+        report = diagnose()
+    [error] = report.errors
+    assert error.message.startswith("torch does not import: ModuleNotFoundError")
+    assert error.fix.startswith("Reinstall torch")
+    assert report.exit_code == 1
+    assert (report.gpus, report.devices) == ((), ("cpu",))
+    assert "torch does not import" in render_text(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any machine
+# ---------------------------------------------------------------------------------------------
+
+fake_gpus = st.builds(
+    FakeGpu,
+    name=st.sampled_from(["NVIDIA H100", "Tesla T4", "NVIDIA A10G", "Tesla V100"]),
+    capability=st.sampled_from([(7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (10, 0)]),
+    total=st.integers(GIB, 200 * GIB),
+    free=st.none() | st.integers(0, GIB),
+    broken=st.booleans(),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    gpus=st.lists(fake_gpus, max_size=4),
+    flash=st.sampled_from([None, "2.8.3", "broken"]),
+    visible=st.none() | st.lists(st.sampled_from(["0", "1", "2", "-1", "GPU-a1"]), max_size=4),
+)
+def test_any_machine_gives_a_consistent_report(gpus, flash, visible) -> None:
+    environment = {} if visible is None else {"CUDA_VISIBLE_DEVICES": ",".join(visible)}
+    with mock.patch.dict(os.environ, environment), machine(gpus, flash=flash):
+        report = diagnose()
+    assert len(report.gpus) == len(gpus)
+    assert report.exit_code == (1 if report.errors else 0)
+    broken = any(fake.broken for fake in gpus)
+    full = any(fake.free is not None and fake.free < 256 * 1024**2 for fake in gpus)
+    if broken or full:
+        assert report.exit_code == 1
+    for fake, seen in zip(gpus, report.gpus, strict=True):
+        assert seen.bf16 == (fake.capability >= (8, 0))
+        assert (seen.free_bytes is None) == fake.broken
+    ampere = any(fake.capability >= (8, 0) for fake in gpus)
+    assert attention(report)["flash_attention_2"][0] == (ampere and flash == "2.8.3")
+    text = render_text(report)
+    assert all(fake.name in text for fake in gpus)
+    assert all(finding.message in text for finding in report.findings)
+    assert json.loads(json.dumps(report.to_dict()))["exit_code"] == report.exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Real GPUs (scripts/gpu.sh selects these with -m gpu)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_gpus_are_reported_as_torch_sees_them() -> None:
+    report = diagnose()
+    print(render_text(report))  # noqa: T201 - the real report goes to the log (gpu.sh runs -rA)
+    assert len(report.gpus) == torch.cuda.device_count()
+    for seen in report.gpus:
+        free, total = torch.cuda.mem_get_info(seen.index)
+        assert seen.name == torch.cuda.get_device_name(seen.index)
+        assert seen.capability == tuple(torch.cuda.get_device_capability(seen.index))
+        assert seen.total_bytes == total
+        assert seen.free_bytes is not None
+        assert 0 < seen.free_bytes <= total
+        assert abs(seen.free_bytes - free) < total // 10  # other processes may allocate meanwhile
+        assert seen.bf16 == (seen.capability >= (8, 0) or torch.version.hip is not None)
+    current = torch.cuda.current_device()
+    assert report.gpus[current].bf16 == torch.cuda.is_bf16_supported(including_emulation=False)
+    assert report.auto_device == f"cuda:{current}"
+    assert report.devices[: len(report.gpus)] == tuple(f"cuda:{g.index}" for g in report.gpus)
+    flash_ready = (
+        transformers.utils.is_flash_attn_2_available()
+        and any(g.capability >= (8, 0) for g in report.gpus)
+        and not next(p for p in report.versions if p.name == "flash-attn").note
+    )
+    assert attention(report)["flash_attention_2"][0] == flash_ready
+    assert report.exit_code == (1 if report.errors else 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_gpus_json_from_a_subprocess() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "omnifix", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert "Traceback" not in result.stderr
+    data = json.loads(result.stdout)
+    print(json.dumps(data, indent=2))  # noqa: T201 - for the GPU run's log
+    assert result.returncode == data["exit_code"] == (1 if data["errors"] else 0)
+    assert len(data["gpus"]) == torch.cuda.device_count()
+    assert all(gpu["free_bytes"] is not None for gpu in data["gpus"])
