@@ -123,6 +123,13 @@ class Calibration:
     margin_bytes: int
     #: ... plus this share of the predicted KV cache + activations (the model's error bound).
     margin_fraction: float
+    #: Extra margin, as a fraction of the activation peak, on devices that run eager attention.
+    #: Its fp32 softmax copy (4 of every ~10 bytes per score) is one multi-GiB block; the caching
+    #: allocator may hold that much reserved in pieces it cannot reuse and then need a fresh
+    #: block. Measured: Qwen2.5-VL-7B, eager, a 2560-token image on a 24 GiB cap, predicted
+    #: 21.99 GiB, allocated peak 21.19 GiB, then "6.25 GiB reserved but unallocated" and an OOM
+    #: asking for 6.25 GiB more (H200, torch 2.11).
+    eager_block_fraction: float
     #: The measurements the coefficients were fitted to.
     figures: tuple[Figure, ...] = field(default=())
     #: Where the figures come from.
@@ -141,6 +148,7 @@ CALIBRATION: Final = Calibration(
     cuda_context=512 * MIB,
     margin_bytes=256 * MIB,
     margin_fraction=0.10,
+    eager_block_fraction=0.40,
     figures=(
         Figure("qwen2.5-vl-7b", "sdpa", 2048, 0, "prefill", 0.44, first_case=True),
         Figure("qwen2.5-vl-7b", "sdpa", 8192, 0, "prefill", 1.53),

@@ -444,6 +444,8 @@ def _row(
     margin = 0
     if used and key != "disk":
         margin = int(cal.margin_bytes + cal.margin_fraction * (usage.kv_cache + activations))
+        if request.attn == "eager" and isinstance(key, int):
+            margin += int(cal.eager_block_fraction * activations)
     if budget is not None:
         size = budget.size
     else:  # accelerate's unbounded disk, where offload is allowed; nothing anywhere else

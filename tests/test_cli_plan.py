@@ -1,0 +1,105 @@
+"""``omnifix plan``: the planner from the command line, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+import omnifix
+import omnifix.testing as ot
+from omnifix._cli import main
+
+if TYPE_CHECKING:
+    import pathlib
+
+
+def test_fits_on_one_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "qwen2-vl-7b", "--gpu", "24GiB", "--text", "2048", "--image", "1280"]) == 0
+    out = capsys.readouterr().out
+    expected = omnifix.plan_placement(
+        "qwen2-vl-7b",
+        budgets={0: "24GiB"},
+        workload=omnifix.Workload(text_tokens=2048, image_tokens=1280),
+    )
+    assert str(expected) in out
+    assert expected.explain() in out
+    assert " fits" in out
+
+
+def test_does_not_fit_exits_1_with_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "qwen2-vl-7b", "--gpu", "8GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit" in out
+    assert "Options that fit" in out
+    assert "cuda:0" in out
+
+
+def test_split_over_two_gpus_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", "qwen2-vl-7b", "--gpu", "12GiB", "--gpu", "12GiB", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data["strategy"] == "split"
+    assert data["fits"] is True
+    assert [row["device"] for row in data["devices"]] == ["cuda:0", "cuda:1"]
+
+
+def test_workload_options_reach_the_planner(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "400GiB", "--json", "--dtype", "float16"]
+    argv += ["--attn", "eager", "--video", "10", "--image", "256", "--batch", "2", "--new", "64"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["dtype"] == "float16"
+    assert data["attn_implementation"] == "eager"
+    assert data["workload"] == {
+        **data["workload"],
+        "video_seconds": 10.0,
+        "image_tokens": 256,
+        "batch_size": 2,
+        "max_new_tokens": 64,
+    }
+
+
+def test_allow_offload(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "8GiB", "--cpu", "64GiB", "--allow-offload", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["strategy"] == "offload"
+    assert "cpu" in data["device_map"].values()
+
+
+def test_local_checkpoint_and_config(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = ot.save_tiny_model("qwen2", tmp_path)
+    assert main(["plan", str(path), "--gpu", "1GiB", "--json"]) == 0
+    by_dir = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(path / "config.json"), "--gpu", "1GiB", "--json"]) == 0
+    by_file = json.loads(capsys.readouterr().out)
+    assert by_dir["device_map"] == by_file["device_map"] == {"": 0}
+
+
+def test_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "no-such-model", "--gpu", "8GiB"]) == 2
+    assert "UnsupportedModelError" in capsys.readouterr().err
+    assert main(["plan", "qwen2-vl-7b", "--gpu", "lots"]) == 2
+    assert main(["plan", "qwen2-vl-7b", "--gpu", "8GiB", "--text", "-1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "qwen2-vl-7b", "--text", "many"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(
+    "qwen2.5-vl" not in ot.available_families(), reason="Qwen2.5-VL needs transformers 4.49+"
+)
+def test_module_entry_point_json() -> None:
+    command = [sys.executable, "-m", "omnifix", "plan", "qwen2.5-vl-7b", "--gpu", "24GiB", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)  # noqa: S603
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["model"] == "qwen2.5-vl-7b"
+    assert data["fits"] is True
+    assert data["device_map"] == {"": 0}
