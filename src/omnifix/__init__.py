@@ -23,6 +23,10 @@ from omnifix._meta import MetaReport as MetaReport
 from omnifix._meta import MetaTensor as MetaTensor
 from omnifix._meta import assert_no_meta as assert_no_meta
 from omnifix._meta import find_meta_tensors as find_meta_tensors
+from omnifix._patch import Patch as Patch
+from omnifix._patch import install as install
+from omnifix._patch import patched as patched
+from omnifix._patch import uninstall as uninstall
 from omnifix._plan import DeviceBudget as DeviceBudget
 from omnifix._plan import PlacementPlan as PlacementPlan
 from omnifix._plan import Workload as Workload
@@ -61,6 +65,7 @@ __all__ = [
     "MetaTensorError",
     "OmnifixError",
     "OmnifixWarning",
+    "Patch",
     "PlacementPlan",
     "PlacementReport",
     "ResolvedDevice",
@@ -70,10 +75,13 @@ __all__ = [
     "assert_no_meta",
     "find_meta_tensors",
     "input_device",
+    "install",
     "load_safely",
     "normalize_device",
+    "patched",
     "pin_embeddings",
     "placement_report",
     "plan_placement",
     "resolve_device_map",
+    "uninstall",
 ]

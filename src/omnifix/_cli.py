@@ -1,4 +1,4 @@
-"""The ``omnifix`` command line (``omnifix demo``, ``omnifix doctor``)."""
+"""The ``omnifix`` command line (``omnifix demo``, ``omnifix doctor``, ``omnifix plan``)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,42 @@ def _demo(family: Family, device: str, max_new_tokens: int) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """``omnifix plan``: exit 0 when the plan fits, 1 when it does not (2: bad arguments)."""
+    import json
+
+    from omnifix._plan import Workload, plan_placement
+
+    workload = Workload(
+        batch_size=args.batch,
+        text_tokens=args.text,
+        image_tokens=args.image,
+        video_seconds=args.video,
+        audio_seconds=args.audio,
+        max_new_tokens=args.new,
+    )
+    # No --gpu and no --cpu: the planner measures this machine.
+    given: dict[int | str, str] = dict(enumerate(args.gpu))
+    if args.cpu is not None:
+        given["cpu"] = args.cpu
+    budgets = given or None
+    plan = plan_placement(
+        args.model,
+        budgets=budgets,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+        workload=workload,
+        allow_offload=args.allow_offload,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan)
+        print()
+        print(plan.explain())
+    return 0 if plan.fits else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``omnifix`` command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog="omnifix", description=__doc__)
@@ -106,6 +142,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
     doctor.add_argument("--plain", action="store_true", help="plain text even if rich is installed")
+    plan = commands.add_parser(
+        "plan",
+        help="where a model goes and whether it fits, offline; exits 1 when it does not fit",
+    )
+    plan.add_argument("model", help="a preset name, a local checkpoint directory or config.json")
+    plan.add_argument(
+        "--gpu",
+        action="append",
+        default=[],
+        metavar="SIZE",
+        help="a GPU's budget, e.g. 24GiB; repeat for several (default: this machine's)",
+    )
+    plan.add_argument("--cpu", metavar="SIZE", help="host memory budget (e.g. 64GiB)")
+    plan.add_argument("--dtype", default="auto", help='e.g. bfloat16 (default: "auto")')
+    plan.add_argument("--attn", default="auto", help='e.g. sdpa, eager (default: "auto")')
+    plan.add_argument("--text", type=int, default=512, help="text tokens per sample")
+    plan.add_argument("--image", type=int, default=0, help="image tokens per sample")
+    plan.add_argument("--video", type=float, default=0.0, help="seconds of video per sample")
+    plan.add_argument("--audio", type=float, default=0.0, help="seconds of audio per sample")
+    plan.add_argument("--batch", type=int, default=1, help="samples per batch")
+    plan.add_argument("--new", type=int, default=256, help="new tokens to generate")
+    plan.add_argument(
+        "--allow-offload", action="store_true", help="let weights go to the cpu or disk"
+    )
+    plan.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -116,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from omnifix.errors import OmnifixError
 
     try:
+        if args.command == "plan":
+            return _plan(args)
         return _demo(cast("Family", args.family), args.device, args.max_new_tokens)
     except OmnifixError as error:
         print(f"omnifix: {type(error).__name__}: {error}", file=sys.stderr)
