@@ -1,0 +1,243 @@
+"""Xinference's transformers backends: real device names, planned loads, a real input device.
+
+Xinference (``xorbitsai/inference``) picks devices in two places that disagree with torch:
+
+* ``xinference/model/utils.py`` ``select_device(device)``: ``"auto"`` becomes
+  ``device_utils.get_available_device()``, which answers ``"rocm"`` on ROCm (its
+  ``DEVICE_REGISTRY`` entry has no ``pytorch_device_name``), a name torch rejects; anything else
+  must be a registry *name*, so ``"cuda:1"`` raises ``ValueError("cuda:1 is unavailable in your
+  environment")``.
+* The multimodal backends (``xinference/model/llm/transformers/multimodal/``,
+  ``PytorchMultiModalModel.load()`` calls ``decide_device()``, ``load_processor()``,
+  ``load_multimodal_model()``) keep one attribute, ``self._device``, both for
+  ``from_pretrained(device_map=...)`` and for ``inputs.to(...)``. Where a backend stores the
+  ``device_map`` word ``"auto"`` there, every request fails with ``RuntimeError: Expected one of
+  cpu, cuda, ... device type at start of device string: auto`` (xorbitsai/inference issue 2902,
+  Qwen2-Audio on v1.2.2).
+
+:func:`patch_xinference` replaces exactly those points, on the classes and modules you pass:
+
+* ``select_device`` (in each module given, and in each backend's own module, which imported it
+  by name) resolves through :func:`omnifix.resolve_device_map`: ``"rocm"``/``"hip"`` become
+  ``"cuda"`` names, ``"cuda:1"`` is accepted when this process sees it, a missing device raises
+  :class:`omnifix.DeviceUnavailableError` (a ``ValueError``, as Xinference's callers expect).
+* ``decide_device`` keeps the two answers apart: ``self._device`` becomes ``"cuda"`` when the
+  model should spread over several GPUs (the value Xinference's backends turn into
+  ``device_map="auto"``), else the one real device (``"cuda:1"``, ``"cpu"``); the full answer is
+  kept as ``self._omnifix_device`` (an :class:`omnifix.ResolvedDevice`).
+* ``load_multimodal_model`` runs inside :func:`omnifix.patched` (normalised ``device_map``,
+  planned ``"auto"`` instead of a silent offload, no meta tensors, pinned embeddings), and
+  afterwards ``self._device`` is the loaded model's :func:`omnifix.input_device`, so the
+  backend's own ``inputs.to(self._device)`` lands where the input embedding runs.
+
+Only backends whose ``decide_device`` is the plain "one device from the config" kind should be
+passed (Qwen2-Audio, Qwen2-VL/2.5-VL, Qwen2.5-Omni, ...); one that builds its own split map there
+(InternVL) would lose it. This was tested against a stand-in written from those functions'
+published source (``tests/xinference_standin.py``), not against an installed Xinference.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from types import ModuleType, TracebackType
+
+    from omnifix._devices import ResolvedDevice
+    from omnifix._plan import Workload
+
+__all__ = ["XinferencePatch", "patch_xinference", "xinference_device_name"]
+
+_MISSING = object()
+_LOCK = threading.Lock()
+
+
+def xinference_device_name(resolved: ResolvedDevice) -> str:
+    """The string Xinference's code expects for a resolved device request.
+
+    Xinference spells "all GPUs" as ``"cuda"`` (its backends turn that into
+    ``device_map="auto"``) and one device by its name; this maps an
+    :class:`omnifix.ResolvedDevice` onto that convention with real torch names only.
+
+    Args:
+        resolved: What :func:`omnifix.resolve_device_map` returned.
+
+    Returns:
+        ``"cuda"`` when the map spreads the model over every GPU, the strategy word for
+        ``"balanced"``-like maps, else the one device, e.g. ``"cuda:1"`` or ``"cpu"``.
+
+    Example:
+        >>> import omnifix
+        >>> from omnifix.integrations.xinference import xinference_device_name
+        >>> xinference_device_name(omnifix.resolve_device_map("auto"))  # a CPU-only machine
+        'cpu'
+        >>> xinference_device_name(omnifix.ResolvedDevice("auto", None))
+        'cuda'
+    """
+    if resolved.input_device is not None:
+        return str(resolved.input_device)
+    device_map = resolved.device_map
+    return "cuda" if device_map == "auto" or not isinstance(device_map, str) else device_map
+
+
+def _select_device(device: str) -> str:
+    """Drop-in for Xinference's ``select_device``, with omnifix's device names and errors."""
+    from omnifix._devices import resolve_device_map
+
+    return xinference_device_name(resolve_device_map(device))
+
+
+class XinferencePatch:
+    """The replaced attributes of one :func:`patch_xinference` call, and their undo.
+
+    Use it as a context manager or call :meth:`restore`; both are idempotent.
+
+    Attributes:
+        replaced: ``(owner, attribute name)`` of everything replaced, in order.
+    """
+
+    __slots__ = ("_saved",)
+
+    def __init__(self) -> None:
+        """Nothing replaced yet; :func:`patch_xinference` fills it."""
+        self._saved: list[tuple[Any, str, object]] = []
+
+    @property
+    def replaced(self) -> list[tuple[Any, str]]:
+        """``(owner, attribute name)`` pairs currently replaced."""
+        return [(owner, name) for owner, name, _ in self._saved]
+
+    def _replace(self, owner: Any, name: str, value: object) -> None:
+        self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, value)
+
+    def restore(self) -> None:
+        """Put every original back (newest first); inherited ones become inherited again."""
+        with _LOCK:
+            while self._saved:
+                owner, name, original = self._saved.pop()
+                if original is _MISSING:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, original)
+
+    def __enter__(self) -> XinferencePatch:  # noqa: PYI034 - final in spirit
+        """Return the patch (already applied)."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Restore, also after an exception (which propagates)."""
+        self.restore()
+
+
+def _decide_device(self: Any) -> None:
+    """``decide_device`` for a backend: device_map answer and xinference name kept apart."""
+    from omnifix._devices import resolve_device_map
+
+    config = getattr(self, "_pytorch_model_config", None) or {}
+    resolved = resolve_device_map(config.get("device", "auto"))
+    self._omnifix_device = resolved
+    self._device = xinference_device_name(resolved)
+
+
+def _wrap_load(
+    original: Callable[[Any], None], *, workload: Workload | None, allow_offload: bool
+) -> Callable[[Any], None]:
+    @functools.wraps(original)
+    def load_multimodal_model(self: Any) -> None:
+        from torch import nn
+
+        from omnifix._devices import input_device
+        from omnifix._patch import patched
+
+        with patched(workload=workload, allow_offload=allow_offload):
+            original(self)
+        model = getattr(self, "_model", None)
+        if isinstance(model, nn.Module):  # where inputs go: the input embedding's device
+            self._device = str(input_device(model))
+
+    return load_multimodal_model
+
+
+def patch_xinference(
+    *backends: type[Any],
+    modules: Iterable[ModuleType] = (),
+    workload: Workload | None = None,
+    allow_offload: bool = False,
+) -> XinferencePatch:
+    """Patch Xinference's device selection and multimodal loading, until restored.
+
+    For each backend class, ``decide_device`` and ``load_multimodal_model`` are replaced (see the
+    module docs); ``select_device`` is replaced in every module of ``modules`` and in each
+    backend's own module that has one (backends import it by name, so patching
+    ``xinference.model.utils`` alone would not reach them). Nothing is imported from Xinference:
+    pass its modules and classes, e.g.::
+
+        import xinference.model.utils as xutils
+        from xinference.model.llm.transformers.multimodal.qwen2_audio import Qwen2AudioChatModel
+        from xinference.model.llm.transformers.multimodal.qwen2_vl import PytorchQwen2VLModel
+
+        handle = patch_xinference(Qwen2AudioChatModel, PytorchQwen2VLModel, modules=[xutils])
+
+    Args:
+        *backends: ``PytorchMultiModalModel`` subclasses whose ``decide_device`` picks one device
+            from ``self._pytorch_model_config["device"]``.
+        modules: Further modules whose ``select_device`` to replace.
+        workload: What planned ``device_map="auto"`` loads are sized for.
+        allow_offload: Accept plans that keep weights on the cpu or disk.
+
+    Returns:
+        The applied :class:`XinferencePatch`; ``restore()`` it (or use ``with``) to undo.
+
+    Raises:
+        InvalidArgumentError: A backend is not a class, or a module has no ``select_device``.
+
+    Example:
+        >>> import types
+        >>> from omnifix.integrations.xinference import patch_xinference
+        >>> utils = types.ModuleType("utils")
+        >>> utils.select_device = lambda device: device
+        >>> with patch_xinference(modules=[utils]):
+        ...     utils.select_device("auto")  # a CPU-only machine
+        'cpu'
+        >>> utils.select_device("auto")
+        'auto'
+    """
+    from omnifix.errors import InvalidArgumentError
+
+    targets = list(modules)
+    for module in targets:
+        if not hasattr(module, "select_device"):
+            raise InvalidArgumentError(
+                f"{module!r} has no select_device to patch. Pass xinference.model.utils or a "
+                "backend module that imported select_device."
+            )
+    for backend in backends:
+        if not isinstance(backend, type):
+            raise InvalidArgumentError(
+                f"{backend!r} is not a class. Pass the backend classes themselves, e.g. "
+                "Qwen2AudioChatModel, not instances or module paths."
+            )
+        own = sys.modules.get(backend.__module__)
+        if own is not None and hasattr(own, "select_device") and own not in targets:
+            targets.append(own)
+    patch = XinferencePatch()
+    with _LOCK:
+        for module in targets:
+            patch._replace(module, "select_device", _select_device)
+        for backend in backends:
+            load = _wrap_load(
+                backend.load_multimodal_model, workload=workload, allow_offload=allow_offload
+            )
+            patch._replace(backend, "decide_device", _decide_device)
+            patch._replace(backend, "load_multimodal_model", load)
+    return patch
