@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections import Counter
 from typing import TYPE_CHECKING, Any, cast
 
 from omnifix.testing import FAMILIES
@@ -13,40 +12,7 @@ from omnifix.testing import FAMILIES
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from torch import nn
-
     from omnifix.testing import Family
-
-
-_KIB = 1024
-
-
-def _format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < _KIB or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= _KIB
-    raise AssertionError  # pragma: no cover - the loop always returns
-
-
-def _placement_lines(model: nn.Module) -> list[str]:
-    """Bytes of parameters and buffers per device, as accelerate would execute them."""
-    from omnifix._modules import hook_execution_device
-
-    per_device: Counter[str] = Counter()
-    for module in model.modules():
-        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if not tensors:
-            continue
-        hooked = hook_execution_device(module)
-        for tensor in tensors:
-            where = str(tensor.device)
-            if where == "meta" and hooked is not None:
-                where = f"{hooked} (offloaded)"
-            per_device[where] += tensor.numel() * tensor.element_size()
-    return [
-        f"  {where:<24} {_format_bytes(size):>12}" for where, size in sorted(per_device.items())
-    ]
 
 
 def _demo(family: Family, device: str, max_new_tokens: int) -> int:
@@ -57,35 +23,28 @@ def _demo(family: Family, device: str, max_new_tokens: int) -> int:
     import omnifix.testing
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    resolved = omnifix.resolve_device_map(device)
     with tempfile.TemporaryDirectory(prefix="omnifix-demo-") as folder:
-        # The demo uses a random tiny model so that it runs offline in seconds, yet goes through the
-        # same from_pretrained path as a real checkpoint.
+        # A random tiny model, so that the demo runs offline in seconds, loaded through the same
+        # path as a real checkpoint: plan, from_pretrained with the plan's map, checks.
         path = omnifix.testing.save_tiny_model(family, folder)
-        model_class = omnifix.testing.model_class(family)
-        model: Any = model_class.from_pretrained(path, device_map=resolved.device_map)
-    model.eval()
-    omnifix.assert_no_meta(model)
-    devices = {str(p.device) for p in model.parameters()}
-    pin = omnifix.pin_embeddings(model) if len(devices) > 1 else None
+        config = omnifix.testing.tiny_config(family)
+        prompt = omnifix.testing.tiny_inputs(family, config)["input_ids"].shape[-1]
+        workload = omnifix.Workload(text_tokens=prompt, max_new_tokens=max_new_tokens)
+        model: Any = omnifix.load_safely(path, device=device, workload=workload)
     where = omnifix.input_device(model)
     inputs = omnifix.testing.tiny_inputs(family, model.config, device=where)
+    extra = omnifix.testing.text_generation_kwargs(family, max_new_tokens=max_new_tokens)
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = output.shape[-1] - inputs["input_ids"].shape[-1]
+        output = model.generate(**inputs, **extra, do_sample=False)
+    sequences = output[0] if isinstance(output, tuple) else output
+    new_tokens = sequences.shape[-1] - inputs["input_ids"].shape[-1]
 
-    print(
-        f"omnifix demo: tiny {family} ({sum(p.numel() for p in model.parameters()):,} parameters)"
-    )
+    count = sum(p.numel() for p in model.parameters())
+    print(f"omnifix demo: tiny {family} ({count:,} parameters), loaded with load_safely")
     print(f"  requested device       {device!r}")
-    print(f"  device_map passed      {resolved.device_map!r}")
-    print(f"  input device           {where}")
-    print(f"  model.device says      {model.device}")
-    print(f"  embeddings pinned      {', '.join(pin.modules) if pin else 'no (one device)'}")
-    print("  meta tensors           none")
-    print(f"  generated              {new_tokens} tokens on {output.device}")
-    print("placement (parameters and buffers per device):")
-    print("\n".join(_placement_lines(model)))
+    print(f"  input device           {where}  (model.device says {model.device})")
+    print(f"  generated              {new_tokens} tokens on {sequences.device}")
+    print(omnifix.placement_report(model))
     return 0
 
 

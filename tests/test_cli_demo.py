@@ -1,0 +1,47 @@
+"""``omnifix demo``: a tiny model through load_safely on this machine, with its placement report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import omnifix
+import omnifix.testing as ot
+from omnifix._cli import main
+
+
+@pytest.mark.parametrize("family", ot.available_families())
+def test_demo_loads_generates_and_reports(family: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--family", family, "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"tiny {family}" in out
+    assert "loaded with load_safely" in out
+    assert "generated              3 tokens on cpu" in out
+    assert str(omnifix.normalize_device("auto")) in out
+    assert "single" in out  # the report's strategy: the tiny model fits one device
+
+
+def test_demo_refuses_a_device_this_machine_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["demo", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "DeviceUnavailableError" in err
+    assert "Pass 'auto'" in err
+
+
+def test_python_dash_m_omnifix_demo_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "omnifix", "demo"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded with load_safely" in result.stdout
+    assert "Traceback" not in result.stderr
