@@ -24,7 +24,7 @@ import torch
 
 import omnifix
 import omnifix.testing
-from omnifix._presets import build_skeleton, preset_config
+from omnifix._presets import build_skeleton
 
 GIB = 2**30
 
@@ -53,11 +53,6 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("qwen2.5-omni-7b", "eager", {"text_tokens": 256, "audio_seconds": 30}),
     ("qwen2.5-omni-7b", "sdpa", {"text_tokens": 256, "image_tokens": 1280}),
 ]
-
-
-def _language_model_config(preset: str) -> Any:
-    config = preset_config(preset)
-    return getattr(config, "thinker_config", config)
 
 
 def _build(preset: str, attn: str, device: torch.device) -> Any:

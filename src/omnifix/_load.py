@@ -804,7 +804,7 @@ def load_safely(
 ) -> PreTrainedModel: ...
 
 
-def load_safely(  # noqa: C901, PLR0912, PLR0915 - one linear recipe, commented step by step
+def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by step
     pretrained: str | os.PathLike[str],
     *,
     model_class: type[Any] | None = None,
@@ -881,7 +881,8 @@ def load_safely(  # noqa: C901, PLR0912, PLR0915 - one linear recipe, commented 
     from omnifix._attention import choose_dtype, dtype_keyword, gpu_capabilities
     from omnifix._embeddings import pin_embeddings
     from omnifix._meta import assert_no_meta
-    from omnifix._plan import Workload, plan_placement
+    from omnifix._plan import plan_placement
+    from omnifix._workload import require_workload
 
     kwargs = dict(from_pretrained_kwargs)
     if kwargs.pop("output_loading_info", False):
@@ -890,11 +891,7 @@ def load_safely(  # noqa: C901, PLR0912, PLR0915 - one linear recipe, commented 
             "returns the model. Drop it: missing or unexpected keys are still logged by "
             "transformers, and weights left without data are refused by assert_no_meta."
         )
-    if workload is not None and not isinstance(workload, Workload):
-        raise InvalidArgumentError(
-            f"workload={workload!r} is not an omnifix.Workload. Pass e.g. "
-            "Workload(text_tokens=8192, image_tokens=1280), or None for the planner's default."
-        )
+    require_workload(workload)
     # 1. dtype: ours, or the caller's torch_dtype= (the pre-4.56 spelling) when ours is "auto".
     alias = kwargs.pop("torch_dtype", None)
     if alias is not None:

@@ -129,17 +129,6 @@ class Patch:
         )
 
 
-def _check_workload(workload: object) -> None:
-    from omnifix._plan import Workload
-    from omnifix.errors import InvalidArgumentError
-
-    if workload is not None and not isinstance(workload, Workload):
-        raise InvalidArgumentError(
-            f"workload={workload!r} is not an omnifix.Workload. Pass e.g. "
-            "Workload(text_tokens=8192, image_tokens=1280), or None for the planner's default."
-        )
-
-
 def install(
     *, workload: Workload | None = None, allow_offload: bool = False, strict: bool = False
 ) -> Patch:
@@ -172,7 +161,9 @@ def install(
         >>> uninstall(), PreTrainedModel.__dict__["from_pretrained"] is plain
         (True, True)
     """
-    _check_workload(workload)
+    from omnifix._workload import require_workload
+
+    require_workload(workload)
     patch = Patch(workload=workload, allow_offload=allow_offload, strict=strict)
     with _LOCK:
         if not _ACTIVE:

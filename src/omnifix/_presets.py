@@ -564,25 +564,11 @@ def build_skeleton(name: str, *, dtype: torch.dtype | None = None) -> PreTrained
         8.29
     """
     import torch
-    from accelerate import init_empty_weights
 
-    config = preset_config(name)
-    model_class = preset_model_class(name)
-    # 4.56 renamed _from_config's torch_dtype to dtype (5.x warns on the old name).
-    from packaging.version import Version
+    from omnifix._skeleton import build_on_meta
 
-    key = "dtype" if Version(_transformers_version()) >= Version("4.56") else "torch_dtype"
-    dtype_kwargs = {key: torch.bfloat16 if dtype is None else dtype}
-    # accelerate's documented recipe for an empty model: from_config under init_empty_weights.
-    # Buffers stay real, as in from_pretrained: include_buffers=True would run Omni's BigVGAN
-    # filter design through slow meta kernels (1.2 s instead of 0.3 s) to save 8 MB.
-    # no_init_weights is what from_pretrained wraps the same construction in: random init of
-    # meta tensors does nothing but costs most of the build time on 4.x. It also skips the
-    # weight tying that init_weights does, so tie_weights() runs after, as from_pretrained does.
-    builder: Any = model_class  # transformers leaves _from_config untyped
-    with _quiet_transformers(), _no_init_weights(), init_empty_weights():
-        model = builder._from_config(config, **dtype_kwargs)  # noqa: SLF001
-    model.tie_weights()
-    model.eval()
-    skeleton: PreTrainedModel = model
+    model = build_on_meta(
+        preset_config(name), preset_model_class(name), torch.bfloat16 if dtype is None else dtype
+    )
+    skeleton: PreTrainedModel = model  # type: ignore[assignment]
     return skeleton

@@ -149,22 +149,26 @@ def infer_device_map(
 # --------------------------------------------------------------------------------------------
 
 
-def _dtype_keyword() -> str:
-    from omnifix._attention import dtype_keyword
+def build_on_meta(config: PretrainedConfig, model_class: type, dtype: torch.dtype) -> nn.Module:
+    """The skeleton ``from_pretrained`` builds before loading: every parameter on ``meta``.
 
-    return dtype_keyword()
-
-
-def _build(config: PretrainedConfig, model_class: type, dtype: torch.dtype) -> nn.Module:
-    """The skeleton ``from_pretrained`` builds before loading (see ``_presets.build_skeleton``)."""
+    accelerate's documented recipe for an empty model: ``_from_config`` under
+    ``init_empty_weights``. Buffers stay real, as in ``from_pretrained``: ``include_buffers=True``
+    would run Omni's BigVGAN filter design through slow meta kernels (1.2 s instead of 0.3 s) to
+    save 8 MB. ``no_init_weights`` is what ``from_pretrained`` wraps the same construction in:
+    random init of meta tensors does nothing but costs most of the build time on 4.x. It also
+    skips the weight tying that ``init_weights`` does, so ``tie_weights()`` runs after, as
+    ``from_pretrained`` does.
+    """
     from accelerate import init_empty_weights
 
+    from omnifix._attention import dtype_keyword
     from omnifix._presets import _no_init_weights, _quiet_transformers
 
-    builder: Any = model_class
+    builder: Any = model_class  # transformers leaves _from_config untyped
     # _from_config may write to the config (attention, dtype); the caller's stays untouched.
     with _quiet_transformers(), _no_init_weights(), init_empty_weights():
-        model = builder._from_config(copy.deepcopy(config), **{_dtype_keyword(): dtype})  # noqa: SLF001
+        model = builder._from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})  # noqa: SLF001
     model.tie_weights()
     model.eval()
     built: nn.Module = model
@@ -214,7 +218,7 @@ def _cached(
             _CACHE.move_to_end(key)
             hit = _CACHE[key]
             return replace(hit, label=label, config=config)
-    built = _skeleton(label, _build(config, model_class, dtype), dtype, config)
+    built = _skeleton(label, build_on_meta(config, model_class, dtype), dtype, config)
     with _CACHE_LOCK:
         _CACHE[key] = built
         while len(_CACHE) > _CACHE_SIZE:
@@ -239,7 +243,7 @@ def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
             f"Cannot re-plan {skeleton.label} with quantised weights: it was passed as a built "
             "model. Pass its config (or checkpoint directory) to plan_placement instead."
         )
-    model = _build(skeleton.config, skeleton.model_class, skeleton.dtype)
+    model = build_on_meta(skeleton.config, skeleton.model_class, skeleton.dtype)
     heads = {skeleton.anatomy.lm_head}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

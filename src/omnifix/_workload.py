@@ -8,7 +8,7 @@ from typing import Final
 
 from omnifix.errors import InvalidArgumentError
 
-__all__ = ["AUDIO_TOKENS_PER_SECOND", "Workload"]
+__all__ = ["AUDIO_TOKENS_PER_SECOND", "Workload", "require_workload"]
 
 #: Language-model tokens per second of audio (Qwen2-Audio and Qwen2.5-Omni: 100 mel frames/s,
 #: a stride-2 conv, then 2x average pooling).
@@ -95,4 +95,13 @@ class Workload:
         return (
             f"batch {self.batch_size} x ({' + '.join(parts)} tokens) + "
             f"{self.max_new_tokens} new tokens{speech}"
+        )
+
+
+def require_workload(workload: object) -> None:
+    """Refuse anything but a :class:`Workload` or ``None`` (the planner's default)."""
+    if workload is not None and not isinstance(workload, Workload):
+        raise InvalidArgumentError(
+            f"workload={workload!r} is not an omnifix.Workload. Pass e.g. "
+            "Workload(text_tokens=8192, image_tokens=1280), or None for the planner's default."
         )
