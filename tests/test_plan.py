@@ -25,12 +25,14 @@ from hypothesis import strategies as st
 import omnifix
 import omnifix.testing as ot
 from omnifix import PlacementPlan, Workload, plan_placement
+from omnifix._budgets import resolve_budgets
 from omnifix._estimate import CALIBRATION
-from omnifix._plan import predict_phases
+from omnifix._plan import _Attempt, _fill, _Request, predict_phases
 from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class
 from omnifix._skeleton import load_skeleton
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
 GIB = 2**30
@@ -233,6 +235,8 @@ def test_four_16gib_cards_use_as_few_as_needed() -> None:
     assert used == tuple(f"cuda:{i}" for i in range(len(used)))  # filled in order
     assert 2 <= len(used) < 4
     assert plan.boundaries == len(used) - 1
+    # Balanced over the GPUs it needs, not spread over all four.
+    assert _imbalance(_used_rows(plan)) <= _allowed_imbalance("qwen2.5-omni-7b", plan)
     for row in plan.devices:
         assert (row.weights == 0) == (row.device not in used)
         if row.weights == 0:
@@ -475,3 +479,179 @@ def test_presets_all_plan_on_two_gpus() -> None:
         plan = plan_placement(preset, budgets={0: "80GiB", 1: "80GiB"})
         assert plan.strategy == "single", preset
         assert plan.device_map == {"": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Balanced splits
+# --------------------------------------------------------------------------------------------
+
+#: The issue's bound on the predicted utilisation of the most loaded used GPU over the least.
+BALANCE = 1.10
+BALANCE_WORKLOADS = {
+    "text-8k": Workload(text_tokens=8192),
+    "text-32k": Workload(text_tokens=32768),
+    "image-4096": Workload(text_tokens=256, image_tokens=4096),
+    "audio-30s": Workload(text_tokens=256, audio_seconds=30),
+}
+OMNI_7B = pytest.param("qwen2.5-omni-7b", marks=needs("qwen2.5-omni-7b"))
+
+
+def _utilisation(row: omnifix.DeviceBudget) -> float:
+    return (row.total + row.margin) / row.budget
+
+
+def _used_rows(plan: PlacementPlan) -> list[omnifix.DeviceBudget]:
+    return [row for row in plan.devices if row.device in plan.devices_used]
+
+
+def _imbalance(rows: Sequence[omnifix.DeviceBudget]) -> float:
+    utilisation = [_utilisation(row) for row in rows]
+    return max(utilisation) / min(utilisation)
+
+
+def _allowed_imbalance(preset: str, plan: PlacementPlan) -> float:
+    """``BALANCE``, or more where moving the largest decoder layer is a bigger step than that.
+
+    One layer (its weights, its KV cache and the margin on that) is the smallest step a
+    contiguous split can take: the most and the least utilised GPU may stay that step apart.
+    """
+    skeleton = load_skeleton(preset, model_class=None, dtype=plan.dtype)
+    work = plan.workload
+    tokens = work.batch_size * (work.prompt_tokens + work.max_new_tokens)
+    step = max(
+        max(skeleton.sizes[name] for name in decoder.layers)
+        + (1 + CALIBRATION.margin_fraction)
+        * (2 * decoder.kv_heads * decoder.head_dim * plan.dtype.itemsize * tokens)
+        for decoder in skeleton.anatomy.decoders
+        if decoder.role == "text"
+    )
+    rows = _used_rows(plan)
+    low, high = min(rows, key=_utilisation), max(rows, key=_utilisation)
+    spread = step / low.budget + step / high.budget
+    return max(BALANCE, (_utilisation(low) + spread) / _utilisation(low))
+
+
+def _in_order(preset: str, budgets: Mapping[int, int | str], plan: PlacementPlan) -> _Attempt:
+    """The in-order fill the balancing pass starts from (the split before this change)."""
+    skeleton = load_skeleton(preset, model_class=None, dtype=plan.dtype)
+    resolved = resolve_budgets(budgets, allow_offload=False)
+    request = _Request(
+        skeleton, resolved, plan.attn_implementation, plan.workload, allow_offload=False
+    )
+    return _fill(request, request.gpus)
+
+
+def _has_towers_for(preset: str, work: Workload) -> bool:
+    anatomy = load_skeleton(preset, model_class=None, dtype=torch.bfloat16).anatomy
+    kinds = {tower.kind for tower in anatomy.towers}
+    return not (work.image_tokens and "vision" not in kinds) and not (
+        work.audio_seconds and "audio" not in kinds
+    )
+
+
+@pytest.mark.parametrize(
+    ("preset", "budgets", "work"),
+    [
+        pytest.param(
+            "qwen2.5-omni-7b",
+            {0: "24GiB", 1: "24GiB"},
+            BALANCE_WORKLOADS["text-8k"],
+            marks=needs("qwen2.5-omni-7b"),
+            id="omni-7b-2x24-text-8k",
+        ),
+        pytest.param(
+            VL_7B, {0: "14GiB", 1: "14GiB"}, Workload(text_tokens=2048), id="vl-7b-2x14-text-2k"
+        ),
+    ],
+)
+def test_a_split_the_in_order_fill_leaves_lopsided_is_balanced(
+    preset: str, budgets: dict[int, str], work: Workload
+) -> None:
+    plan = plan_placement(preset, budgets=budgets, workload=work)
+    in_order = _in_order(preset, budgets, plan)
+    # Filled in order, the first GPU is nearly full and the second nearly idle (Omni: 96 % and
+    # 10 % of 24 GiB; VL: 99 % and 28-40 % of 14 GiB).
+    assert _imbalance([row for row in in_order.rows if row.weights]) > 2
+    assert plan.strategy == "split"
+    assert_sound(plan, _skeleton_of(preset))
+    assert _imbalance(_used_rows(plan)) <= BALANCE
+    assert plan.devices_used == ("cuda:0", "cuda:1")
+    assert plan.boundaries == 1
+    assert plan.input_device == "cuda:0"
+    assert list(plan.device_map.values())[-1] == 1
+    assert "balanced to within" in plan.reason
+    assert f"balanced to within {100 * (_imbalance(_used_rows(plan)) - 1):.1f} %" in plan.reason
+
+
+@pytest.mark.parametrize("budgets", [{0: "24GiB", 1: "24GiB"}, {0: "14GiB", 1: "14GiB"}], ids=str)
+@pytest.mark.parametrize("work", BALANCE_WORKLOADS.values(), ids=BALANCE_WORKLOADS)
+@pytest.mark.parametrize("preset", [VL_7B, "qwen2-audio-7b", OMNI_7B])
+def test_every_split_balances_predicted_utilisation_across_the_used_gpus(
+    preset: str, work: Workload, budgets: dict[int, str]
+) -> None:
+    if not _has_towers_for(preset, work):
+        pytest.skip(f"{preset} has no tower for this input")
+    plan = plan_placement(preset, budgets=budgets, workload=work)
+    if plan.strategy != "split":
+        assert plan.strategy in ("single", "refuse")  # one GPU or none: nothing to balance
+        return
+    assert_sound(plan, _skeleton_of(preset))
+    assert _imbalance(_used_rows(plan)) <= _allowed_imbalance(preset, plan)
+    assert "balanced to within" in plan.reason
+
+
+@pytest.mark.parametrize(
+    ("preset", "budgets", "text"),
+    [
+        (VL_7B, {0: "10GiB", 1: "14GiB"}, 2048),
+        (VL_7B, {0: "14GiB", 1: "10GiB"}, 2048),
+        pytest.param(
+            "qwen2.5-omni-7b", {0: "16GiB", 1: "24GiB"}, 8192, marks=needs("qwen2.5-omni-7b")
+        ),
+        pytest.param(
+            "qwen2.5-omni-7b", {0: "24GiB", 1: "16GiB"}, 8192, marks=needs("qwen2.5-omni-7b")
+        ),
+    ],
+    ids=str,
+)
+def test_unequal_budgets_are_balanced_by_utilisation_not_bytes(
+    preset: str, budgets: dict[int, str], text: int
+) -> None:
+    plan = plan_placement(preset, budgets=budgets, workload=Workload(text_tokens=text))
+    assert plan.strategy == "split"
+    assert_sound(plan, _skeleton_of(preset))
+    assert _imbalance(_used_rows(plan)) <= _allowed_imbalance(preset, plan)
+    small, large = sorted(_used_rows(plan), key=lambda row: row.budget)
+    # The same fraction of 1.4-1.5x the memory: the larger GPU holds clearly more.
+    assert (large.total + large.margin) / (small.total + small.margin) > 1.2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=5, max_value=20), min_size=2, max_size=4),
+    text=st.integers(min_value=1, max_value=32_768),
+    image=st.sampled_from([0, 1024, 4096]),
+)
+def test_balancing_never_raises_the_in_order_peak_nor_changes_its_gpus(
+    sizes: list[int], text: int, image: int
+) -> None:
+    budgets = {index: size * GIB for index, size in enumerate(sizes)}
+    plan = plan_placement(
+        VL_7B, budgets=budgets, workload=Workload(text_tokens=text, image_tokens=image)
+    )
+    in_order = _in_order(VL_7B, budgets, plan)
+    if plan.strategy != "split":
+        assert plan.strategy in ("single", "refuse")
+        if plan.strategy == "refuse":  # balancing never refuses what the in-order fill fits
+            assert not in_order.fits or in_order.spills
+        return
+    assert in_order.fits
+    assert not in_order.spills
+    assert_sound(plan, _skeleton_of(VL_7B))
+    # The same GPUs in the same order, so the same boundaries, and no higher peak.
+    assert plan.devices_used == tuple(
+        f"cuda:{key}" for key in dict.fromkeys(in_order.device_map.values())
+    )
+    assert plan.boundaries == len(plan.devices_used) - 1
+    in_order_used = [row for row in in_order.rows if row.weights]
+    assert max(map(_utilisation, _used_rows(plan))) <= max(map(_utilisation, in_order_used))
