@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 def test_fits_on_one_gpu(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "qwen2-vl-7b", "--gpu", "24GiB", "--text", "2048", "--image", "1280"]) == 0
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "24GiB", "--text", "2048", "--image", "1280"]
+    assert main([*argv, "--plain"]) == 0
     out = capsys.readouterr().out
     expected = omnifix.plan_placement(
         "qwen2-vl-7b",
@@ -28,6 +29,23 @@ def test_fits_on_one_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert str(expected) in out
     assert expected.explain() in out
     assert " fits" in out
+
+
+def test_rich_tables_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "12GiB", "--gpu", "12GiB", "--text", "8192"]
+    assert main(argv) == 0
+    rich_out = capsys.readouterr().out
+    assert main([*argv, "--plain"]) == 0
+    plain_out = capsys.readouterr().out
+    assert rich_out != plain_out
+    assert "GiB per device" in rich_out  # the rich table's title; the plain table has none
+    assert "GiB per device" not in plain_out
+    plan = omnifix.plan_placement(
+        "qwen2-vl-7b", budgets={0: "12GiB", 1: "12GiB"}, workload=omnifix.Workload(text_tokens=8192)
+    )
+    for row in plan.devices:  # every device's numbers are in the table
+        assert row.device in rich_out
+        assert f"{row.total / 2**30:.2f}" in rich_out
 
 
 def test_does_not_fit_exits_1_with_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -77,10 +77,18 @@ def _plan(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
-    else:
+    elif args.plain:
         print(plan)
         print()
         print(plan.explain())
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+
+        console = Console()
+        console.print(plan)
+        console.print()
+        console.print(escape(plan.explain()), soft_wrap=True)  # sentences: the terminal wraps
     return 0 if plan.fits else 1
 
 
@@ -100,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="versions, GPUs, attention backends and what to fix; exits 1 when something is broken",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
-    doctor.add_argument("--plain", action="store_true", help="plain text even if rich is installed")
+    doctor.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
     plan = commands.add_parser(
         "plan",
         help="where a model goes and whether it fits, offline; exits 1 when it does not fit",
@@ -126,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--allow-offload", action="store_true", help="let weights go to the cpu or disk"
     )
     plan.add_argument("--json", action="store_true", help="print JSON for scripts")
+    plan.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":

@@ -51,6 +51,7 @@ MINIMUM_VERSIONS: Final[dict[str, str]] = {
     "torch": "2.4",
     "transformers": "4.45",
     "accelerate": "1.0",
+    "rich": "13",
 }
 #: The first compute capability with native bfloat16 and FlashAttention-2 (Ampere).
 _AMPERE: Final = (8, 0)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     import torch
+    from rich.console import Group
 
     from omnifix._attention import Capability
     from omnifix._skeleton import Skeleton
@@ -234,10 +235,19 @@ class PlacementPlan:
             "notes": list(self.notes),
         }
 
-    def __str__(self) -> str:
-        """A table of the devices, the strategy and why, and the map as layer ranges."""
+    def _heading(self) -> list[str]:
+        return [
+            f"PlacementPlan for {self.model}: {self.strategy} "
+            f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - "
+            + ("fits" if self.fits else "does NOT fit"),
+            f"workload: {self.workload}",
+            f"why: {self.reason}",
+        ]
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        """The device table as text cells, the header first."""
         header = ("device", "budget", "weights", "KV cache", "activations", "overhead", "total")
-        rows = [(*header, "margin", "fits")]
+        rows: list[tuple[str, ...]] = [(*header, "margin", "fits")]
         for row in self.devices:
             budget = "unlimited" if row.budget >= _UNLIMITED else _gib(row.budget)
             fits = "yes" if row.fits else f"NO ({_gib(-row.headroom)} short)"
@@ -255,17 +265,18 @@ class PlacementPlan:
                     fits,
                 )
             )
+        return rows
+
+    def __str__(self) -> str:
+        """A table of the devices, the strategy and why, and the map as layer ranges."""
+        rows = self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         table = [
             "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
             for r in rows
         ]
         lines = [
-            f"PlacementPlan for {self.model}: {self.strategy} "
-            f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - "
-            + ("fits" if self.fits else "does NOT fit"),
-            f"workload: {self.workload}",
-            f"why: {self.reason}",
+            *self._heading(),
             *table,
             "device_map:",
             *(f"  {device}: {modules}" for device, modules in _map_summary(self.device_map)),
@@ -273,6 +284,31 @@ class PlacementPlan:
         if self.options:
             lines += ["options that fit:", *(f"  - {option}" for option in self.options)]
         return "\n".join(lines)
+
+    def __rich__(self) -> Group:
+        """The same as :meth:`__str__`, as rich tables (``rich.print(plan)``, ``omnifix plan``)."""
+        from rich import box
+        from rich.console import Group
+        from rich.markup import escape
+        from rich.table import Table
+
+        heading, workload, why = (escape(line) for line in self._heading())
+        colour = "green" if self.fits else "red"
+        header, *rows = self._rows()
+        devices = Table(*header, title="GiB per device", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in devices.columns:  # numbers stay whole; the two phrases fold
+            column.no_wrap = column.header not in ("activations", "fits")
+            column.overflow = "fold"
+        for row in rows:
+            fits = f"[{colour}]{escape(row[-1])}[/{colour}]"
+            devices.add_row(*(escape(cell) for cell in row[:-1]), fits)
+        layout = Table("device", "modules", title="device_map", box=box.SIMPLE_HEAD, pad_edge=False)
+        for device, modules in _map_summary(self.device_map):
+            layout.add_row(escape(device), escape(modules))
+        parts: list[Any] = [f"[bold {colour}]{heading}[/]", workload, why, devices, layout]
+        if self.options:
+            parts += ["options that fit:", *(f"  - {escape(option)}" for option in self.options)]
+        return Group(*parts)
 
 
 # --------------------------------------------------------------------------------------------
