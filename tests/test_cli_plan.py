@@ -32,7 +32,7 @@ def test_fits_on_one_gpu(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_rich_tables_by_default(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["plan", "qwen2-vl-7b", "--gpu", "12GiB", "--gpu", "12GiB", "--text", "8192"]
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "12GiB", "--gpu", "12GiB", "--text", "2048"]
     assert main(argv) == 0
     rich_out = capsys.readouterr().out
     assert main([*argv, "--plain"]) == 0
@@ -41,7 +41,7 @@ def test_rich_tables_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert "GiB per device" in rich_out  # the rich table's title; the plain table has none
     assert "GiB per device" not in plain_out
     plan = omnifix.plan_placement(
-        "qwen2-vl-7b", budgets={0: "12GiB", 1: "12GiB"}, workload=omnifix.Workload(text_tokens=8192)
+        "qwen2-vl-7b", budgets={0: "12GiB", 1: "12GiB"}, workload=omnifix.Workload(text_tokens=2048)
     )
     for row in plan.devices:  # every device's numbers are in the table
         assert row.device in rich_out
