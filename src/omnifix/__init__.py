@@ -12,6 +12,8 @@ from omnifix._devices import ResolvedDevice as ResolvedDevice
 from omnifix._devices import input_device as input_device
 from omnifix._devices import normalize_device as normalize_device
 from omnifix._devices import resolve_device_map as resolve_device_map
+from omnifix._dispatch import LeanDispatch as LeanDispatch
+from omnifix._dispatch import lean_dispatch as lean_dispatch
 from omnifix._embeddings import EmbeddingPin as EmbeddingPin
 from omnifix._embeddings import pin_embeddings as pin_embeddings
 from omnifix._load import AttentionRequest as AttentionRequest
@@ -60,6 +62,7 @@ __all__ = [
     "EmbeddingPin",
     "InsufficientMemoryError",
     "InvalidArgumentError",
+    "LeanDispatch",
     "MetaReport",
     "MetaTensor",
     "MetaTensorError",
@@ -76,6 +79,7 @@ __all__ = [
     "find_meta_tensors",
     "input_device",
     "install",
+    "lean_dispatch",
     "load_safely",
     "normalize_device",
     "patched",

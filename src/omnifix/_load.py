@@ -13,9 +13,10 @@ same load with the plan made first:
    and the options that would fit) before anything is allocated when it does not fit;
 4. call the real ``from_pretrained`` with that map, the dtype under the keyword the installed
    transformers expects, and every other keyword untouched;
-5. check the result (:func:`omnifix.assert_no_meta`), pin the input embeddings when the model
-   spans several devices (:func:`omnifix.pin_embeddings`), and remember the plan for
-   :func:`placement_report`.
+5. check the result (:func:`omnifix.assert_no_meta`); when the model spans several devices,
+   replace accelerate's hooks with lean ones (:func:`omnifix.lean_dispatch`, unless offloaded
+   or ``hooks="accelerate"``) and pin the input embeddings (:func:`omnifix.pin_embeddings`);
+   remember the plan for :func:`placement_report`.
 
 A refused or failed load leaves no model behind: references are dropped (including those held by
 the failed call's traceback), the garbage collector runs and the CUDA cache is emptied before the
@@ -32,7 +33,7 @@ import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, overload
 
 from omnifix.errors import (
     CheckpointError,
@@ -136,6 +137,10 @@ class PlacementReport:
         input_device: Where to put ``input_ids`` (:func:`omnifix.input_device`); ``None`` when it
             cannot be told.
         pinned_embeddings: Input embeddings :func:`load_safely` pinned (split models only).
+        hooks: The device hooks on the model now: ``"none"``, ``"lean"`` (omnifix's, from
+            :func:`omnifix.lean_dispatch`: what :func:`load_safely` uses for a split) or
+            ``"accelerate"`` (accelerate's ``AlignDevicesHook`` and the like: offloaded models,
+            ``hooks="accelerate"``, or models dispatched by others).
     """
 
     model: str
@@ -150,6 +155,7 @@ class PlacementReport:
     uninitialised: int = 0
     input_device: torch.device | None
     pinned_embeddings: tuple[str, ...] = ()
+    hooks: str = "none"
 
     @property
     def offloaded(self) -> dict[str, int]:
@@ -201,6 +207,11 @@ class PlacementReport:
             lines.append(f"uninitialised (on meta, no data): {size(self.uninitialised)}")
         if self.pinned_embeddings:
             lines.append(f"pinned embeddings: {', '.join(self.pinned_embeddings)}")
+        if self.hooks == "lean":
+            lines.append("hooks: lean (omnifix's, one per device_map entry; see lean_dispatch)")
+        elif self.hooks == "accelerate":
+            why = " (offloaded weights are streamed by them)" if self.offloaded else ""
+            lines.append(f"hooks: accelerate{why}")
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -318,6 +329,7 @@ def placement_report(model: nn.Module) -> PlacementReport:
     from torch import nn
 
     from omnifix._devices import input_device
+    from omnifix._dispatch import hooks_in_place
     from omnifix._meta import find_meta_tensors
 
     if not isinstance(model, nn.Module):
@@ -367,6 +379,7 @@ def placement_report(model: nn.Module) -> PlacementReport:
         uninitialised=sum(tensor.nbytes for tensor in meta.uninitialised),
         input_device=inputs_on,
         pinned_embeddings=record.pinned if record is not None else (),
+        hooks=hooks_in_place(model),
     )
 
 
@@ -784,6 +797,7 @@ def load_safely(
     workload: Workload | None = None,
     allow_offload: bool = False,
     strict: bool = False,
+    hooks: Literal["lean", "accelerate"] = "lean",
     **from_pretrained_kwargs: Any,
 ) -> _M: ...
 
@@ -800,6 +814,7 @@ def load_safely(
     workload: Workload | None = None,
     allow_offload: bool = False,
     strict: bool = False,
+    hooks: Literal["lean", "accelerate"] = "lean",
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel: ...
 
@@ -815,6 +830,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     workload: Workload | None = None,
     allow_offload: bool = False,
     strict: bool = False,
+    hooks: Literal["lean", "accelerate"] = "lean",
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a transformers model where it fits, or refuse with numbers before loading anything.
@@ -844,6 +860,11 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         allow_offload: Accept a plan that keeps weights on the cpu or disk behind accelerate
             hooks (an offload folder is created when needed and none is given).
         strict: Raise instead of falling back when the requested attention cannot run.
+        hooks: How a model split over several GPUs moves tensors between them. ``"lean"``
+            (default): :func:`omnifix.lean_dispatch` replaces accelerate's hooks with one light
+            hook per ``device_map`` entry. ``"accelerate"``: keep accelerate's hooks (a hook on
+            every module with weights). Offloaded models always keep accelerate's hooks, which
+            stream their weights; :func:`placement_report` says which hooks are in place.
         **from_pretrained_kwargs: Forwarded untouched to ``from_pretrained`` (``revision``,
             ``subfolder``, ``trust_remote_code``, ``quantization_config``, config overrides...).
             An explicit ``device_map`` dict is honoured (checked, not planned); a strategy word
@@ -851,7 +872,8 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
 
     Returns:
         The model, in eval mode, with no meta tensors (except offloaded ones when
-        ``allow_offload=True``) and, when it spans several devices, its input embeddings pinned.
+        ``allow_offload=True``) and, when it spans several devices, lean hooks (unless
+        ``hooks="accelerate"`` or offloaded) and its input embeddings pinned.
         :func:`placement_report` tells where everything went.
 
     Raises:
@@ -862,7 +884,8 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         AttentionUnavailableError: ``strict=True`` and the attention cannot run here.
         UnsupportedModelError: No model class for the config, or a dict of attention
             implementations on a transformers that does not take one.
-        InvalidArgumentError: A bad dtype, attention name, ``max_memory`` or ``device_map``.
+        InvalidArgumentError: A bad dtype, attention name, ``max_memory``, ``device_map`` or
+            ``hooks``.
         DeviceError: A device that is malformed, missing, or not a CUDA GPU or the cpu.
 
     Example:
@@ -879,11 +902,15 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         ('single', ['cpu'])
     """
     from omnifix._attention import choose_dtype, dtype_keyword, gpu_capabilities
-    from omnifix._embeddings import pin_embeddings
     from omnifix._meta import assert_no_meta
     from omnifix._plan import plan_placement
     from omnifix._workload import require_workload
 
+    if hooks not in ("lean", "accelerate"):
+        raise InvalidArgumentError(
+            f'load_safely got hooks={hooks!r}. Pass hooks="lean" (omnifix\'s light hooks for '
+            'a split model, the default) or hooks="accelerate" (keep accelerate\'s).'
+        )
     kwargs = dict(from_pretrained_kwargs)
     if kwargs.pop("output_loading_info", False):
         raise InvalidArgumentError(
@@ -962,15 +989,48 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         weakref.finalize(model, _remove_folder, folder)
     model.eval()
 
-    # 6. Pin the input embeddings of a model that spans several devices; remember the plan.
-    pinned: tuple[str, ...] = ()
-    if len(_execution_devices(model)) > 1:
-        try:
-            pinned = pin_embeddings(model).modules
-        except UnsupportedModelError:  # no token embedding (an audio-only model): nothing to pin
-            pinned = ()
+    # 6. A model that spans several devices: lean hooks, pinned embeddings; remember the plan.
+    pinned = _hook_split(model, device_map, hooks)
     _RECORDS[model] = _record(plan, device_map, chosen_dtype, pinned)
     return model
+
+
+def _hook_split(model: nn.Module, device_map: Mapping[str, object], hooks: str) -> tuple[str, ...]:
+    """Hooks and pins for a model on several devices; returns the pinned embeddings' names.
+
+    Lean hooks unless ``hooks="accelerate"`` or the map offloads (offloaded weights need
+    accelerate's weight streaming), then the input embeddings pinned.
+    """
+    import warnings
+
+    from omnifix._dispatch import lean_dispatch
+    from omnifix._embeddings import pin_embeddings
+    from omnifix.errors import OmnifixWarning
+
+    if len(_execution_devices(model)) <= 1:
+        return ()
+    if hooks == "lean" and not _offloads(device_map):
+        try:
+            lean_dispatch(model)
+        # lean_dispatch checks everything before it changes anything: a refusal leaves
+        # accelerate's hooks in place, which work, only slower. Say so rather than fail the load.
+        except OmnifixError as error:
+            warnings.warn(
+                f"load_safely kept accelerate's hooks on this split model: {error} To silence "
+                'this, pass hooks="accelerate".',
+                OmnifixWarning,
+                stacklevel=3,
+            )
+    try:
+        return pin_embeddings(model).modules
+    except UnsupportedModelError:  # no token embedding (an audio-only model): nothing to pin
+        return ()
+
+
+def _offloads(device_map: Mapping[str, object]) -> bool:
+    """Whether a load's map keeps weights on the cpu or disk next to accelerator entries."""
+    places = {str(value).strip().lower() for value in device_map.values()}
+    return "disk" in places or ("cpu" in places and len(places) > 1)
 
 
 def _remove_folder(folder: str) -> None:

@@ -41,7 +41,13 @@ def models(model: nn.Module) -> None:
     pin.remove()
     with omnifix.pin_embeddings(model, "cuda:0") as again:
         assert again.active
-    del where, names, total, pinned
+    lean: omnifix.LeanDispatch = omnifix.lean_dispatch(model)
+    hooks: int = lean.hooks
+    devices: tuple[str, ...] = lean.devices
+    lean.remove()
+    with omnifix.lean_dispatch(model, device_map={"model.layers.0": 0, "lm_head": "cuda:1"}):
+        pass
+    del where, names, total, pinned, hooks, devices
 
 
 def errors() -> None:
@@ -84,4 +90,6 @@ def planning_and_loading(path: str) -> None:
     model = omnifix.load_safely(path, model_class=Qwen2VLForConditionalGeneration, workload=work)
     typed: Qwen2VLForConditionalGeneration = model
     report: omnifix.PlacementReport = omnifix.placement_report(typed)
-    del fits, device_map, peak, explicit, report
+    hooks: str = report.hooks
+    kept = omnifix.load_safely(path, hooks="accelerate")
+    del fits, device_map, peak, explicit, report, hooks, kept

@@ -1,0 +1,779 @@
+"""Lean dispatch: hooks only where a tensor must cross a device.
+
+``dispatch_model`` (what ``from_pretrained(device_map=...)`` calls) puts an accelerate
+``AlignDevicesHook`` on every ``device_map`` entry *and on every submodule that holds weights*
+inside it; each hook walks its args and kwargs recursively with ``send_to_device`` on every call,
+and the root hook walks the whole output back (``io_same_device``). For a model that is not
+offloaded, all of that work moves nothing except at the few places where a tensor really comes
+from another device: the layer at a GPU boundary, and the tensors the parent computes once and
+hands to every layer (``position_embeddings``, the causal mask, ``cache_position``).
+
+:func:`lean_dispatch` replaces those hooks, through accelerate's own hook API
+(``add_hook_to_module`` / ``remove_hook_from_module``), with:
+
+- one pre-forward hook per ``device_map`` entry that looks only at the top-level tensors (and
+  tuples/lists of tensors) of its args and kwargs, and moves only those on another device;
+- a shared memo of moved tensors, keyed by tensor identity (and guarded by the tensors' version
+  counters), so a tensor that every layer receives crosses each device boundary once per forward,
+  not once per layer;
+- one root hook that moves the model's tensor inputs to the input embedding's device, clears the
+  memo, and moves the top-level tensors of the output back to the caller's device (never a
+  ``Cache`` or ``past_key_values``).
+
+Offloaded weights (``"cpu"`` or ``"disk"`` entries next to GPU ones) need accelerate's weight
+streaming, so such maps are refused. A model on one device gets no hook at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from omnifix.errors import DeviceError, InvalidArgumentError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from types import TracebackType
+
+    import torch
+    from torch import nn
+    from typing_extensions import Self
+
+__all__ = ["LeanDispatch", "lean_dispatch"]
+
+#: Keyword arguments never moved, whatever the model says: the KV cache stays where each layer
+#: wrote it (accelerate's hooks skip them too, through ``_skip_keys_device_placement``).
+_SKIP_KEYS: Final = frozenset({"past_key_values", "past_key_value"})
+#: Class attribute that marks omnifix's hooks, so reports can tell them from accelerate's.
+_MARK: Final = "_omnifix_lean_hook"
+#: How the fix reads in every refusal of an offloaded map.
+_OFFLOAD_FIX: Final = (
+    'Fix: keep accelerate\'s hooks for offloaded models (load_safely(..., hooks="accelerate"), '
+    "or do not call lean_dispatch on them), or give a device_map without 'cpu'/'disk' entries."
+)
+
+# The handle currently in charge of each model (weakly keyed: never keeps a model alive). A new
+# lean_dispatch of the same model first removes the previous one.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, LeanDispatch] = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------------------------
+# Moving tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _version(tensor: torch.Tensor) -> int:
+    # Inference tensors (made under torch.inference_mode) keep no version counter; in-place
+    # changes of them are not seen, which is why the memo only lives for one forward pass.
+    return -1 if tensor.is_inference() else tensor._version  # noqa: SLF001 - torch's own counter
+
+
+class _Memo:
+    """Copies made during the current forward: one per (source tensor, target device).
+
+    Keyed by the source's identity through torch's ``WeakIdKeyDictionary``, so an entry dies with
+    its source tensor even when no root hook clears it (a sub-model called directly). A copy is
+    reused only while neither the source nor the copy was changed in place since it was made.
+    """
+
+    __slots__ = ("copies",)
+
+    def __init__(self) -> None:
+        self.copies: Any = None  # a WeakIdKeyDictionary, made on first use (torch imported then)
+
+    def move(self, tensor: torch.Tensor, target: torch.device) -> torch.Tensor:
+        copies = self.copies
+        if copies is None:
+            from torch.utils.weak import WeakIdKeyDictionary
+
+            copies = self.copies = WeakIdKeyDictionary()
+        version = _version(tensor)
+        per_device: dict[torch.device, tuple[int, torch.Tensor, int]] | None = copies.get(tensor)
+        if per_device is None:
+            per_device = copies[tensor] = {}
+        else:
+            hit = per_device.get(target)
+            if hit is not None and hit[0] == version and _version(hit[1]) == hit[2]:
+                return hit[1]
+        moved = tensor.to(target)
+        per_device[target] = (version, moved, _version(moved))
+        return moved
+
+    def clear(self) -> None:
+        if self.copies is not None:
+            self.copies.clear()
+
+    # Copies of a model (copy.deepcopy) get a fresh, empty memo, shared by the copied hooks.
+    def __reduce__(self) -> tuple[type[_Memo], tuple[()]]:
+        return _Memo, ()
+
+
+def _move_value(
+    value: Any, target: torch.device, memo: _Memo | None, tensor_type: type[torch.Tensor]
+) -> Any:
+    """``value`` with its tensors on ``target``: a tensor, or a plain tuple/list of them.
+
+    Anything else (Cache objects, dicts, named tuples, None, ints) is returned as it is. Returns
+    ``value`` itself when nothing had to move, so callers can test ``is``.
+    """
+    if isinstance(value, tensor_type):
+        if value.device == target:
+            return value
+        return value.to(target) if memo is None else memo.move(value, target)
+    kind = type(value)
+    if kind is not tuple and kind is not list:
+        return value
+    # One level only (``position_embeddings`` is ``(cos, sin)``); a tuple of tuples (a legacy KV
+    # cache) is left alone. Look first, so the common case builds nothing.
+    for item in value:
+        if isinstance(item, tensor_type) and item.device != target:
+            break
+    else:
+        return value
+    return kind(
+        (item.to(target) if memo is None else memo.move(item, target))
+        if isinstance(item, tensor_type) and item.device != target
+        else item
+        for item in value
+    )
+
+
+def _first_device(
+    args: tuple[Any, ...], kwargs: dict[str, Any], tensor_type: type[torch.Tensor]
+) -> torch.device | None:
+    """Where the caller's tensors are: the first top-level tensor (or tensor in a tuple/list)."""
+    values = [*args, *(value for key, value in kwargs.items() if key not in _SKIP_KEYS)]
+    for value in values:
+        if isinstance(value, tensor_type):
+            return value.device
+    for value in values:
+        if type(value) in (tuple, list):
+            for item in value:
+                if isinstance(item, tensor_type):
+                    return item.device
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The hooks (accelerate's ModelHook protocol)
+# --------------------------------------------------------------------------------------------
+# Not subclasses of accelerate.hooks.ModelHook: that would import accelerate (and torch) with
+# omnifix. add_hook_to_module only calls init_hook, pre_forward, post_forward and detach_hook and
+# reads no_grad; nothing in accelerate or transformers checks the hook's class.
+
+
+class _EntryHook:
+    """Pre-forward hook of one device_map entry: move what arrives from another device."""
+
+    no_grad = False
+    _omnifix_lean_hook = True
+
+    __slots__ = ("execution_device", "memo", "skip", "tensor_type")
+
+    def __init__(
+        self,
+        execution_device: torch.device,
+        memo: _Memo,
+        tensor_type: type[torch.Tensor],
+        skip: frozenset[str],
+    ) -> None:
+        # Named like accelerate's AlignDevicesHook attribute, so omnifix.input_device,
+        # placement_report and transformers' own readers of `_hf_hook.execution_device` see it.
+        self.execution_device = execution_device
+        self.memo = memo
+        self.tensor_type = tensor_type
+        self.skip = skip
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def move(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``args`` and ``kwargs``, copied only where a tensor had to move."""
+        target, memo, tensor_type = self.execution_device, self.memo, self.tensor_type
+        new_args: list[Any] | None = None
+        for index, value in enumerate(args):
+            moved = _move_value(value, target, memo, tensor_type)
+            if moved is not value:
+                if new_args is None:
+                    new_args = list(args)
+                new_args[index] = moved
+        new_kwargs: dict[str, Any] | None = None
+        for key, value in kwargs.items():
+            if key in self.skip:
+                continue
+            moved = _move_value(value, target, memo, tensor_type)
+            if moved is not value:
+                if new_kwargs is None:
+                    new_kwargs = dict(kwargs)
+                new_kwargs[key] = moved
+        return (
+            args if new_args is None else tuple(new_args),
+            kwargs if new_kwargs is None else new_kwargs,
+        )
+
+    def pre_forward(
+        self, _module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.move(args, kwargs)
+
+    def post_forward(self, _module: nn.Module, output: Any) -> Any:
+        return output
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def __repr__(self) -> str:
+        return f"LeanEntryHook(execution_device={self.execution_device})"
+
+
+class _RootHook(_EntryHook):
+    """The model's hook: inputs to the embedding's device, outputs back to the caller's."""
+
+    __slots__ = ("local",)
+
+    def __init__(
+        self,
+        execution_device: torch.device,
+        memo: _Memo,
+        tensor_type: type[torch.Tensor],
+        skip: frozenset[str],
+    ) -> None:
+        super().__init__(execution_device, memo, tensor_type, skip)
+        self.local = threading.local()  # the caller's device, per thread (set before, read after)
+
+    def pre_forward(
+        self, _module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.memo.clear()
+        self.local.caller = _first_device(args, kwargs, self.tensor_type)
+        return self.move(args, kwargs)
+
+    def post_forward(self, _module: nn.Module, output: Any) -> Any:
+        self.memo.clear()
+        caller: torch.device | None = getattr(self.local, "caller", None)
+        if caller is None:
+            return output
+        if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
+            for key, value in list(output.items()):
+                if key in self.skip:
+                    continue
+                moved = _move_value(value, caller, None, self.tensor_type)
+                if moved is not value:
+                    output[key] = moved  # ModelOutput.__setitem__ updates the attribute too
+            return output
+        # A tuple (return_dict=False) or a bare tensor: the same rule, one level deep.
+        if type(output) is tuple:
+            return tuple(_move_value(value, caller, None, self.tensor_type) for value in output)
+        return _move_value(output, caller, None, self.tensor_type)
+
+    def __repr__(self) -> str:
+        return f"LeanRootHook(execution_device={self.execution_device})"
+
+    # threading.local cannot be copied: copies of the model get a fresh one.
+    def __getstate__(self) -> tuple[torch.device, _Memo, type[torch.Tensor], frozenset[str]]:
+        return self.execution_device, self.memo, self.tensor_type, self.skip
+
+    def __setstate__(
+        self, state: tuple[torch.device, _Memo, type[torch.Tensor], frozenset[str]]
+    ) -> None:
+        self.execution_device, self.memo, self.tensor_type, self.skip = state
+        self.local = threading.local()
+
+
+def is_lean_hook(hook: object) -> bool:
+    """Whether ``hook`` (a module's ``_hf_hook`` or a part of it) is one of omnifix's."""
+    return getattr(hook, _MARK, False) is True
+
+
+def hooks_in_place(model: nn.Module) -> str:
+    """Which hooks ``model`` has: ``"lean"`` (omnifix's), ``"accelerate"`` (other) or ``"none"``."""
+    from omnifix._modules import iter_hooks
+
+    found = "none"
+    for module in model.modules():
+        for hook in iter_hooks(module):
+            if is_lean_hook(hook):
+                return "lean"
+            found = "accelerate"
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The handle
+# --------------------------------------------------------------------------------------------
+
+
+class LeanDispatch:
+    """Handle returned by :func:`omnifix.lean_dispatch`; ``remove()`` or use as a context manager.
+
+    ``remove()`` takes omnifix's hooks off and puts back, with accelerate's
+    ``add_hook_to_module``, exactly the hook objects :func:`omnifix.lean_dispatch` took off.
+    Weights stay where they are (accelerate's hooks place their modules' weights on their own
+    devices again, which only differs after ``lean_dispatch(device_map=...)`` moved them). The
+    handle refers to the model's modules weakly: it does not keep a deleted model alive. A later
+    ``lean_dispatch`` of the same model removes this handle's hooks first (this handle then
+    reports ``active=False``).
+    """
+
+    __slots__ = ("_active", "_attached", "_devices", "_model", "_replaced")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        attached: list[tuple[nn.Module, object]],
+        replaced: list[tuple[nn.Module, object]],
+        devices: tuple[str, ...],
+    ) -> None:
+        self._model = weakref.ref(model)
+        self._attached = tuple((weakref.ref(module), hook) for module, hook in attached)
+        self._replaced = tuple((weakref.ref(module), hook) for module, hook in replaced)
+        self._devices = devices
+        self._active = True
+
+    @property
+    def hooks(self) -> int:
+        """How many hooks omnifix attached (0 when the model is on one device)."""
+        return len(self._attached)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices the model computes on, accelerators by index first (``("cuda:0", ...)``)."""
+        return self._devices
+
+    @property
+    def replaced(self) -> int:
+        """How many accelerate hooks were taken off (and come back on :meth:`remove`)."""
+        return len(self._replaced)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still in place (``False`` after :meth:`remove`)."""
+        return self._active
+
+    def remove(self) -> None:
+        """Take omnifix's hooks off and restore the accelerate hooks they replaced.
+
+        Calling it again does nothing.
+        """
+        if not self._active:
+            return
+        self._active = False
+        from accelerate.hooks import add_hook_to_module
+
+        for ref, hook in self._attached:
+            module = ref()
+            if module is not None and getattr(module, "_hf_hook", None) is hook:
+                _detach(module)
+        for ref, hook in self._replaced:
+            module = ref()
+            if module is not None:
+                add_hook_to_module(module, hook)
+        model = self._model()
+        if model is not None and _ACTIVE.get(model) is self:
+            del _ACTIVE[model]
+
+    def __enter__(self) -> Self:
+        """Return the handle itself; the hooks are already in place."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Remove the hooks, whether or not the block raised."""
+        self.remove()
+
+    def __repr__(self) -> str:
+        """Hooks, devices, replaced accelerate hooks, and whether the dispatch is active."""
+        return (
+            f"LeanDispatch(hooks={self.hooks}, devices={self._devices!r}, "
+            f"replaced={self.replaced}, active={self._active})"
+        )
+
+
+def _detach(module: nn.Module) -> None:
+    """``remove_hook_from_module(module)``, keeping what dispatch_model put on the model.
+
+    accelerate's remove also drops the ``.to``/``.cuda`` wrappers that ``dispatch_model`` adds
+    to the root ("You shouldn't move a model that is dispatched"); the model is still dispatched,
+    so they are put back.
+    """
+    from accelerate.hooks import remove_hook_from_module
+
+    kept = {
+        key: value
+        for key, value in module.__dict__.items()
+        if key not in ("_hf_hook", "_old_forward", "forward")
+    }
+    remove_hook_from_module(module)
+    for key, value in kept.items():
+        module.__dict__.setdefault(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# lean_dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _device_order(name: str) -> tuple[int, str, int]:
+    kind, _, index = name.partition(":")
+    return ({"cpu": 1, "disk": 2}.get(kind, 0), kind, int(index) if index.isdigit() else -1)
+
+
+def _placements(
+    model: nn.Module, device_map: Mapping[str, object] | None
+) -> tuple[dict[str, str], bool]:
+    """``{entry: "cuda:0" | "cpu" | "disk" | ...}`` and whether the caller gave the map."""
+    from omnifix._devices import _hf_entry, _normalize_map_value
+
+    if device_map is not None:
+        if not isinstance(device_map, Mapping):
+            raise InvalidArgumentError(
+                f"lean_dispatch got device_map={device_map!r}; it needs an explicit "
+                "{module_name: device} mapping. Pass one (e.g. {'model.layers.0': 0, ...}), or "
+                "device_map=None to use model.hf_device_map."
+            )
+        # Validated like load_safely's maps: malformed or missing devices are DeviceErrors.
+        return {
+            str(name): _normalize_map_value(str(name), value) for name, value in device_map.items()
+        }, True
+    recorded = getattr(model, "hf_device_map", None)
+    if isinstance(recorded, Mapping) and recorded:
+        return {
+            str(name): _hf_entry(value).strip().lower() for name, value in recorded.items()
+        }, False
+    return _inferred_map(model), False
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _inferred_map(model: nn.Module) -> dict[str, str]:
+    """A device_map read from where the tensors are: the largest modules on a single device."""
+    from omnifix._devices import _map_entry
+
+    def places(module: nn.Module) -> set[str]:
+        return {_map_entry(tensor.device) for tensor in _tensors(module)}
+
+    found: dict[str, str] = {}
+
+    def visit(name: str, module: nn.Module) -> None:
+        where = places(module)
+        if len(where) <= 1:
+            if where:
+                found[name] = next(iter(where))
+            return
+        own = {
+            _map_entry(tensor.device)
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        }
+        if len(own) > 1:
+            raise InvalidArgumentError(
+                f"{type(module).__name__} {name or '(the model)'} holds its own tensors on "
+                f"{', '.join(sorted(own))}, so no device_map entry can describe it. Pass "
+                "device_map= (lean_dispatch moves each entry's module to its device)."
+            )
+        if own:
+            found[name] = next(iter(own))
+        for child, submodule in module.named_children():
+            visit(f"{name}.{child}" if name else child, submodule)
+
+    visit("", model)
+    if "meta" in found.values():
+        missing = sorted(name for name, where in found.items() if where == "meta")
+        raise InvalidArgumentError(
+            f"{', '.join(missing[:3])} of {type(model).__name__} have weights on 'meta' and the "
+            "model has no hf_device_map saying where they run: offloaded behind other hooks, or "
+            f"never loaded. {_OFFLOAD_FIX}"
+        )
+    return found
+
+
+def _refuse_offload(placements: Mapping[str, str]) -> None:
+    values = set(placements.values())
+    offloaded = sorted(name for name, where in placements.items() if where in ("cpu", "disk"))
+    if "disk" in values or ("cpu" in values and len(values) > 1):
+        shown = ", ".join(f"{name or '(root)'}: {placements[name]}" for name in offloaded[:4])
+        more = f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else ""  # noqa: PLR2004
+        raise InvalidArgumentError(
+            f"The device_map offloads {shown}{more} next to entries on "
+            f"{', '.join(sorted(values - {'cpu', 'disk'}, key=_device_order)) or 'no GPU'}: "
+            "offloaded weights are streamed to the GPU by accelerate's hooks on every forward, "
+            f"which lean hooks do not do. {_OFFLOAD_FIX}"
+        )
+
+
+def _resolve_entries(
+    model: nn.Module, placements: Mapping[str, str]
+) -> tuple[list[tuple[str, nn.Module, torch.device]], list[tuple[str, torch.device]]]:
+    """Modules of the entries (and entries naming a single parameter or buffer), with devices."""
+    import torch
+
+    modules: list[tuple[str, nn.Module, torch.device]] = []
+    tensors: list[tuple[str, torch.device]] = []
+    for name, where in placements.items():
+        device = torch.device(where)
+        if str(device) == "cuda":  # a bare "cuda" in hf_device_map: the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
+        try:
+            modules.append((name, model.get_submodule(name), device))
+            continue
+        except AttributeError:
+            pass
+        try:
+            model.get_parameter(name)
+        except AttributeError:
+            try:
+                model.get_buffer(name)
+            except AttributeError:
+                raise InvalidArgumentError(
+                    f"The device_map names {name!r}, which {type(model).__name__} has no "
+                    "module, parameter or buffer called. Fix: use names from "
+                    "model.named_modules() (e.g. 'model.layers.0'), as from_pretrained does."
+                ) from None
+        tensors.append((name, device))
+    return modules, tensors
+
+
+def _accelerate_hooks(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Modules whose hook is accelerate's device alignment only, i.e. what lean hooks replace.
+
+    Raises when a hook offloads weights. Hooks of other kinds (a user's, a quantizer's) are left
+    in place, and their modules get no lean hook.
+    """
+    from accelerate.hooks import AlignDevicesHook
+
+    from omnifix._modules import iter_hooks
+
+    found: list[tuple[nn.Module, object]] = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is None:
+            continue
+        parts = list(iter_hooks(module))
+        if any(getattr(part, "offload", False) for part in parts):
+            raise InvalidArgumentError(
+                f"{name or type(model).__name__} has an accelerate hook that offloads its "
+                "weights (they live on the cpu or disk and are copied in for every forward), "
+                f"which lean hooks do not do. {_OFFLOAD_FIX}"
+            )
+        if parts and all(isinstance(part, AlignDevicesHook) for part in parts):
+            found.append((module, hook))
+    return found
+
+
+def _check_ties(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
+    """Refuse a map that sends one tensor (tied weights) to two devices, before moving any."""
+    owner: dict[int, tuple[str, torch.device]] = {}
+    for name, module, device in sorted(modules, key=lambda entry: entry[0].count(".")):
+        for tensor in _tensors(module):
+            earlier = owner.get(id(tensor))
+            if earlier is not None and earlier[1] != device and not name.startswith(earlier[0]):
+                raise DeviceError(
+                    f"The device_map puts {earlier[0] or '(root)'} on {earlier[1]} and "
+                    f"{name or '(root)'} on {device}, but they share a tensor (tied weights, "
+                    "e.g. lm_head and embed_tokens): it can only live on one device. Fix: map "
+                    "both to the same device."
+                )
+            owner[id(tensor)] = (name, device)
+
+
+def _check_placed(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
+    """Every tensor of every entry is on the entry's device (maps read from the model)."""
+    for name, module, device in modules:
+        for tensor in _tensors(module):
+            if tensor.device != device:
+                raise DeviceError(
+                    f"model.hf_device_map puts {name or '(root)'} on {device}, but some of its "
+                    f"tensors are on {tensor.device}. Fix: pass device_map= to lean_dispatch, "
+                    "which moves each entry's module to its device."
+                )
+
+
+def _move(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
+    """Move each entry's module to its device, outer entries first; skip what is already there."""
+    for _, module, device in sorted(
+        modules, key=lambda entry: entry[0].count(".") if entry[0] else -1
+    ):
+        if any(tensor.device != device for tensor in _tensors(module)):
+            # The class's .to, not the instance's: dispatch_model wraps model.to with a warning.
+            type(module).to(module, device)
+
+
+def _root_device(
+    model: nn.Module, modules: list[tuple[str, nn.Module, torch.device]]
+) -> torch.device:
+    """The device of the primary input embedding's entry, else of the first entry."""
+    from omnifix._modules import find_input_embeddings
+
+    embeddings = find_input_embeddings(model)
+    if embeddings:
+        target = embeddings[0][0]
+        owners = [
+            (name, device)
+            for name, _, device in modules
+            if name in ("", target) or target.startswith(name + ".")
+        ]
+        if owners:
+            return max(owners, key=lambda owner: len(owner[0]))[1]
+    return modules[0][2]
+
+
+def lean_dispatch(
+    model: nn.Module, *, device_map: Mapping[str, int | str | torch.device] | None = None
+) -> LeanDispatch:
+    """Run a model split over several GPUs with hooks only where tensors cross a device.
+
+    Takes accelerate's hooks off the model (remembering each, for :meth:`LeanDispatch.remove`) and
+    adds, with accelerate's ``add_hook_to_module``, one light pre-forward hook per ``device_map``
+    entry and one on the model: inputs go to the input embedding's device, outputs come back to
+    the caller's, and each entry receives its top-level tensors on its own device. A tensor the
+    parent hands to every layer crosses to each other GPU once per forward (a memo, keyed by the
+    tensor, cleared by the root hook). Nothing walks nested structures and nothing runs when
+    nothing has to move; a model on one device gets no hook at all.
+
+    Args:
+        model: A model on one or several devices; typically from ``from_pretrained(...,
+            device_map=...)`` or ``accelerate.dispatch_model``.
+        device_map: ``{module_name: device}`` (devices as ``from_pretrained`` takes them:
+            ``0``, ``"cuda:1"``, ``"cpu"``, a :class:`torch.device`). Each entry's module is
+            moved to its device first (skipped when already there) and the map is stored as
+            ``model.hf_device_map``. ``None`` (default): ``model.hf_device_map``, else where the
+            weights are.
+
+    Returns:
+        A :class:`omnifix.LeanDispatch` handle: ``.hooks`` (how many were attached),
+        ``.devices``, ``.remove()`` (or leave a ``with`` block) to put accelerate's hooks back.
+
+    Raises:
+        InvalidArgumentError: The map offloads weights (``"cpu"`` or ``"disk"`` entries next to
+            GPU ones, or ``"disk"`` at all), or the model has accelerate hooks that offload:
+            those need accelerate's weight streaming. Also a map naming what the model lacks.
+        DeviceError: A device in the map is malformed or missing, tied weights are mapped to
+            two devices, or ``hf_device_map`` disagrees with where the weights are.
+        UnsupportedModelError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch, omnifix
+        >>> from accelerate import dispatch_model
+        >>> from transformers import Qwen2Config, Qwen2ForCausalLM
+        >>> config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        >>> model = Qwen2ForCausalLM(config).eval()
+        >>> cpu_map = {"model": "cpu", "lm_head": "cpu"}
+        >>> model = dispatch_model(model, device_map=cpu_map, force_hooks=True)
+        >>> with omnifix.lean_dispatch(model) as lean:  # one device: accelerate's hooks go
+        ...     lean
+        ...     model(torch.tensor([[1, 2, 3]])).logits.shape
+        LeanDispatch(hooks=0, devices=('cpu',), replaced=..., active=True)
+        torch.Size([1, 3, 64])
+        >>> hasattr(model.lm_head, "_hf_hook")  # put back by remove()
+        True
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"lean_dispatch needs a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "itself (e.g. the result of from_pretrained)."
+        )
+    # Everything is checked before anything changes: a refused call leaves the model as it was.
+    placements, given = _placements(model, device_map)
+    _refuse_offload(placements)
+    modules, tensor_entries = _resolve_entries(model, placements)
+    if given:
+        _check_ties(modules)
+    else:
+        _check_placed(modules)
+    previous = _ACTIVE.get(model)
+    if previous is not None:  # dispatched again: the earlier handle's hooks go first
+        previous.remove()
+    for module in model.modules():  # lean hooks no handle owns (a copy of a dispatched model)
+        if is_lean_hook(getattr(module, "_hf_hook", None)):
+            _detach(module)
+    replaced = _accelerate_hooks(model)
+    devices = tuple(
+        sorted(
+            {str(device) for _, _, device in modules}
+            | {str(device) for _, device in tensor_entries},
+            key=_device_order,
+        )
+    )
+    for module, _ in replaced:
+        _detach(module)
+    if given:
+        _move(modules)
+        for name, device in tensor_entries:
+            _move_tensor(model, name, device)
+        # Where from_pretrained and dispatch_model record it (a plain attribute of the model).
+        vars(model)["hf_device_map"] = dict(device_map or {})
+    attached = _attach(model, modules) if len(devices) > 1 else []
+    handle = LeanDispatch(model, attached, replaced, devices)
+    _ACTIVE[model] = handle
+    return handle
+
+
+def _attach(
+    model: nn.Module, modules: list[tuple[str, nn.Module, torch.device]]
+) -> list[tuple[nn.Module, object]]:
+    """A lean hook on every entry and a root hook; modules with other hooks keep theirs."""
+    import torch
+    from accelerate.hooks import add_hook_to_module
+
+    memo = _Memo()
+    skip = _SKIP_KEYS | frozenset(getattr(model, "_skip_keys_device_placement", None) or ())
+    top = _top(model)
+    attached: list[tuple[nn.Module, object]] = []
+    for name, module, device in modules:
+        if name and module is not top and getattr(module, "_hf_hook", None) is None:
+            hook = _EntryHook(device, memo, torch.Tensor, skip)
+            add_hook_to_module(module, hook)
+            attached.append((module, hook))
+    if getattr(top, "_hf_hook", None) is None:
+        root = _RootHook(_root_device(model, modules), memo, torch.Tensor, skip)
+        add_hook_to_module(top, root)
+        attached.append((top, root))
+    return attached
+
+
+def _top(model: nn.Module) -> nn.Module:
+    """The module callers run, which gets the root hook.
+
+    The model itself, or, when it has no ``forward`` of its own, the child holding its primary
+    input embedding (Qwen2.5-Omni's ``generate`` runs its thinker).
+    """
+    from torch import nn
+
+    from omnifix._modules import find_input_embeddings
+
+    if type(model).forward is not nn.Module.forward:
+        return model
+    embeddings = find_input_embeddings(model)
+    if not embeddings or not embeddings[0][0]:
+        return model
+    return model.get_submodule(embeddings[0][0].split(".", 1)[0])
+
+
+def _move_tensor(model: nn.Module, name: str, device: torch.device) -> None:
+    """Move the parameter or buffer ``name`` (an entry that names a tensor) to ``device``."""
+    from torch import nn
+
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    tensor = getattr(owner, attribute)
+    if tensor.device == device:
+        return
+    if isinstance(tensor, nn.Parameter):
+        owner._parameters[attribute] = nn.Parameter(  # noqa: SLF001 - as nn.Module._apply does
+            tensor.data.to(device), requires_grad=tensor.requires_grad
+        )
+    else:
+        owner._buffers[attribute] = tensor.to(device)  # noqa: SLF001

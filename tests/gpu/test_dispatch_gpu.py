@@ -1,0 +1,262 @@
+"""lean_dispatch on two real GPUs: every tiny family split layer by layer, and load_safely's split.
+
+Each family is saved as a checkpoint and loaded twice with ``from_pretrained``: whole on cuda:0
+(the reference), and with a per-layer ``device_map`` (first half of every language model's layers,
+the towers and the embeddings on cuda:0; the second half, the final norm, the rotary embedding and
+the head on cuda:1), which puts accelerate's hooks on it. ``lean_dispatch`` then replaces them and
+greedy ``generate`` must give the reference's tokens, with the inputs on cuda:0, cuda:1 or the
+cpu. float32 weights, so both placements run the same kernels on the same numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import omnifix
+import omnifix.testing as ot
+from omnifix._attention import choose_attention, choose_dtype, dtype_keyword, gpu_capabilities
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from omnifix.testing import Family
+
+pytestmark = pytest.mark.multi_gpu
+
+Model = Any
+# Modules a per-layer map keeps whole, on the first GPU (towers, projector, Omni's vocoder).
+TOWERS = frozenset({"visual", "audio_tower", "multi_modal_projector", "token2wav"})
+# Modules a per-layer map puts on the second GPU, with the second half of the layers.
+LATE = frozenset({"norm", "lm_head", "rotary_emb"})
+NEW_TOKENS = 4
+
+
+def per_layer_map(model: Model, first: int, second: int) -> dict[str, int]:
+    """One entry per language-model layer (first half on ``first``), towers whole on ``first``.
+
+    Every language model is split (Omni: thinker and talker); names are read from the model,
+    since they differ between transformers versions.
+    """
+    from torch import nn
+
+    layers = {
+        name: len(module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name.endswith("layers")
+        and not TOWERS & set(name.split("."))
+    }
+    device_map: dict[str, int] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child, submodule in module.named_children():
+            name = f"{prefix}.{child}" if prefix else child
+            if name in layers:
+                count = layers[name]
+                for index in range(count):
+                    device_map[f"{name}.{index}"] = first if index < count // 2 else second
+            elif any(layer.startswith(name + ".") for layer in layers):
+                visit(name, submodule)
+            else:
+                device_map[name] = second if child in LATE else first
+
+    visit("", model)
+    return device_map
+
+
+def accelerate_hooks(model: Model) -> dict[str, object]:
+    return {
+        name: module._hf_hook
+        for name, module in model.named_modules()
+        if hasattr(module, "_hf_hook")
+    }
+
+
+def float32() -> dict[str, Any]:
+    import torch
+
+    return {dtype_keyword(): torch.float32}
+
+
+def generate(model: Model, family: Family, device: str | torch.device) -> torch.Tensor:
+    import torch
+
+    omni = family == "qwen2.5-omni"
+    config = model.config.thinker_config if omni else model.config
+    inputs = ot.tiny_inputs(family, config, device=device)
+    kwargs = ot.text_generation_kwargs(family, max_new_tokens=NEW_TOKENS)
+    kwargs["thinker_do_sample" if omni else "do_sample"] = False  # greedy
+    with torch.no_grad():
+        out: torch.Tensor = model.generate(**inputs, **kwargs)
+    return out.cpu()
+
+
+def clean() -> None:
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("family", ot.available_families())
+def test_split_family_generates_what_one_gpu_generates(family: Family, tmp_path: Path) -> None:
+    import torch
+
+    path = ot.save_tiny_model(family, tmp_path / "model")
+    model_class: Any = ot.model_class(family)
+    single = model_class.from_pretrained(path, device_map={"": 0}, **float32()).eval()
+    reference = generate(single, family, "cuda:0")
+    del single
+    clean()
+
+    device_map = per_layer_map(ot.tiny_model(family), 0, 1)
+    model = model_class.from_pretrained(path, device_map=device_map, **float32()).eval()
+    before = accelerate_hooks(model)
+    assert len(before) > len(device_map)  # accelerate: a hook on every module with weights
+    lean = omnifix.lean_dispatch(model)
+    assert lean.devices == ("cuda:0", "cuda:1")
+    assert 0 < lean.hooks <= len(device_map) + 1
+    assert lean.replaced == len(before)
+    assert omnifix.placement_report(model).hooks == "lean"
+    assert omnifix.input_device(model) == torch.device("cuda", 0)
+    for device in ("cuda:0", "cuda:1", "cpu"):
+        assert torch.equal(generate(model, family, device), reference), device
+    lean.remove()
+    after = accelerate_hooks(model)
+    assert after.keys() == before.keys()
+    assert all(after[name] is hook for name, hook in before.items())
+    assert omnifix.placement_report(model).hooks == "accelerate"
+    assert torch.equal(generate(model, family, "cuda:0"), reference)
+
+
+def test_a_given_map_moves_the_model_and_matches_one_gpu(tmp_path: Path) -> None:
+    import torch
+
+    family: Family = "qwen2-vl"
+    path = ot.save_tiny_model(family, tmp_path / "model")
+    model_class: Any = ot.model_class(family)
+    single = model_class.from_pretrained(path, device_map={"": 0}, **float32()).eval()
+    reference = generate(single, family, "cuda:0")
+    del single
+    clean()
+    model = model_class.from_pretrained(path, **float32()).eval()  # on the cpu, no hooks
+    device_map = per_layer_map(model, 0, 1)
+    with omnifix.lean_dispatch(model, device_map=device_map) as lean:
+        assert model.hf_device_map == device_map
+        assert lean.replaced == 0
+        for name, index in device_map.items():
+            tensors = [
+                *model.get_submodule(name).parameters(),
+                *model.get_submodule(name).buffers(),
+            ]
+            assert {tensor.device for tensor in tensors} <= {torch.device("cuda", index)}, name
+        assert torch.equal(generate(model, family, "cpu"), reference)
+        assert torch.equal(generate(model, family, "cuda:1"), reference)
+    assert accelerate_hooks(model) == {}
+
+
+def test_tied_weights_on_two_gpus_are_refused(tied_lm_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model: Model = AutoModelForCausalLM.from_pretrained(tied_lm_dir).eval()
+    device_map = {"model": 0, "lm_head": 1}  # lm_head.weight is embed_tokens.weight
+    with pytest.raises(omnifix.DeviceError, match="share a tensor") as raised:
+        omnifix.lean_dispatch(model, device_map=device_map)
+    assert str(raised.value).endswith("Fix: map both to the same device.")
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}  # not moved
+
+
+# --- load_safely: a split forced by max_memory ------------------------------------------------
+
+
+def _medium_qwen2(path: Path) -> Path:
+    """A ~200M-parameter random Qwen2 (about 400 MB in bf16): weights dominate every fixed
+    overhead, so budgets can force a split (as in test_load_gpu.py)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return path
+
+
+def _split_cap(path: Path, dtype: torch.dtype, attention: str) -> int:
+    """An equal per-GPU budget at which one GPU is too small and two are enough."""
+    from omnifix._plan import plan_placement
+
+    huge = {"cuda:0": 2**40, "cuda:1": 2**40}
+    alone = plan_placement(path, budgets=huge, dtype=dtype, attn_implementation=attention)
+    assert alone.strategy == "single", str(alone)
+    used = max(alone.devices, key=lambda device: device.weights)
+    for percent in range(95, 40, -5):
+        cap = used.total + used.margin - int(used.weights * (100 - percent) / 100)
+        plan = plan_placement(
+            path,
+            budgets={"cuda:0": cap, "cuda:1": cap},
+            dtype=dtype,
+            attn_implementation=attention,
+        )
+        if plan.strategy == "split":
+            return cap
+    pytest.fail(f"no equal budget splits the model over two GPUs; single plan:\n{alone}")
+
+
+def test_load_safely_splits_with_lean_hooks_and_matches_one_gpu(tmp_path: Path) -> None:
+    import torch
+
+    path = _medium_qwen2(tmp_path / "medium")
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    capabilities = gpu_capabilities(gpus)
+    dtype = choose_dtype("auto", capabilities=capabilities)
+    cap = _split_cap(path, dtype, choose_attention("auto", dtype=dtype, capabilities=capabilities))
+    ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def tokens(model: Model, device: str) -> torch.Tensor:
+        with torch.no_grad():
+            out: torch.Tensor = model.generate(ids.to(device), max_new_tokens=8, do_sample=False)
+        return out.cpu()
+
+    clean()
+    single = omnifix.load_safely(path, device="cuda:0")
+    reference = tokens(single, "cuda:0")
+    del single
+    clean()
+
+    model = omnifix.load_safely(path, device="cuda", max_memory={0: cap, 1: cap})
+    report = omnifix.placement_report(model)
+    assert report.strategy == "split"
+    assert report.hooks == "lean"
+    assert "hooks: lean" in str(report)
+    assert report.pinned_embeddings == ("model.embed_tokens",)
+    assert [usage.device for usage in report.devices] == ["cuda:0", "cuda:1"]
+    assert report.input_device in gpus
+    entries = len(model.hf_device_map)
+    hooked = sum(1 for module in model.modules() if hasattr(module, "_hf_hook"))
+    assert 0 < hooked <= entries + 1
+    for device in ("cuda:0", "cuda:1", "cpu"):
+        assert torch.equal(tokens(model, device), reference), device
+    del model
+    clean()
+
+    kept = omnifix.load_safely(path, device="cuda", max_memory={0: cap, 1: cap}, hooks="accelerate")
+    assert omnifix.placement_report(kept).hooks == "accelerate"
+    assert sum(1 for module in kept.modules() if hasattr(module, "_hf_hook")) > len(
+        kept.hf_device_map
+    )
+    assert torch.equal(tokens(kept, "cuda:0"), reference)
