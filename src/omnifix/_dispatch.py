@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     import torch
     from torch import nn
+    from torch.utils.hooks import RemovableHandle
     from typing_extensions import Self
 
 __all__ = ["LeanDispatch", "lean_dispatch"]
@@ -157,6 +158,34 @@ def _first_device(
 
 
 # --------------------------------------------------------------------------------------------
+# The current CUDA device
+# --------------------------------------------------------------------------------------------
+# Every op on a tensor of another GPU than the current one switches devices twice (torch's
+# device guard sets it and sets it back). A split model's layers on GPU 1 would pay that for each
+# kernel of each decoding step, so each entry makes its own GPU current (one switch per entry,
+# none when already current) and the root hook restores the caller's afterwards.
+
+
+def _cuda_index(device: torch.device) -> int | None:
+    """The index to make current before ``device`` computes (None: not a real CUDA device)."""
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return device.index  # hooks carry indexed devices (normalised by lean_dispatch)
+
+
+def _make_current(index: int) -> int:
+    """Make GPU ``index`` the current CUDA device; returns the one that was current."""
+    import torch
+
+    current = torch.cuda.current_device()
+    if current != index:
+        torch.cuda.set_device(index)
+    return current
+
+
+# --------------------------------------------------------------------------------------------
 # The hooks (accelerate's ModelHook protocol)
 # --------------------------------------------------------------------------------------------
 # Not subclasses of accelerate.hooks.ModelHook: that would import accelerate (and torch) with
@@ -170,7 +199,7 @@ class _EntryHook:
     no_grad = False
     _omnifix_lean_hook = True
 
-    __slots__ = ("execution_device", "memo", "skip", "tensor_type")
+    __slots__ = ("cuda_index", "execution_device", "memo", "skip", "tensor_type")
 
     def __init__(
         self,
@@ -185,6 +214,7 @@ class _EntryHook:
         self.memo = memo
         self.tensor_type = tensor_type
         self.skip = skip
+        self.cuda_index = _cuda_index(execution_device)
 
     def init_hook(self, module: nn.Module) -> nn.Module:
         return module
@@ -218,7 +248,10 @@ class _EntryHook:
     def pre_forward(
         self, _module: nn.Module, *args: Any, **kwargs: Any
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return self.move(args, kwargs)
+        moved = self.move(args, kwargs)
+        if self.cuda_index is not None:
+            _make_current(self.cuda_index)
+        return moved
 
     def post_forward(self, _module: nn.Module, output: Any) -> Any:
         return output
@@ -230,10 +263,16 @@ class _EntryHook:
         return f"LeanEntryHook(execution_device={self.execution_device})"
 
 
+#: What a copy of a root hook carries (its thread-local state is made afresh).
+_RootState = tuple[
+    "torch.device", _Memo, "type[torch.Tensor]", frozenset[str], "RemovableHandle | None"
+]
+
+
 class _RootHook(_EntryHook):
     """The model's hook: inputs to the embedding's device, outputs back to the caller's."""
 
-    __slots__ = ("local",)
+    __slots__ = ("local", "restore")
 
     def __init__(
         self,
@@ -243,13 +282,37 @@ class _RootHook(_EntryHook):
         skip: frozenset[str],
     ) -> None:
         super().__init__(execution_device, memo, tensor_type, skip)
-        self.local = threading.local()  # the caller's device, per thread (set before, read after)
+        # Per thread: the caller's device (set before, read after) and current CUDA device.
+        self.local = threading.local()
+        self.restore: RemovableHandle | None = None
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        # The entries make their GPU the current CUDA device; the caller's comes back after the
+        # forward through a torch forward hook with always_call=True, which (unlike accelerate's
+        # post_forward) also runs when the forward raises.
+        if self.cuda_index is not None:
+            self.restore = module.register_forward_hook(self.restore_current, always_call=True)
+        return module
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        if self.restore is not None:
+            self.restore.remove()
+            self.restore = None
+        return module
+
+    def restore_current(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        current: int | None = getattr(self.local, "current", None)
+        if current is not None:
+            self.local.current = None
+            _make_current(current)
 
     def pre_forward(
         self, _module: nn.Module, *args: Any, **kwargs: Any
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         self.memo.clear()
         self.local.caller = _first_device(args, kwargs, self.tensor_type)
+        if self.cuda_index is not None:
+            self.local.current = _make_current(self.cuda_index)
         return self.move(args, kwargs)
 
     def post_forward(self, _module: nn.Module, output: Any) -> Any:
@@ -273,14 +336,14 @@ class _RootHook(_EntryHook):
     def __repr__(self) -> str:
         return f"LeanRootHook(execution_device={self.execution_device})"
 
-    # threading.local cannot be copied: copies of the model get a fresh one.
-    def __getstate__(self) -> tuple[torch.device, _Memo, type[torch.Tensor], frozenset[str]]:
-        return self.execution_device, self.memo, self.tensor_type, self.skip
+    # threading.local cannot be copied: copies of the model get a fresh one. torch's
+    # RemovableHandle follows the copied hook dicts.
+    def __getstate__(self) -> _RootState:
+        return self.execution_device, self.memo, self.tensor_type, self.skip, self.restore
 
-    def __setstate__(
-        self, state: tuple[torch.device, _Memo, type[torch.Tensor], frozenset[str]]
-    ) -> None:
-        self.execution_device, self.memo, self.tensor_type, self.skip = state
+    def __setstate__(self, state: _RootState) -> None:
+        self.execution_device, self.memo, self.tensor_type, self.skip, self.restore = state
+        self.cuda_index = _cuda_index(self.execution_device)
         self.local = threading.local()
 
 

@@ -160,6 +160,40 @@ def test_a_given_map_moves_the_model_and_matches_one_gpu(tmp_path: Path) -> None
     assert accelerate_hooks(model) == {}
 
 
+def test_the_callers_current_device_comes_back_even_after_an_error(tmp_path: Path) -> None:
+    """Entries make their GPU current (fewer device switches per kernel); the caller's returns."""
+    import torch
+
+    family: Family = "qwen2"
+    path = ot.save_tiny_model(family, tmp_path / "model")
+    model_class: Any = ot.model_class(family)
+    model = model_class.from_pretrained(path, **float32()).eval()
+    device_map = per_layer_map(model, 0, 1)
+    seen: list[int] = []
+    last = max(name for name, index in device_map.items() if index == 1 and "layers" in name)
+    layer = model.get_submodule(last)
+    with omnifix.lean_dispatch(model, device_map=device_map):
+        handle = layer.register_forward_pre_hook(
+            lambda *_: seen.append(torch.cuda.current_device())
+        )
+        for caller in (0, 1):
+            torch.cuda.set_device(caller)
+            generate(model, family, "cuda:0")
+            assert torch.cuda.current_device() == caller
+        assert set(seen) == {1}  # the layer on cuda:1 ran with cuda:1 current
+        handle.remove()
+
+        def fail(*_: object) -> None:
+            raise RuntimeError("planted")
+
+        handle = layer.register_forward_pre_hook(fail)
+        torch.cuda.set_device(0)
+        with pytest.raises(RuntimeError, match="planted"):
+            generate(model, family, "cuda:0")
+        assert torch.cuda.current_device() == 0
+        handle.remove()
+
+
 def test_tied_weights_on_two_gpus_are_refused(tied_lm_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
