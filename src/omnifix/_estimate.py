@@ -17,6 +17,10 @@ Weights are sized by accelerate/transformers; this module predicts the rest of e
     plus the ``batch x S^2`` additive mask; sdpa and flash attention materialise neither.
     Logits: one row per sample when the model's ``forward`` takes ``logits_to_keep``
     (``generate`` passes 1), else all ``S`` rows (Qwen2-Audio, the Omni thinker): ``S x vocab``.
+  - *logits copy*, on a split where ``lm_head`` computes on another GPU than the input
+    embeddings: the root hook (accelerate's ``io_same_device``, omnifix's lean one) copies the
+    returned logits back to the input device at the end of the prefill, while that device holds
+    its layers' KV cache (their activations are freed by then): KV cache + the logits again.
   - *vision tower* over ``P = 4 x`` (image or video tokens) patches (2x2 merge), images and videos
     in separate calls: a linear term per patch (fitted: the fp32 rotary copies of q and k dominate)
     and, for eager, ``heads x L^2`` scores per attention segment ``L``: one image, one temporal
@@ -29,6 +33,9 @@ Weights are sized by accelerate/transformers; this module predicts the rest of e
 
   A tower runs before the language model, while the KV cache is still empty, so a device's peak
   is ``max(kv + prefill, tower)``.
+* **Fresh blocks**: per phase, the largest single transient block that the CUDA caching allocator
+  may have to find as a new contiguous segment (see :class:`Calibration` ``fresh_blocks``); the
+  planner keeps the highest phase peak + its blocks free (the margin), not only the peak.
 * **Inputs** (ids, masks, fp32 ``pixel_values``/``input_features`` as processors return them)
   on the input device.
 
@@ -130,6 +137,28 @@ class Calibration:
     #: 21.99 GiB, allocated peak 21.19 GiB, then "6.25 GiB reserved but unallocated" and an OOM
     #: asking for 6.25 GiB more (H200, torch 2.11).
     eager_block_fraction: float
+    #: Fresh blocks kept free above a phase's peak, in units of the largest single transient
+    #: block the phase allocates: a decoder or tower layer's MLP intermediate (``rows x
+    #: intermediate x itemsize``) and the input device's logits copy. The caching allocator
+    #: serves such a block from a cached segment only when one is free in one piece; the cached
+    #: ones of the previous layers are split by smaller tensors (the KV cache among them), so it
+    #: needs a fresh segment on top of the allocated peak. Measured (H200, torch 2.11,
+    #: transformers 5.17, ``benchmarks/accuracy.py``): Qwen2.5-VL-7B, text 32k, sdpa, split on
+    #: 2 x 15 GiB: cuda:0's allocated peak within 0.1 % of the prediction, then an OOM asking for
+    #: 1.16 GiB (one 32768 x 18944 bf16 MLP intermediate) with 0.4 GiB reserved above allocated.
+    #: The logits copy (Qwen2-Audio-7B text 8k on 2 x 15 GiB, 2.38 GiB; the Omni-7B thinker text
+    #: 32k on 2 x 19 GiB, 9.28 GiB) failed with ~1.1 GB of cache that could not be released; it
+    #: counts as one block until measured. The lm_head's own logits get none: the thinker's
+    #: 9.28 GiB ones were allocated on cuda:1 within 2.2 GB of its predicted peak.
+    fresh_blocks: int
+    #: The same for eager attention's fp32 softmax output (``batch x heads x L^2 x 4`` bytes, the
+    #: largest block of an eager layer): two blocks, i.e. on a device that runs eager attention
+    #: the margin keeps ``max(eager_block_fraction x activations, eager_fresh_blocks x block)``.
+    #: Measured: Qwen2.5-VL-7B, text 8k, eager, split on 2 x 37 GiB: cuda:0's allocated peak within
+    #: 0.3 % of the prediction, then an OOM asking for 7.00 GiB (28 x 8192^2 x 4 B) while 7 GiB
+    #: was reserved but unusable: the need was the allocated peak + 2 blocks (the 2560-token image
+    #: above: the same, 6.25 GiB blocks).
+    eager_fresh_blocks: int
     #: The measurements the coefficients were fitted to.
     figures: tuple[Figure, ...] = field(default=())
     #: Where the figures come from.
@@ -149,6 +178,8 @@ CALIBRATION: Final = Calibration(
     margin_bytes=256 * MIB,
     margin_fraction=0.10,
     eager_block_fraction=0.40,
+    fresh_blocks=1,
+    eager_fresh_blocks=2,
     figures=(
         Figure("qwen2.5-vl-7b", "sdpa", 2048, 0, "prefill", 0.44, first_case=True),
         Figure("qwen2.5-vl-7b", "sdpa", 8192, 0, "prefill", 1.53),
@@ -439,10 +470,22 @@ class DeviceUsage:
     #: Peak above weights + inputs during each phase that runs here (KV cache included where
     #: it is alive: prefill, talker).
     phases: dict[str, int] = field(default_factory=dict)
+    #: Fresh memory each phase may need above its peak: its largest transient block times the
+    #: blocks :class:`Calibration` keeps free for it (GPU phases only; empty on the cpu).
+    blocks: dict[str, int] = field(default_factory=dict)
 
-    def add_phase(self, phase: str, size: float) -> None:
-        """Keep the largest estimate of ``phase``."""
+    def add_phase(self, phase: str, size: float, block: float = 0) -> None:
+        """Keep the largest estimate of ``phase`` and of its fresh blocks."""
         self.phases[phase] = max(self.phases.get(phase, 0), int(size))
+        if block:
+            self.blocks[phase] = max(self.blocks.get(phase, 0), int(block))
+
+    @property
+    def fresh(self) -> int:
+        """What the highest phase peak + its fresh blocks needs above the highest peak."""
+        peak = max(self.phases.values(), default=0)
+        need = max((size + self.blocks.get(p, 0) for p, size in self.phases.items()), default=0)
+        return max(0, need - peak)
 
     @property
     def peak_phase(self) -> str:
@@ -480,6 +523,16 @@ class _Context:
     def scores(self, device: int | str) -> int:
         return score_bytes(self.dtype, cuda=isinstance(device, int), calibration=self.calibration)
 
+    def fresh(self, device: int | str, block: float, scores: float = 0) -> float:
+        """Fresh memory for a phase whose largest blocks are ``block`` and fp32 ``scores``.
+
+        Only the CUDA caching allocator needs it (``device`` an index).
+        """
+        if not isinstance(device, int):
+            return 0
+        cal = self.calibration
+        return max(cal.fresh_blocks * block, cal.eager_fresh_blocks * scores)
+
 
 def _prefill(
     decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: int | str
@@ -497,6 +550,15 @@ def _prefill(
     return max(mlp, attention)
 
 
+def _prefill_fresh(
+    decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: int | str
+) -> float:
+    """Fresh blocks of a decoder layer: its MLP intermediate, eager's fp32 softmax output."""
+    rows = load.batch_size * tokens
+    scores = load.batch_size * decoder.heads * tokens * tokens * _FP32 if ctx.eager else 0
+    return ctx.fresh(device, rows * decoder.intermediate * ctx.itemsize, scores)
+
+
 def _logits(
     decoder: Decoder, tokens: int, load: Workload, anatomy: Anatomy, ctx: _Context
 ) -> float:
@@ -504,6 +566,15 @@ def _logits(
     per_logit = ctx.itemsize + (_FP32 if anatomy.logits_upcast else 0)
     hidden_states = 2 * load.batch_size * tokens * decoder.hidden * ctx.itemsize
     return load.batch_size * rows * decoder.vocab * per_logit + hidden_states
+
+
+def _logits_copy(
+    decoder: Decoder, tokens: int, load: Workload, anatomy: Anatomy, ctx: _Context
+) -> int:
+    """The returned logits (fp32 where transformers upcasts them), copied to the input device."""
+    rows = 1 if anatomy.last_token_logits else tokens
+    per_logit = _FP32 if anatomy.logits_upcast else ctx.itemsize
+    return load.batch_size * rows * decoder.vocab * per_logit
 
 
 def _tower_call(
@@ -533,6 +604,22 @@ def _tower_call(
         clips = patches // segment
         return linear + clips * segment * segment * (tower.heads * ctx.scores(device) + b)
     return linear + segment * segment * tower.heads * ctx.scores(device)  # one segment at a time
+
+
+def _tower_fresh(
+    tower: Tower, patches: int, segment: int, ctx: _Context, device: int | str
+) -> float:
+    """Fresh blocks of a tower layer: its MLP intermediate, eager's fp32 softmax output."""
+    mlp = patches * tower.intermediate * ctx.itemsize
+    if not ctx.eager:
+        return ctx.fresh(device, mlp)
+    if tower.layout == "full_mask":
+        square = patches * patches
+    elif tower.layout == "batched":  # the padded clips' scores are one tensor
+        square = (patches // segment) * segment * segment
+    else:
+        square = segment * segment
+    return ctx.fresh(device, mlp, tower.heads * square * _FP32)
 
 
 def _vision_calls(load: Workload) -> list[tuple[str, int, int]]:
@@ -611,9 +698,10 @@ def estimate(
     for decoder in anatomy.decoders:
         if decoder.role == "text" or load.audio_output:
             _decoder_usage(usage, decoder, anatomy, execution_device, load, ctx)
+    _copy_usage(usage, anatomy, execution_device, load, ctx)
     for device_usage in usage.values():
         # Language-model phases run with the whole KV cache of the device alive.
-        for phase in ("prefill", "talker", "logits"):
+        for phase in ("prefill", "talker", "logits", "logits copy"):
             if phase in device_usage.phases:
                 device_usage.phases[phase] += device_usage.kv_cache
     for tower in anatomy.towers:
@@ -646,10 +734,37 @@ def _decoder_usage(  # noqa: PLR0917 - private, called once
     for device, count in layers.items():
         device_usage = usage.setdefault(device, DeviceUsage())
         device_usage.kv_cache += count * per_layer
-        device_usage.add_phase(phase, _prefill(decoder, tokens, load, ctx, device))
+        device_usage.add_phase(
+            phase,
+            _prefill(decoder, tokens, load, ctx, device),
+            _prefill_fresh(decoder, tokens, load, ctx, device),
+        )
     if decoder.role == "text" and anatomy.lm_head is not None:
         device_usage = usage.setdefault(execution_device(anatomy.lm_head), DeviceUsage())
         device_usage.add_phase("logits", _logits(decoder, tokens, load, anatomy, ctx))
+
+
+def _copy_usage(
+    usage: dict[int | str, DeviceUsage],
+    anatomy: Anatomy,
+    execution_device: Callable[[str], int | str],
+    load: Workload,
+    ctx: _Context,
+) -> None:
+    """The logits copied back to the input device when ``lm_head`` computes elsewhere.
+
+    The model's root hook moves the top-level outputs to the device of the inputs (accelerate's
+    ``io_same_device``; omnifix's lean root hook does the same), so a split whose ``lm_head`` is
+    not on the input-embedding device holds the logits twice: there and on the input device.
+    """
+    decoder = anatomy.text
+    if decoder is None or anatomy.lm_head is None or anatomy.input_embeddings is None:
+        return
+    device = execution_device(anatomy.input_embeddings)
+    if execution_device(anatomy.lm_head) == device:
+        return
+    copy = _logits_copy(decoder, load.prompt_tokens, load, anatomy, ctx)
+    usage.setdefault(device, DeviceUsage()).add_phase("logits copy", copy, ctx.fresh(device, copy))
 
 
 def _tower_usage(
@@ -669,4 +784,8 @@ def _tower_usage(
     for device in {execution_device(block) for block in tower.blocks}:
         device_usage = usage.setdefault(device, DeviceUsage())
         for phase, positions, segment in calls:
-            device_usage.add_phase(phase, _tower_call(tower, positions, segment, ctx, device))
+            device_usage.add_phase(
+                phase,
+                _tower_call(tower, positions, segment, ctx, device),
+                _tower_fresh(tower, positions, segment, ctx, device),
+            )

@@ -100,7 +100,8 @@ class DeviceBudget:
     overhead: int
     #: Kept free on top of the predicted peak (allocator fragmentation, estimate error).
     margin: int = 0
-    #: The phase that sets the activation peak: ``"prefill"``, ``"logits"``, ``"vision"``,
+    #: The phase that sets the activation peak: ``"prefill"``, ``"logits"``, ``"logits copy"``
+    #: (the input GPU of a split, where the root hook copies the logits back), ``"vision"``,
     #: ``"video"``, ``"audio"`` or ``"talker"``; ``""`` where nothing computes.
     phase: str = ""
 
@@ -487,8 +488,11 @@ def _row(
     margin = 0
     if used and key != "disk":
         margin = int(cal.margin_bytes + cal.margin_fraction * (usage.kv_cache + activations))
-        if request.attn == "eager" and isinstance(key, int):
-            margin += int(cal.eager_block_fraction * activations)
+        if isinstance(key, int):
+            # The caching allocator's fresh segments: for the largest transient blocks (see
+            # CALIBRATION.fresh_blocks), or a share of eager activations when that is larger.
+            eager = cal.eager_block_fraction * activations if request.attn == "eager" else 0
+            margin += int(max(usage.fresh, eager))
     if budget is not None:
         size = budget.size
     else:  # accelerate's unbounded disk, where offload is allowed; nothing anywhere else
@@ -530,9 +534,13 @@ def _reservations(request: _Request, devices: Sequence[Budget]) -> dict[int | st
     for device in devices:
         if device is first:
             activations = max(prefill, towers) + usage.inputs
+            fresh = max(usage.blocks.values(), default=0)
         else:  # with GPUs, the cpu and disk only hold weights
             activations = prefill if device.is_gpu or not gpus else 0
-        probe = _row(request, device.key, 1, DeviceUsage(), activations)
+            fresh = usage.blocks.get("prefill", 0) if device.is_gpu else 0
+        probe = _row(
+            request, device.key, 1, DeviceUsage(phases={"": 0}, blocks={"": fresh}), activations
+        )
         reserve[device.key] = probe.overhead + probe.activations + probe.margin
     return reserve
 
@@ -1144,7 +1152,8 @@ def predict_phases(
     GPU measurements and re-fitting ``omnifix._estimate.CALIBRATION``: ``"prefill"`` and
     ``"logits"`` include the KV cache (the language-model peak is the larger of the two),
     ``"vision"``/``"video"``/``"audio"`` are the tower calls (no KV cache yet). Fixed costs (CUDA
-    context, cuBLAS workspace) are not included.
+    context, cuBLAS workspace) and the margin's fresh blocks are not included; nor is the
+    ``"logits copy"`` phase, which only a split has (a plan's rows report it).
 
     Args:
         model: As for :func:`plan_placement`.

@@ -32,7 +32,7 @@ CASES: list[tuple[str, str, dict[int, str], dict[str, Any]]] = [
     ("qwen2-audio-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 256, "audio_seconds": 30}),
     ("qwen2-audio-7b", "sdpa", {0: "40GiB"}, {"text_tokens": 8192, "max_new_tokens": 16}),
     ("qwen2.5-omni-7b", "sdpa", {0: "60GiB"}, {"text_tokens": 256, "audio_seconds": 30}),
-    ("qwen2.5-vl-7b", "sdpa", {0: "12GiB", 1: "12GiB"}, {"text_tokens": 16384}),
+    ("qwen2.5-vl-7b", "sdpa", {0: "13GiB", 1: "13GiB"}, {"text_tokens": 16384}),
     ("qwen2.5-vl-7b", "sdpa", {0: "14GiB", 1: "14GiB"}, {"text_tokens": 256, "image_tokens": 4096}),
 ]
 
