@@ -1,0 +1,144 @@
+"""Draw the PNGs of docs/benchmarks.md from the JSON files in benchmarks/results/.
+
+    pip install "omnifix[bench]"      # matplotlib
+    python benchmarks/plot.py         # writes docs/img/benchmark-*.png
+
+Reads only the results files (never runs a model); a suite whose file is missing is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "img"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def accuracy(data: dict[str, Any], out: Path) -> None:
+    """Per-GPU relative error of omnifix's prediction and of the two anchors, case by case."""
+    import matplotlib.pyplot as plt
+
+    labels, rows = [], []
+    for case in data["cases"]:
+        for device, gpu in case.get("gpus", {}).items():
+            if case.get("status") != "ok" or gpu.get("error") is None:
+                continue
+            labels.append(f"{case['case']} {device}")
+            rows.append((gpu["error"], gpu["weights_kv_error"], gpu["weights_only_error"]))
+    fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.5))
+    positions = range(len(rows))
+    for column, (name, marker) in enumerate(
+        (("omnifix", "o"), ("weights + KV (hf-mem)", "s"), ("weights only (accelerate)", "^"))
+    ):
+        ax.scatter([100 * r[column] for r in rows], positions, marker=marker, label=name, s=18)
+    ax.axvline(0, color="black", linewidth=0.8)
+    for bound in (-10, 10):
+        ax.axvline(bound, color="grey", linewidth=0.6, linestyle="--")
+    ax.set_yticks(list(positions), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("(predicted - measured) / measured peak, % per GPU")
+    ax.set_title("Peak memory prediction, runs that completed")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def capacity(data: dict[str, Any], out: Path) -> None:
+    """Largest input that ran, per input kind and placement, relative to device_map="auto"."""
+    import matplotlib.pyplot as plt
+
+    summary = data.get("summary", {})
+    kinds = list(summary)
+    placements = ("auto", "balanced", "balanced_low_0", "omnifix")
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.2
+    for index, placement in enumerate(placements):
+        values = []
+        for kind in kinds:
+            caps = summary[kind]  # {"unit": ..., "auto": n, ..., "omnifix_over_auto": r}
+            auto, value = caps.get("auto"), caps.get(placement)
+            values.append(value / auto if value and auto else 0)
+        ax.bar(
+            [k + (index - 1.5) * width for k in range(len(kinds))], values, width, label=placement
+        )
+    ax.axhline(1.5, color="grey", linewidth=0.6, linestyle="--")
+    ax.set_xticks(range(len(kinds)), [f"{k}\n({summary[k].get('unit', '')})" for k in kinds])
+    ax.set_ylabel('largest input / "auto"')
+    ax.set_title("Capacity on two GPUs capped at 24 GiB (dashed: 1.5x goal)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+#: Short names of benchmarks/overhead.py's configurations, for the axis.
+SHORT = {
+    "a": "1 GPU\nno hooks",
+    "b": "1 GPU\naccelerate",
+    "c": "1 GPU\nomnifix",
+    "d": "2 GPUs balanced\naccelerate",
+    "e": "2 GPUs plan\naccelerate",
+    "f": "2 GPUs plan\nomnifix lean",
+    "g": "2 GPUs balanced\nomnifix lean",
+}
+
+
+def overhead(data: dict[str, Any], out: Path) -> None:
+    """Decode ms/token of each configuration relative to one GPU without hooks."""
+    import matplotlib.pyplot as plt
+
+    families = sorted({case["family"] for case in data["cases"]})
+    configs = sorted({case["config"] for case in data["cases"]})
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(families)
+    for index, family in enumerate(families):
+        ratios = {
+            case["config"]: case.get("ratio_to_a") or 0
+            for case in data["cases"]
+            if case["family"] == family
+        }
+        ax.bar(
+            [c + (index - (len(families) - 1) / 2) * width for c in range(len(configs))],
+            [ratios.get(config, 0) for config in configs],
+            width,
+            label=family,
+        )
+    for target in (1.01, 1.05):
+        ax.axhline(target, color="grey", linewidth=0.6, linestyle="--")
+    ax.set_ylim(0.8, max(1.6, ax.get_ylim()[1]))
+    ax.set_xticks(range(len(configs)), [f"{c}\n{SHORT.get(c, '')}" for c in configs], fontsize=7)
+    ax.set_ylabel("ms/token / (one GPU, no hooks)")
+    ax.set_title("Per-token decode cost of device hooks (dashed: 1.01x and 1.05x goals)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--machine", default="h200x2-tf5.17", help="results file suffix")
+    args = parser.parse_args()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    for suite, draw in (("accuracy", accuracy), ("capacity", capacity), ("overhead", overhead)):
+        data = _load(f"{suite}-{args.machine}.json")
+        if data is None:
+            print(f"{suite}: no results file, skipped")
+            continue
+        out = IMAGES / f"benchmark-{suite}.png"
+        draw(data, out)
+        print(f"{suite}: {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
