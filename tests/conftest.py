@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Callable, Iterator
+    from types import ModuleType
+
+#: The benchmark scripts: a folder on no import path, whose modules import each other by name.
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _save_tiny_qwen2(path: Path, *, tie_word_embeddings: bool) -> Path:
@@ -39,3 +46,25 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tied_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Like ``tiny_lm_dir`` but with ``lm_head`` tied to ``embed_tokens``."""
     return _save_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def benchmark_suite() -> Iterator[Callable[[str], ModuleType]]:
+    """``load("accuracy")`` imports ``benchmarks/accuracy.py`` (once per session)."""
+    loaded: dict[str, ModuleType] = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.syspath_prepend(str(BENCHMARKS))  # suites import _results, _memory, _timing
+
+        def load(name: str) -> ModuleType:
+            if name not in loaded:
+                path = BENCHMARKS / f"{name}.py"
+                spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+                assert spec is not None
+                assert spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look it up
+                spec.loader.exec_module(module)
+                loaded[name] = module
+            return loaded[name]
+
+        yield load

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
     from types import ModuleType
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _suite(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the suites import _results and _memory
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def suite(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    return _suite(monkeypatch, "accuracy")
+@pytest.fixture(scope="module")
+def suite(benchmark_suite: Callable[[str], ModuleType]) -> ModuleType:
+    return benchmark_suite("accuracy")
 
 
 def test_cases_cover_every_axis(suite: ModuleType) -> None:
@@ -71,11 +57,12 @@ def test_summary_takes_median_and_worst_error_and_counts_fit_but_oom(suite: Modu
     assert summary["predicted_not_to_fit"] == 1
 
 
-def test_anchors_come_from_the_map_and_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_anchors_come_from_the_map_and_the_config(
+    benchmark_suite: Callable[[str], ModuleType],
+) -> None:
     import omnifix.testing as ot
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import _memory as mem
+    mem = benchmark_suite("_memory")
 
     model = ot.tiny_model("qwen2-audio")
     layers = mem.decoder_layers(model)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -13,27 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable
+    from pathlib import Path
     from types import ModuleType
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _suite(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the suites import _results and _memory
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def suite() -> Iterator[ModuleType]:
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        yield _suite(monkeypatch, "capacity")
+def suite(benchmark_suite: Callable[[str], ModuleType]) -> ModuleType:
+    return benchmark_suite("capacity")
 
 
 @given(
@@ -65,10 +49,9 @@ def test_search_finds_the_largest_size_that_runs_within_the_resolution(
 
 
 def test_word_maps_are_what_transformers_computes_for_two_small_cards(
-    monkeypatch: pytest.MonkeyPatch, suite: ModuleType
+    benchmark_suite: Callable[[str], ModuleType], suite: ModuleType
 ) -> None:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import _memory as mem
+    mem = benchmark_suite("_memory")
 
     model = mem.skeleton("qwen2-audio-7b", tiny=True)
     size = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
     from types import ModuleType
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _suite(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the suites import _results and _timing
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _families(suite: ModuleType) -> list[str]:
@@ -35,9 +21,9 @@ def _families(suite: ModuleType) -> list[str]:
 
 
 def test_tiny_run_records_every_configuration_of_every_family(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    benchmark_suite: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    suite = _suite(monkeypatch, "overhead")
+    suite = benchmark_suite("overhead")
     families = _families(suite)
     out = tmp_path / "overhead.json"
     argv = ["--tiny", "--rounds", "2", "--families", ",".join(families), "--out", str(out)]
@@ -70,9 +56,9 @@ def test_tiny_run_records_every_configuration_of_every_family(
 
 
 def test_a_failing_configuration_is_recorded_and_the_others_still_run(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    benchmark_suite: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    suite = _suite(monkeypatch, "overhead")
+    suite = benchmark_suite("overhead")
     import omnifix
 
     def refuse(*_: object, **__: object) -> None:
@@ -90,7 +76,9 @@ def test_a_failing_configuration_is_recorded_and_the_others_still_run(
         assert cases[key]["status"] == "ok"
 
 
-def test_unknown_family_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    suite = _suite(monkeypatch, "overhead")
+def test_unknown_family_is_refused(
+    benchmark_suite: Callable[[str], ModuleType], tmp_path: Path
+) -> None:
+    suite = benchmark_suite("overhead")
     with pytest.raises(SystemExit):
         suite.main(["--tiny", "--families", "qwen9-13b", "--out", str(tmp_path / "x.json")])

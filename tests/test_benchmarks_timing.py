@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
     from types import ModuleType
 
     import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _suite(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the suites import _results and _timing
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
 
 def _run(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, only: str
+    load: Callable[[str], ModuleType], tmp_path: Path, only: str
 ) -> tuple[ModuleType, dict[str, dict]]:
-    suite = _suite(monkeypatch, "timing")
+    suite = load("timing")
     out = tmp_path / "timing.json"
     argv = ["--tiny", "--only", only, "--out", str(out), "--workdir", str(tmp_path)]
     assert suite.main(argv) == 0
@@ -42,9 +28,9 @@ def _run(
 
 
 def test_plan_part_times_a_cold_subprocess_and_warm_calls(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    benchmark_suite: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    suite, cases = _run(monkeypatch, tmp_path, "plan")
+    suite, cases = _run(benchmark_suite, tmp_path, "plan")
     name = f"plan tiny {suite.tiny_family(suite.TINY_PLAN)} 24GiBx2"
     assert list(cases) == [name]
     case = cases[name]
@@ -56,9 +42,9 @@ def test_plan_part_times_a_cold_subprocess_and_warm_calls(
 
 
 def test_checks_part_times_every_check_on_meta_and_on_a_device(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    benchmark_suite: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    suite, cases = _run(monkeypatch, tmp_path, "checks")
+    suite, cases = _run(benchmark_suite, tmp_path, "checks")
     label = f"checks tiny {suite.tiny_family(suite.TINY_CHECKS)}"
     meta = cases[f"{label} meta (cpu)"]
     placed = cases[f"{label} cpu"]
@@ -80,9 +66,9 @@ def test_checks_part_times_every_check_on_meta_and_on_a_device(
 
 
 def test_load_part_alternates_load_safely_and_from_pretrained(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    benchmark_suite: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    _, cases = _run(monkeypatch, tmp_path, "load")
+    _, cases = _run(benchmark_suite, tmp_path, "load")
     assert cases["load save checkpoint"]["status"] == "ok"
     assert cases["load save checkpoint"]["checkpoint_bytes"] > 0
     loads = [case for name, case in cases.items() if name.startswith("load cpu")]
@@ -96,7 +82,7 @@ def test_load_part_alternates_load_safely_and_from_pretrained(
 
 
 def test_a_failing_case_is_recorded_and_the_run_goes_on(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    benchmark_suite: Callable[[str], ModuleType], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import omnifix
 
@@ -104,7 +90,7 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on(
         raise RuntimeError("broken for the test")
 
     monkeypatch.setattr(omnifix, "placement_report", broken)
-    _, cases = _run(monkeypatch, tmp_path, "checks")
+    _, cases = _run(benchmark_suite, tmp_path, "checks")
     assert len(cases) == 4
     for case in cases.values():
         assert case["status"] == "error: RuntimeError: broken for the test"
