@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from _results import error_status
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
 
@@ -274,10 +276,8 @@ def run_generate(
             generate(model, target, inputs, workload.max_new_tokens)
         for gpu in gpus:
             torch.cuda.synchronize(gpu)
-    except torch.OutOfMemoryError as error:
-        status = f"oom: {str(error).splitlines()[0][:200]}"
-    except Exception as error:  # noqa: BLE001 - a failed run is a result to record
-        status = f"error: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    except Exception as error:  # noqa: BLE001 - a failed run (out of memory too) is a result
+        status = error_status(error)
     seconds = round(time.perf_counter() - start, 3)
     peaks = {
         f"cuda:{gpu}": torch.cuda.max_memory_allocated(gpu) + outside_allocator(gpu) for gpu in gpus

@@ -6,7 +6,8 @@ Each suite writes one JSON file::
 
 ``machine`` comes from :func:`environment` (GPU names and totals, CUDA context size, versions of
 torch/transformers/accelerate/omnifix, CPU count); ``benchmarks/plot.py`` and
-``docs/benchmarks.md`` read these files and nothing else.
+``docs/benchmarks.md`` read these files and nothing else. A case that fails records
+:func:`error_status` as its status.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["environment", "write_results"]
+__all__ = ["environment", "error_status", "write_results"]
 
 
 def environment() -> dict[str, Any]:
@@ -62,3 +63,13 @@ def write_results(
     if summary is not None:
         payload["summary"] = summary
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def error_status(error: BaseException) -> str:
+    """A recorded status for a failed case: ``oom: ...`` or ``error: Type: first line``."""
+    import torch
+
+    lines = str(error).strip().splitlines() or [""]
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"oom: {lines[0][:300]}"
+    return f"error: {type(error).__name__}: {lines[0][:300]}"

@@ -5,7 +5,6 @@ Nothing here is part of omnifix; the suites may use its private helpers.
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import time
@@ -24,11 +23,8 @@ __all__ = [
     "cuda_devices",
     "device_of",
     "devices_of",
-    "error_status",
-    "free_memory",
     "place",
     "print_case",
-    "set_attention",
     "spread",
     "synchronize",
     "timed",
@@ -72,19 +68,6 @@ def synchronize() -> None:
         torch.cuda.synchronize(index)
 
 
-def free_memory() -> None:
-    """Collect garbage and hand cached GPU blocks back, as between two loads.
-
-    Only where there are GPUs: on the cpu nothing is cached, and a full collection costs ~0.2 s
-    with transformers imported, which would dominate a ``--tiny`` run.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 class Timed:
     """The result and the wall seconds of one call (GPUs synchronized before and after)."""
 
@@ -117,31 +100,9 @@ def spread(values: Sequence[float], *, digits: int = 3) -> dict[str, Any]:
     }
 
 
-def error_status(error: BaseException) -> str:
-    """A recorded status for a failed case: ``oom: ...`` or ``error: Type: first line``."""
-    import torch
-
-    lines = str(error).strip().splitlines() or [""]
-    if isinstance(error, torch.OutOfMemoryError):
-        return f"oom: {lines[0][:300]}"
-    return f"error: {type(error).__name__}: {lines[0][:300]}"
-
-
 def print_case(case: dict[str, Any]) -> None:
     """One JSON line per case, flushed, so a log shows progress as it happens."""
     print(json.dumps(case, default=str), flush=True)
-
-
-def set_attention(model: nn.Module, attn: str) -> None:
-    """Switch every sub-model of ``model`` to the attention implementation ``attn``."""
-    setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
-        setter(attn)
-        return
-    for module in model.modules():  # 4.x: no public setter
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = attn  # noqa: SLF001
 
 
 def place(model: nn.Module, device_map: Mapping[str, Any]) -> None:

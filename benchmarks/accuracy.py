@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import _memory as mem
-from _results import write_results
+from _results import error_status, write_results
 
 if TYPE_CHECKING:
     from torch import nn
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - a failed case is a result to record
             record = {
                 "case": case_key(*case),
-                "status": f"error: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                "status": error_status(error),
             }
             session.release()
         cases.append(record)

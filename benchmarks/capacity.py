@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import _memory as mem
-from _results import write_results
+from _results import error_status, write_results
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             cases.append(
                 {
                     "case": f"{preset}/build",
-                    "status": f"error: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                    "status": error_status(error),
                 }
             )
             _write(args.out, method, cases)
@@ -590,7 +590,7 @@ def _run_kind(
                 "kind": kind_name,
                 "placement": placement,
                 "unit": kind.unit,
-                "status": f"error: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                "status": error_status(error),
             }
         cases.append(record)
         print(json.dumps({k: v for k, v in record.items() if k != "probes"}), flush=True)

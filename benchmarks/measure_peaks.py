@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _memory import set_attention
 
 import omnifix
 import omnifix.testing
@@ -68,19 +69,8 @@ def _build(preset: str, attn: str, device: torch.device) -> Any:
             if name in buffers:
                 buffer.copy_(buffers[name])
     model.eval()
-    _set_attention(model, attn)
+    set_attention(model, attn)
     return model
-
-
-def _set_attention(model: Any, attn: str) -> None:
-    setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
-        setter(attn)
-        return
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = attn  # noqa: SLF001 - 4.x has no public setter
 
 
 def _towers(model: Any) -> list[Any]:
@@ -182,7 +172,7 @@ def main() -> None:
                 model = _build(preset, attn, device)
                 current = (preset, attn)
             elif current[1] != attn:
-                _set_attention(model, attn)
+                set_attention(model, attn)
                 current = (preset, attn)
             inputs = omnifix.testing.workload_inputs(model, workload, device=device)
             case["input_tokens"] = int(inputs["input_ids"].shape[-1])

@@ -51,13 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _results import write_results
+from _memory import free_memory, set_attention
+from _results import error_status, write_results
 from _timing import (
-    error_status,
-    free_memory,
     place,
     print_case,
-    set_attention,
     spread,
     synchronize,
     tiny_threads,

@@ -60,8 +60,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _results import write_results
-from _timing import error_status, free_memory, place, print_case, spread, timed, tiny_threads
+from _memory import free_memory
+from _results import error_status, write_results
+from _timing import place, print_case, spread, timed, tiny_threads
 
 if TYPE_CHECKING:
     from collections.abc import Callable
