@@ -1,4 +1,4 @@
-"""Helpers shared by the time suites (``overhead.py``, ``timing.py``): clocks, statistics, cleanup.
+"""Helpers shared by the time suites (``overhead.py``, ``timing.py``): clocks, stats, placement.
 
 Nothing here is part of omnifix; the suites may use its private helpers.
 """

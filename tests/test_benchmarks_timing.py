@@ -94,3 +94,16 @@ def test_a_failing_case_is_recorded_and_the_run_goes_on(
     assert len(cases) == 4
     for case in cases.values():
         assert case["status"] == "error: RuntimeError: broken for the test"
+
+
+def test_error_status_records_out_of_memory_and_empty_messages(
+    benchmark_suite: Callable[[str], ModuleType],
+) -> None:
+    import torch
+
+    results = benchmark_suite("_results")
+    assert results.error_status(torch.OutOfMemoryError("CUDA out of memory.\nmore")) == (
+        "oom: CUDA out of memory."
+    )
+    assert results.error_status(RuntimeError("")) == "error: RuntimeError: "
+    assert results.error_status(ValueError("x" * 400)) == "error: ValueError: " + "x" * 300
