@@ -16,6 +16,8 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import torch
+
 
 def _gpu_count() -> int:
     try:
@@ -99,3 +101,60 @@ def record(request: pytest.FixtureRequest) -> Callable[..., None]:
             handle.write(json.dumps(entry, default=str) + "\n")
 
     return write
+
+
+def _save_medium_qwen2(path: Path) -> Path:
+    """A ~200M-parameter random Qwen2 (about 400 MB in bf16): weights dominate every fixed
+    overhead, so budgets can force a split."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return path
+
+
+def _split_cap(path: Path, dtype: torch.dtype, attention: str) -> int:
+    """An equal per-GPU budget at which one GPU is too small and two are enough."""
+    from omnifix._plan import plan_placement
+
+    huge = {"cuda:0": 2**40, "cuda:1": 2**40}
+    alone = plan_placement(path, budgets=huge, dtype=dtype, attn_implementation=attention)
+    assert alone.strategy == "single", str(alone)
+    used = max(alone.devices, key=lambda device: device.weights)
+    # Below what one GPU needs (total + margin), above what half the weights plus each GPU's fixed
+    # overhead (CUDA context, margin) need: for a small model the window is narrow.
+    for percent in range(95, 40, -5):
+        cap = used.total + used.margin - int(used.weights * (100 - percent) / 100)
+        plan = plan_placement(
+            path,
+            budgets={"cuda:0": cap, "cuda:1": cap},
+            dtype=dtype,
+            attn_implementation=attention,
+        )
+        if plan.strategy == "split":
+            return cap
+    pytest.fail(f"no equal budget splits the model over two GPUs; single plan:\n{alone}")
+
+
+@pytest.fixture
+def medium_qwen2(tmp_path: Path) -> Path:
+    """A saved ~200M-parameter random Qwen2 checkpoint (see ``_save_medium_qwen2``)."""
+    return _save_medium_qwen2(tmp_path / "medium")
+
+
+@pytest.fixture
+def split_cap() -> Callable[[Path, torch.dtype, str], int]:
+    """``split_cap(path, dtype, attention)``: an equal per-GPU budget that forces a split."""
+    return _split_cap

@@ -20,6 +20,7 @@ import omnifix.testing as ot
 from omnifix._attention import choose_attention, choose_dtype, dtype_keyword, gpu_capabilities
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     import torch
@@ -208,57 +209,16 @@ def test_tied_weights_on_two_gpus_are_refused(tied_lm_dir: Path) -> None:
 # --- load_safely: a split forced by max_memory ------------------------------------------------
 
 
-def _medium_qwen2(path: Path) -> Path:
-    """A ~200M-parameter random Qwen2 (about 400 MB in bf16): weights dominate every fixed
-    overhead, so budgets can force a split (as in test_load_gpu.py)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    return path
-
-
-def _split_cap(path: Path, dtype: torch.dtype, attention: str) -> int:
-    """An equal per-GPU budget at which one GPU is too small and two are enough."""
-    from omnifix._plan import plan_placement
-
-    huge = {"cuda:0": 2**40, "cuda:1": 2**40}
-    alone = plan_placement(path, budgets=huge, dtype=dtype, attn_implementation=attention)
-    assert alone.strategy == "single", str(alone)
-    used = max(alone.devices, key=lambda device: device.weights)
-    for percent in range(95, 40, -5):
-        cap = used.total + used.margin - int(used.weights * (100 - percent) / 100)
-        plan = plan_placement(
-            path,
-            budgets={"cuda:0": cap, "cuda:1": cap},
-            dtype=dtype,
-            attn_implementation=attention,
-        )
-        if plan.strategy == "split":
-            return cap
-    pytest.fail(f"no equal budget splits the model over two GPUs; single plan:\n{alone}")
-
-
-def test_load_safely_splits_with_lean_hooks_and_matches_one_gpu(tmp_path: Path) -> None:
+def test_load_safely_splits_with_lean_hooks_and_matches_one_gpu(
+    medium_qwen2: Path, split_cap: Callable[[Path, torch.dtype, str], int]
+) -> None:
     import torch
 
-    path = _medium_qwen2(tmp_path / "medium")
+    path = medium_qwen2
     gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
     capabilities = gpu_capabilities(gpus)
     dtype = choose_dtype("auto", capabilities=capabilities)
-    cap = _split_cap(path, dtype, choose_attention("auto", dtype=dtype, capabilities=capabilities))
+    cap = split_cap(path, dtype, choose_attention("auto", dtype=dtype, capabilities=capabilities))
     ids = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
 
     def tokens(model: Model, device: str) -> torch.Tensor:
