@@ -29,43 +29,6 @@ OFFLOAD_FIX = (
     'Fix: keep accelerate\'s hooks for offloaded models (load_safely(..., hooks="accelerate"), '
     "or do not call lean_dispatch on them), or give a device_map without 'cpu'/'disk' entries."
 )
-# Modules a per-layer map keeps whole, on the first device (towers, projector, Omni's vocoder).
-TOWERS = frozenset({"visual", "audio_tower", "multi_modal_projector", "token2wav"})
-# Modules a per-layer map puts on the second device, with the second half of the layers.
-LATE = frozenset({"norm", "lm_head", "rotary_emb"})
-
-
-def per_layer_map(model: Model, first: str | int, second: str | int) -> dict[str, str | int]:
-    """One entry per language-model layer (first half on ``first``), towers whole on ``first``.
-
-    Every language model of the model is split (Omni: thinker and talker); names are read from
-    the model, since they differ between transformers versions.
-    """
-    from torch import nn
-
-    layers = {
-        name: len(module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and name.endswith("layers")
-        and not TOWERS & set(name.split("."))
-    }
-    device_map: dict[str, str | int] = {}
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        for child, submodule in module.named_children():
-            name = f"{prefix}.{child}" if prefix else child
-            if name in layers:
-                count = layers[name]
-                for index in range(count):
-                    device_map[f"{name}.{index}"] = first if index < count // 2 else second
-            elif any(layer.startswith(name + ".") for layer in layers):
-                visit(name, submodule)
-            else:
-                device_map[name] = second if child in LATE else first
-
-    visit("", model)
-    return device_map
 
 
 def accelerate_hooks(model: Model) -> dict[str, object]:
@@ -102,7 +65,7 @@ def test_replaces_accelerate_hooks_and_remove_restores_them(family: Family) -> N
     inputs = inputs_for(model, family)
     with torch.no_grad():
         reference = runner(model, family)(**inputs).logits
-        device_map = per_layer_map(model, "cpu", "cpu")
+        device_map = ot.layer_split_map(model, "cpu", "cpu")
         dispatch_model(model, device_map=device_map, force_hooks=True)
         before = accelerate_hooks(model)
         assert len(before) > len(device_map)  # one per module with weights, not per entry
@@ -133,7 +96,7 @@ def test_keeps_dispatch_models_move_warning_and_tied_weights(tied_lm_dir: Path) 
 
     model: Model = AutoModelForCausalLM.from_pretrained(tied_lm_dir).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    dispatch_model(model, device_map=per_layer_map(model, "cpu", "cpu"), force_hooks=True)
+    dispatch_model(model, device_map=ot.layer_split_map(model, "cpu", "cpu"), force_hooks=True)
     wrapped_to = vars(model)["to"]  # dispatch_model's "You shouldn't move a dispatched model"
     with omnifix.lean_dispatch(model):
         assert vars(model)["to"] is wrapped_to
@@ -146,7 +109,7 @@ def test_other_hooks_are_left_in_place() -> None:
     from accelerate.hooks import ModelHook, add_hook_to_module
 
     model: Model = ot.tiny_model("qwen2")
-    dispatch_model(model, device_map=per_layer_map(model, "cpu", "cpu"), force_hooks=True)
+    dispatch_model(model, device_map=ot.layer_split_map(model, "cpu", "cpu"), force_hooks=True)
     mine = ModelHook()
     add_hook_to_module(model.lm_head, mine)  # replaces accelerate's hook there
     others = len(accelerate_hooks(model)) - 1
@@ -170,7 +133,7 @@ def test_a_given_map_is_recorded_as_hf_device_map() -> None:
     import torch
 
     model: Model = ot.tiny_model("qwen2")
-    device_map = per_layer_map(model, "cpu", torch.device("cpu"))  # type: ignore[arg-type]
+    device_map = ot.layer_split_map(model, "cpu", torch.device("cpu"))  # type: ignore[arg-type]
     with omnifix.lean_dispatch(model, device_map=device_map) as lean:
         assert lean.hooks == 0
         assert model.hf_device_map == device_map
@@ -180,7 +143,7 @@ def test_dispatching_again_replaces_the_earlier_handle() -> None:
     from accelerate import dispatch_model
 
     model: Model = ot.tiny_model("qwen2")
-    dispatch_model(model, device_map=per_layer_map(model, "cpu", "cpu"), force_hooks=True)
+    dispatch_model(model, device_map=ot.layer_split_map(model, "cpu", "cpu"), force_hooks=True)
     before = accelerate_hooks(model)
     first = omnifix.lean_dispatch(model)
     second = omnifix.lean_dispatch(model)
@@ -196,7 +159,10 @@ def test_dispatching_again_replaces_the_earlier_handle() -> None:
 
 def test_a_map_with_cpu_and_disk_is_refused_with_the_fix() -> None:
     model: Model = ot.tiny_model("qwen2")
-    device_map: dict[str, str | int] = {**per_layer_map(model, "cpu", "cpu"), "lm_head": "disk"}
+    device_map: dict[str, str | int] = {
+        **ot.layer_split_map(model, "cpu", "cpu"),
+        "lm_head": "disk",
+    }
     with pytest.raises(omnifix.InvalidArgumentError) as raised:
         omnifix.lean_dispatch(model, device_map=device_map)
     message = str(raised.value)
@@ -213,7 +179,7 @@ def test_an_offloaded_dispatch_is_refused_and_keeps_accelerates_hooks(tmp_path: 
     inputs = inputs_for(model, "qwen2")
     with torch.no_grad():
         reference = model(**inputs).logits
-    device_map = {**per_layer_map(model, "cpu", "cpu"), "model.layers.1": "disk"}
+    device_map = {**ot.layer_split_map(model, "cpu", "cpu"), "model.layers.1": "disk"}
     dispatch_model(model, device_map=device_map, offload_dir=tmp_path)
     before = accelerate_hooks(model)
     with pytest.raises(omnifix.InvalidArgumentError, match="offloads") as raised:
@@ -275,7 +241,7 @@ def test_offloaded_load_keeps_accelerates_hooks_and_says_so(
     from transformers import AutoModelForCausalLM
 
     skeleton: Model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    device_map = {**per_layer_map(skeleton, "cpu", "cpu"), "model.layers.2": "disk"}
+    device_map = {**ot.layer_split_map(skeleton, "cpu", "cpu"), "model.layers.2": "disk"}
     model = omnifix.load_safely(
         tiny_lm_dir, device_map=device_map, allow_offload=True, offload_folder=str(tmp_path)
     )
@@ -302,7 +268,7 @@ def test_lean_hooks_change_no_logits_and_no_token(family: Family) -> None:
         tokens = model.generate(**inputs, **generate_kwargs, do_sample=False)
         entries = [
             (name, model.get_submodule(name), torch.device("cpu"))
-            for name in per_layer_map(model, "cpu", "cpu")
+            for name in ot.layer_split_map(model, "cpu", "cpu")
         ]
         attached = _dispatch._attach(model, entries)
         assert len(attached) <= len(entries) + 1

@@ -30,44 +30,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.multi_gpu
 
 Model = Any
-# Modules a per-layer map keeps whole, on the first GPU (towers, projector, Omni's vocoder).
-TOWERS = frozenset({"visual", "audio_tower", "multi_modal_projector", "token2wav"})
-# Modules a per-layer map puts on the second GPU, with the second half of the layers.
-LATE = frozenset({"norm", "lm_head", "rotary_emb"})
 NEW_TOKENS = 4
-
-
-def per_layer_map(model: Model, first: int, second: int) -> dict[str, int]:
-    """One entry per language-model layer (first half on ``first``), towers whole on ``first``.
-
-    Every language model is split (Omni: thinker and talker); names are read from the model,
-    since they differ between transformers versions.
-    """
-    from torch import nn
-
-    layers = {
-        name: len(module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and name.endswith("layers")
-        and not TOWERS & set(name.split("."))
-    }
-    device_map: dict[str, int] = {}
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        for child, submodule in module.named_children():
-            name = f"{prefix}.{child}" if prefix else child
-            if name in layers:
-                count = layers[name]
-                for index in range(count):
-                    device_map[f"{name}.{index}"] = first if index < count // 2 else second
-            elif any(layer.startswith(name + ".") for layer in layers):
-                visit(name, submodule)
-            else:
-                device_map[name] = second if child in LATE else first
-
-    visit("", model)
-    return device_map
 
 
 def accelerate_hooks(model: Model) -> dict[str, object]:
@@ -115,7 +78,7 @@ def test_split_family_generates_what_one_gpu_generates(family: Family, tmp_path:
     del single
     clean()
 
-    device_map = per_layer_map(ot.tiny_model(family), 0, 1)
+    device_map = ot.layer_split_map(ot.tiny_model(family), 0, 1)
     model = model_class.from_pretrained(path, device_map=device_map, **float32()).eval()
     before = accelerate_hooks(model)
     assert len(before) > len(device_map)  # accelerate: a hook on every module with weights
@@ -146,7 +109,7 @@ def test_a_given_map_moves_the_model_and_matches_one_gpu(tmp_path: Path) -> None
     del single
     clean()
     model = model_class.from_pretrained(path, **float32()).eval()  # on the cpu, no hooks
-    device_map = per_layer_map(model, 0, 1)
+    device_map = ot.layer_split_map(model, 0, 1)
     with omnifix.lean_dispatch(model, device_map=device_map) as lean:
         assert model.hf_device_map == device_map
         assert lean.replaced == 0
@@ -169,7 +132,7 @@ def test_the_callers_current_device_comes_back_even_after_an_error(tmp_path: Pat
     path = ot.save_tiny_model(family, tmp_path / "model")
     model_class: Any = ot.model_class(family)
     model = model_class.from_pretrained(path, **float32()).eval()
-    device_map = per_layer_map(model, 0, 1)
+    device_map = ot.layer_split_map(model, 0, 1)
     seen: list[int] = []
     last = max(name for name, index in device_map.items() if index == 1 and "layers" in name)
     layer = model.get_submodule(last)

@@ -69,6 +69,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from omnifix.testing._configs import FAMILIES, Family
+from omnifix.testing._maps import layer_split_map as layer_split_map
 from omnifix.testing._materialize import materialize as materialize
 from omnifix.testing._workload_inputs import workload_inputs as workload_inputs
 
@@ -85,6 +86,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "available_families",
+    "layer_split_map",
     "materialize",
     "model_class",
     "save_tiny_model",
