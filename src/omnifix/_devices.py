@@ -35,6 +35,8 @@ from omnifix.errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     import torch
     from torch import nn
 
@@ -494,6 +496,21 @@ def _normalize_map_value(module_name: str, value: object) -> str:
     except DeviceError as error:
         raise type(error)(f"device_map[{module_name!r}]: {error}") from error
     return _map_entry(device)
+
+
+def device_order(name: str) -> tuple[int, str, int]:
+    """Sort key of device names: accelerators by index, then the cpu, then the disk."""
+    kind, _, index = name.partition(":")
+    return ({"cpu": 1, "disk": 2}.get(kind, 0), kind, int(index) if index.isdigit() else -1)
+
+
+def offloads(places: Collection[str]) -> bool:
+    """Whether device_map values (``"cuda:0"``, ``0``, ``"cpu"``, ``"disk"``, as strings) offload.
+
+    ``"disk"`` always does; ``"cpu"`` does next to any other device, since accelerate then runs
+    the cpu entries on the main device and streams their weights in on every forward.
+    """
+    return "disk" in places or ("cpu" in places and len(places) > 1)
 
 
 def _execution_devices(device_map: Mapping[str, str]) -> set[str]:

@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from omnifix._devices import device_order, offloads
 from omnifix.errors import DeviceError, InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -484,11 +485,6 @@ def _detach(module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _device_order(name: str) -> tuple[int, str, int]:
-    kind, _, index = name.partition(":")
-    return ({"cpu": 1, "disk": 2}.get(kind, 0), kind, int(index) if index.isdigit() else -1)
-
-
 def _placements(
     model: nn.Module, device_map: Mapping[str, object] | None
 ) -> tuple[dict[str, str], bool]:
@@ -563,12 +559,12 @@ def _inferred_map(model: nn.Module) -> dict[str, str]:
 def _refuse_offload(placements: Mapping[str, str]) -> None:
     values = set(placements.values())
     offloaded = sorted(name for name, where in placements.items() if where in ("cpu", "disk"))
-    if "disk" in values or ("cpu" in values and len(values) > 1):
+    if offloads(values):
         shown = ", ".join(f"{name or '(root)'}: {placements[name]}" for name in offloaded[:4])
         more = f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else ""  # noqa: PLR2004
         raise InvalidArgumentError(
             f"The device_map offloads {shown}{more} next to entries on "
-            f"{', '.join(sorted(values - {'cpu', 'disk'}, key=_device_order)) or 'no GPU'}: "
+            f"{', '.join(sorted(values - {'cpu', 'disk'}, key=device_order)) or 'no GPU'}: "
             "offloaded weights are streamed to the GPU by accelerate's hooks on every forward, "
             f"which lean hooks do not do. {_OFFLOAD_FIX}"
         )
@@ -767,7 +763,7 @@ def lean_dispatch(
         sorted(
             {str(device) for _, _, device in modules}
             | {str(device) for _, device in tensor_entries},
-            key=_device_order,
+            key=device_order,
         )
     )
     for module, _ in replaced:

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, overload
 
+from omnifix._devices import device_order, offloads
 from omnifix.errors import (
     CheckpointError,
     DeviceError,
@@ -359,7 +360,7 @@ def placement_report(model: nn.Module) -> PlacementReport:
             predicted_peak=predicted[name][0] if name in predicted else None,
             budget=predicted[name][1] if name in predicted else None,
         )
-        for name in sorted(names, key=_device_order)
+        for name in sorted(names, key=device_order)
     )
     top, different = _attention_by_module(model)
     try:
@@ -381,12 +382,6 @@ def placement_report(model: nn.Module) -> PlacementReport:
         pinned_embeddings=record.pinned if record is not None else (),
         hooks=hooks_in_place(model),
     )
-
-
-def _device_order(name: str) -> tuple[int, str, int]:
-    """Accelerators by index, then the cpu, then the disk."""
-    kind, _, index = name.partition(":")
-    return ({"cpu": 1, "disk": 2}.get(kind, 0), kind, int(index) if index.isdigit() else -1)
 
 
 def _largest_floating(per_dtype: Mapping[str, int]) -> torch.dtype | None:
@@ -1009,7 +1004,9 @@ def _hook_split(model: nn.Module, device_map: Mapping[str, object], hooks: str) 
 
     if len(_execution_devices(model)) <= 1:
         return ()
-    if hooks == "lean" and not _offloads(device_map):
+    if hooks == "lean" and not offloads(
+        {str(value).strip().lower() for value in device_map.values()}
+    ):
         try:
             lean_dispatch(model)
         # lean_dispatch checks everything before it changes anything: a refusal leaves
@@ -1025,12 +1022,6 @@ def _hook_split(model: nn.Module, device_map: Mapping[str, object], hooks: str) 
         return pin_embeddings(model).modules
     except UnsupportedModelError:  # no token embedding (an audio-only model): nothing to pin
         return ()
-
-
-def _offloads(device_map: Mapping[str, object]) -> bool:
-    """Whether a load's map keeps weights on the cpu or disk next to accelerator entries."""
-    places = {str(value).strip().lower() for value in device_map.values()}
-    return "disk" in places or ("cpu" in places and len(places) > 1)
 
 
 def _remove_folder(folder: str) -> None:
