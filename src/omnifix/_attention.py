@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "Capability",
     "choose_attention",
     "choose_dtype",
@@ -79,7 +80,7 @@ _DTYPE_NAMES: Final[dict[str, str]] = {
 #: Implementations omnifix knows, with transformers' availability probe (in ``transformers.utils``)
 #: and the class flags that say a model supports them (4.45 spells flash ``_supports_flash_attn_2``,
 #: 4.5x+ ``_supports_flash_attn``).
-_IMPLEMENTATIONS: Final[dict[str, tuple[str | None, tuple[str, ...]]]] = {
+IMPLEMENTATIONS: Final[dict[str, tuple[str | None, tuple[str, ...]]]] = {
     "eager": (None, ()),
     "sdpa": (None, ("_supports_sdpa",)),
     "flash_attention_2": (
@@ -242,7 +243,7 @@ def installed_attention() -> frozenset[str]:
     """
     utils = importlib.import_module("transformers.utils")
     found = {"eager", "sdpa"}
-    for name, (probe, _) in _IMPLEMENTATIONS.items():
+    for name, (probe, _) in IMPLEMENTATIONS.items():
         check = getattr(utils, probe, None) if probe is not None else None
         if callable(check) and check():
             found.add(name)
@@ -262,7 +263,7 @@ def supported_attention(model_class: type) -> frozenset[str]:
         True
     """
     found = {"eager"}
-    for name, (_, flags) in _IMPLEMENTATIONS.items():
+    for name, (_, flags) in IMPLEMENTATIONS.items():
         values = [getattr(model_class, flag, False) for flag in flags]
         # A property (Qwen2-Audio on 4.45 asks its language model) only answers on an instance;
         # count it as support and let transformers check at load time.
@@ -375,15 +376,15 @@ def choose_attention(
         )
     if _passes_through(name):
         return requested
-    if name != "auto" and name not in _IMPLEMENTATIONS:
-        close = difflib.get_close_matches(name, [*_IMPLEMENTATIONS, "auto"], n=1)
+    if name != "auto" and name not in IMPLEMENTATIONS:
+        close = difflib.get_close_matches(name, [*IMPLEMENTATIONS, "auto"], n=1)
         hint = f"Did you mean {close[0]!r}? " if close else ""
         raise InvalidArgumentError(
             f"attn_implementation={requested!r} is not an attention implementation. {hint}Pass "
-            f"'auto' or one of {', '.join(repr(known) for known in _IMPLEMENTATIONS)}."
+            f"'auto' or one of {', '.join(repr(known) for known in IMPLEMENTATIONS)}."
         )
     ready = installed_attention() if installed is None else installed
-    supported = _IMPLEMENTATIONS.keys() if model_class is None else supported_attention(model_class)
+    supported = IMPLEMENTATIONS.keys() if model_class is None else supported_attention(model_class)
 
     def why_not(candidate: str) -> str | None:
         return _why_not(

@@ -101,11 +101,11 @@ def _cuda_index(key: object) -> int | str:
 
     Availability is deliberately not checked: explicit budgets may describe another machine.
     """
-    from omnifix._devices import _parse
+    from omnifix._devices import parse_device
 
     if isinstance(key, str) and key.strip().lower() == "disk":
         return "disk"
-    kind, index = _parse(key)  # spelling errors raise DeviceError with a suggestion
+    kind, index = parse_device(key)  # spelling errors raise DeviceError with a suggestion
     if kind in _CUDA_ALIASES:
         return index if index is not None else _current_cuda_index()
     if kind == "cpu" and index in (None, 0):

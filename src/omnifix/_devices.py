@@ -42,7 +42,13 @@ if TYPE_CHECKING:
 
     from omnifix._types import DeviceLike, DeviceMapValue, DeviceRequest
 
-__all__ = ["ResolvedDevice", "input_device", "normalize_device", "resolve_device_map"]
+__all__ = [
+    "ResolvedDevice",
+    "input_device",
+    "normalize_device",
+    "parse_device",
+    "resolve_device_map",
+]
 
 # The words users write for devices; the base of "did you mean" suggestions.
 _DEVICE_WORDS = ("auto", "cpu", "cuda", "gpu", "mps", "xpu", "npu", "rocm", "hip")
@@ -243,7 +249,7 @@ def _refuse_map_word(device: object, word: str) -> DeviceError:
     )
 
 
-def _parse(device: object) -> tuple[str, int | None]:
+def parse_device(device: object) -> tuple[str, int | None]:
     """``(kind, index)`` from anything a user may call a device; kind may be an alias."""
     import operator
 
@@ -469,7 +475,7 @@ def normalize_device(device: DeviceLike = "auto") -> torch.device:
         ...     print(str(error).rsplit(". ", 1)[-1])
         Did you mean 'cuda:0'?
     """
-    return _resolve(device, *_parse(device))
+    return _resolve(device, *parse_device(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +498,7 @@ def _normalize_map_value(module_name: str, value: object) -> str:
             "device such as 'cuda:0', 0, 'cpu' or 'disk', or pass device_map='auto' on its own."
         )
     try:
-        device = _resolve(value, *_parse(value))
+        device = _resolve(value, *parse_device(value))
     except DeviceError as error:
         raise type(error)(f"device_map[{module_name!r}]: {error}") from error
     return _map_entry(device)

@@ -982,7 +982,7 @@ def _planned_attention(
 ) -> AttnImplementation:
     import torch
 
-    from omnifix._attention import _IMPLEMENTATIONS, choose_attention
+    from omnifix._attention import IMPLEMENTATIONS, choose_attention
 
     capabilities = [b.capability or _SIMULATED_CAPABILITY for b in budgets if b.is_gpu]
     if requested == "auto":
@@ -995,7 +995,7 @@ def _planned_attention(
             requested,
             dtype=torch.bfloat16,
             capabilities=[(9, 0)],
-            installed=frozenset(_IMPLEMENTATIONS),
+            installed=frozenset(IMPLEMENTATIONS),
         )
     if chosen not in get_args(AttnImplementation):
         return "sdpa"  # hub kernels and paged variants: modelled like sdpa

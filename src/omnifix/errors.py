@@ -3,7 +3,9 @@
 Every error derives from :class:`OmnifixError`, and also from the builtin that a caller
 would catch without knowing omnifix (``ValueError`` for a bad device string,
 ``MemoryError`` for a plan that does not fit, ...), so wrapping existing code with omnifix
-never breaks its ``except`` clauses. Every message says what was wrong and ends with the fix.
+never breaks its ``except`` clauses. Every message says what was wrong and ends with the fix,
+and the errors that have data to give carry it: the refused plan, the meta-tensor report, the
+device asked for and the devices there are.
 
 >>> import omnifix
 >>> try:
@@ -15,6 +17,12 @@ DeviceError
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omnifix._meta import MetaReport
+    from omnifix._plan import PlacementPlan
+
 __all__ = [
     "AttentionUnavailableError",
     "CheckpointError",
@@ -23,10 +31,14 @@ __all__ = [
     "InsufficientMemoryError",
     "InvalidArgumentError",
     "MetaTensorError",
+    "OmnifixDeprecationWarning",
     "OmnifixError",
     "OmnifixWarning",
     "UnsupportedModelError",
 ]
+
+# Errors with data take it as keyword arguments: BaseException pickles ``args`` (the message)
+# and the instance ``__dict__`` (the data), so copies and pickles keep both.
 
 
 class OmnifixError(Exception):
@@ -42,15 +54,48 @@ class DeviceError(InvalidArgumentError):
 
 
 class DeviceUnavailableError(DeviceError):
-    """The device is well formed but this machine lacks it (``"cuda:7"`` with 2 GPUs, say)."""
+    """The device is well formed but this machine lacks it (``"cuda:7"`` with 2 GPUs, say).
+
+    Attributes:
+        requested: What was asked for, as given (``"cuda:7"``, ``7``).
+        available: The devices this process can use, best first (``("cuda:0", "cpu")``).
+    """
+
+    def __init__(
+        self, message: str, *, requested: object = None, available: tuple[str, ...] = ()
+    ) -> None:
+        """The message, what was asked for and what there is."""
+        super().__init__(message)
+        self.requested = requested
+        self.available = available
 
 
 class MetaTensorError(OmnifixError, RuntimeError):
-    """Parameters or buffers are on the ``meta`` device: offloaded behind hooks, or never loaded."""
+    """Parameters or buffers are on the ``meta`` device: offloaded behind hooks, or never loaded.
+
+    Attributes:
+        report: The :class:`omnifix.MetaReport` of the model (every meta tensor, classified);
+            ``None`` where no model was searched (a module that says nothing about its device).
+    """
+
+    def __init__(self, message: str, *, report: MetaReport | None = None) -> None:
+        """The message and the report."""
+        super().__init__(message)
+        self.report = report
 
 
 class InsufficientMemoryError(OmnifixError, MemoryError):
-    """The model and its workload do not fit the memory of the devices it may use."""
+    """The model and its workload do not fit the memory of the devices it may use.
+
+    Attributes:
+        plan: The refused :class:`omnifix.PlacementPlan` (need per device, ``plan.options``);
+            ``None`` when loading itself ran out of memory after a plan that fit.
+    """
+
+    def __init__(self, message: str, *, plan: PlacementPlan | None = None) -> None:
+        """The message and the refused plan."""
+        super().__init__(message)
+        self.plan = plan
 
 
 class UnsupportedModelError(OmnifixError, TypeError):
@@ -74,3 +119,7 @@ class CheckpointError(OmnifixError, OSError):
 
 class OmnifixWarning(UserWarning):
     """Something worked, but not the way you asked; the message says how to get what you asked."""
+
+
+class OmnifixDeprecationWarning(OmnifixWarning, DeprecationWarning):
+    """A name or argument that moved; the message gives the new spelling. Gone in the next 0.x."""

@@ -1,0 +1,165 @@
+"""``device_map`` values: one spelling, one lookup, and accelerate's offload rule.
+
+A ``device_map`` maps qualified module names to places: an accelerator (``0``, ``"cuda:1"``),
+``"cpu"``, ``"mps"`` or ``"disk"``. Which module a name falls under, which device is the main
+one, and what is offloaded are each decided here, the way accelerate's ``dispatch_model`` (what
+``from_pretrained(device_map=...)`` calls) decides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "OFFLOAD_TARGETS",
+    "STRATEGIES",
+    "Placement",
+    "accelerator",
+    "locate",
+    "place_order",
+    "spell",
+]
+
+#: The words ``from_pretrained(device_map=...)`` takes for "place the whole model for me".
+STRATEGIES: Final = ("auto", "balanced", "balanced_low_0", "sequential")
+#: Places that hold weights for a module that computes elsewhere (accelerate streams them in).
+OFFLOAD_TARGETS: Final = ("cpu", "disk")
+#: Types accelerate compares bare (``main_device == "mps"``): written without an index.
+_BARE: Final = ("cpu", "mps", "disk", "meta")
+
+_V = TypeVar("_V")
+
+
+def accelerator() -> str:
+    """What a bare index means on this machine: the type of torch's current accelerator.
+
+    accelerate reads an integer ``device_map`` value as an index of the machine's accelerator
+    (``cuda`` on NVIDIA and ROCm, ``xpu``, ``npu``, ...); :mod:`torch.accelerator` says which.
+    ``"cuda"`` on a machine without one, where indices can only describe another (simulated)
+    machine's GPUs.
+    """
+    import torch
+
+    if not torch.accelerator.is_available():
+        return "cuda"
+    current = torch.accelerator.current_accelerator()
+    return "cuda" if current is None else current.type
+
+
+def spell(value: object, *, index_type: str | None = None) -> str:
+    """The one spelling of a device_map value: ``"cuda:0"``, ``"cpu"``, ``"mps"``, ``"disk"``.
+
+    Indices (``0``, ``"0"``) become ``"<index_type>:<index>"`` (default: :func:`accelerator`);
+    cpu, mps, disk and meta lose their index, as accelerate compares them bare. Nothing is
+    checked against this machine: see :func:`omnifix.resolve_device_map` for that.
+
+    Example:
+        >>> import torch
+        >>> from omnifix._device_map import spell
+        >>> spell(1, index_type="cuda"), spell(torch.device("mps", 0)), spell(" CPU ")
+        ('cuda:1', 'mps', 'cpu')
+    """
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return f"{index_type or accelerator()}:{int(text)}"
+    kind = text.partition(":")[0]
+    return kind if kind in _BARE else text
+
+
+def place_order(place: str) -> tuple[int, str, int]:
+    """Sort key of places: accelerators by type and index, then the cpu, then the disk.
+
+    Example:
+        >>> from omnifix._device_map import place_order
+        >>> sorted(["disk", "cpu", "cuda:10", "cuda:2"], key=place_order)
+        ['cuda:2', 'cuda:10', 'cpu', 'disk']
+    """
+    kind, _, index = place.partition(":")
+    return ({"cpu": 1, "disk": 2}.get(kind, 0), kind, int(index) if index.isdigit() else -1)
+
+
+def locate(device_map: Mapping[str, _V], name: str) -> tuple[str, _V] | None:
+    """The entry that places module (or tensor) ``name``: the longest prefix of it in the map.
+
+    ``""`` is a prefix of every name. ``None`` when no entry covers ``name``.
+
+    Example:
+        >>> from omnifix._device_map import locate
+        >>> locate({"model": 0, "model.layers.1": 1, "lm_head": 1}, "model.layers.1.mlp")
+        ('model.layers.1', 1)
+    """
+    probe = name
+    while True:
+        if probe in device_map:
+            return probe, device_map[probe]
+        if not probe:
+            return None
+        probe = probe.rpartition(".")[0]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A device_map as accelerate's ``dispatch_model`` reads it.
+
+    The *main* device is the first value that is not ``"cpu"``/``"disk"`` (``"cpu"`` when there
+    is none). Modules mapped to ``"cpu"`` or ``"disk"`` compute on the main device, and their
+    weights are *offloaded* (kept there, copied in for every forward), except that a main device
+    of ``"cpu"`` or ``"mps"`` offloads only ``"disk"`` entries: the ``"cpu"`` entries of such a
+    map are moved to the main device when the model is dispatched.
+
+    Attributes:
+        entries: The map, values spelled by :func:`spell`.
+        main: The main device.
+        offloaded: The entries whose weights accelerate offloads, with their place.
+
+    Example:
+        >>> from omnifix._device_map import Placement
+        >>> gpu = Placement.of({"model": "cuda:0", "lm_head": "cpu"})
+        >>> gpu.main, gpu.offloaded, gpu.runs_on("lm_head")
+        ('cuda:0', {'lm_head': 'cpu'}, 'cuda:0')
+        >>> Placement.of({"a": "mps", "b": "cpu"}).offloaded
+        {}
+    """
+
+    entries: Mapping[str, str]
+    main: str
+    offloaded: Mapping[str, str]
+
+    @classmethod
+    def of(cls, device_map: Mapping[str, object], *, index_type: str | None = None) -> Placement:
+        """Read ``device_map`` (values as :func:`spell` takes them)."""
+        entries = {
+            str(name): spell(value, index_type=index_type) for name, value in device_map.items()
+        }
+        real = [value for value in entries.values() if value not in OFFLOAD_TARGETS]
+        main = real[0] if real else "cpu"
+        offloading = ("disk",) if main in ("cpu", "mps") else OFFLOAD_TARGETS
+        offloaded = {name: value for name, value in entries.items() if value in offloading}
+        return cls(entries, main, offloaded)
+
+    def stored(self, name: str) -> str | None:
+        """Where the weights of ``name`` are kept (``"disk"`` included); ``None`` if unmapped."""
+        found = locate(self.entries, name)
+        return None if found is None else found[1]
+
+    def runs_on(self, name: str) -> str | None:
+        """Where ``name`` computes: its place, or the main device for ``"cpu"``/``"disk"``."""
+        place = self.stored(name)
+        return self.main if place in OFFLOAD_TARGETS else place
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices modules compute on, accelerators by index first."""
+        found = {
+            self.main if value in OFFLOAD_TARGETS else value for value in self.entries.values()
+        }
+        return tuple(sorted(found, key=place_order))
+
+    @property
+    def offloads(self) -> bool:
+        """Whether accelerate streams any weights in (see :attr:`offloaded`)."""
+        return bool(self.offloaded)

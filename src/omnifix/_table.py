@@ -1,0 +1,109 @@
+"""Tables for people: one set of rows, rendered as plain text or as ``rich`` tables.
+
+Plans, placement reports, meta-tensor reports and ``omnifix doctor`` each build their output as
+a list of blocks (sentences and :class:`Table` s); :func:`plain` gives the text ``str()`` returns,
+:func:`rich` the renderable ``rich.print`` and the command line show. Both come from the same
+cells, so they cannot disagree. ``rich`` is imported only when rich output is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence  # noqa: TC003 - dataclass fields, read at runtime
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+__all__ = ["Block", "Table", "plain", "rich"]
+
+
+def _no_style(_column: str, _text: str) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows of text cells under column names.
+
+    Attributes:
+        columns: The column names.
+        rows: The cells, one tuple per row, as many cells as columns.
+        title: A line above the table (``""``: none).
+        style: ``(column, cell text) -> rich style`` (``""``: none); plain text has no style.
+        fold: Columns whose long cells rich may fold onto more lines; the others stay whole.
+    """
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    title: str = ""
+    style: Callable[[str, str], str] = _no_style
+    fold: frozenset[str] = frozenset()
+
+    def lines(self) -> list[str]:
+        """The plain-text lines: the title, then columns aligned by two spaces.
+
+        Example:
+            >>> from omnifix._table import Table
+            >>> for line in Table(("device", "weights"), (("cuda:0", "7.6 GiB"),)).lines():
+            ...     print(line)
+            device  weights
+            cuda:0  7.6 GiB
+        """
+        head = [self.title] if self.title else []
+        if not self.rows:
+            return [*head, "none"]
+        rows = [self.columns, *self.rows]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(self.columns))]
+        return head + [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+
+
+#: What a report is made of: sentences and tables, top to bottom.
+Block: TypeAlias = "str | Table"
+
+
+def plain(blocks: Sequence[Block]) -> str:
+    """The blocks as plain text, one line per sentence."""
+    lines: list[str] = []
+    for block in blocks:
+        lines += block.lines() if isinstance(block, Table) else [block]
+    return "\n".join(lines)
+
+
+def rich(blocks: Sequence[Block]) -> Group:
+    """The blocks as a ``rich`` renderable: sentences as text, tables as rich tables."""
+    from rich import box
+    from rich.console import Group
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    parts: list[object] = []
+    for block in blocks:
+        if not isinstance(block, Table):
+            parts.append(Text(block))
+            continue
+        if not block.rows:
+            parts += [Text(block.title, style="bold"), Text("none")] if block.title else ["none"]
+            continue
+        table = RichTable(
+            *block.columns,
+            title=escape(block.title) or None,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
+        for name, rich_column in zip(block.columns, table.columns, strict=True):
+            rich_column.overflow = "fold"  # never "…": a cut number or name misleads
+            rich_column.no_wrap = name not in block.fold
+        for row in block.rows:
+            cells = []
+            for column, text in zip(block.columns, row, strict=True):
+                style = block.style(column, text)
+                cells.append(f"[{style}]{escape(text)}[/{style}]" if style else escape(text))
+            table.add_row(*cells)
+        parts.append(table)
+    return Group(*parts)  # type: ignore[arg-type]
