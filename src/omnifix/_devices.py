@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ResolvedDevice",
+    "available_devices",
+    "cuda_device_count",
     "input_device",
     "normalize_device",
     "parse_device",
@@ -86,7 +88,7 @@ class ResolvedDevice(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _cuda_count() -> int:
+def cuda_device_count() -> int:
     import torch
 
     # is_available() first: device_count() can report devices that a broken driver cannot
@@ -166,7 +168,7 @@ def _other_accelerator(kind: str) -> tuple[int, int] | None:
 def _count_and_current(kind: str) -> tuple[int, int]:
     """How many ``kind`` devices this process sees, and the index of the current one."""
     if kind == "cuda":
-        count = _cuda_count()
+        count = cuda_device_count()
         return count, (_cuda_current() if count else 0)
     if kind == "mps":
         return (1 if _mps_available() else 0), 0
@@ -179,7 +181,7 @@ def _count_and_current(kind: str) -> tuple[int, int]:
     return _other_accelerator(kind) or (0, 0)
 
 
-def _available() -> list[str]:
+def available_devices() -> list[str]:
     """Every device this process can use, best first, as the strings users would write."""
     names: list[str] = []
     for kind in ("cuda", "xpu", "mps", "npu"):
@@ -344,7 +346,7 @@ def _torch_knows(kind: str) -> bool:
 
 
 def _unavailable(device: object, what: str, fix: str) -> DeviceUnavailableError:
-    available = ", ".join(_available())
+    available = ", ".join(available_devices())
     return DeviceUnavailableError(
         f"{device!r} is not available: {what}. This process can use: {available}. {fix}"
     )
@@ -610,7 +612,7 @@ input_device=device(type='cpu'))
         if word in _STRATEGIES:
             return ResolvedDevice(cast("DeviceMapValue", word), None)
         spreads = ("auto", "cuda", "gpu", *(("rocm", "hip") if _is_rocm() else ()))
-        if word in spreads and _cuda_count() >= _SEVERAL_GPUS:
+        if word in spreads and cuda_device_count() >= _SEVERAL_GPUS:
             return ResolvedDevice("auto", None)
     resolved = normalize_device(device)
     return ResolvedDevice({"": _map_entry(resolved)}, resolved)
@@ -648,7 +650,13 @@ def _hf_entry(value: object) -> str:
     if isinstance(value, torch.device):
         return str(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        kind = "npu" if _npu_module() else "xpu" if not _cuda_count() and _xpu_module() else "cuda"
+        kind = (
+            "npu"
+            if _npu_module()
+            else "xpu"
+            if not cuda_device_count() and _xpu_module()
+            else "cuda"
+        )
         return f"{kind}:{value}"
     return str(value)
 

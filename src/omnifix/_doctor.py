@@ -217,10 +217,10 @@ def _unusable(index: int, name: str, probe: str, error: Exception) -> Finding:
 
 def _gpu_facts(torch: Any, findings: list[Finding]) -> tuple[Gpu, ...]:
     """Each GPU torch sees; a probe that fails for one becomes an error finding."""
-    from omnifix._devices import _cuda_count
+    from omnifix._devices import cuda_device_count
 
     gpus = []
-    for index in range(_cuda_count()):
+    for index in range(cuda_device_count()):
         try:
             properties = torch.cuda.get_device_properties(index)
             major, minor = torch.cuda.get_device_capability(index)
@@ -538,7 +538,7 @@ def diagnose() -> Diagnosis:
 
 
 def _diagnose_with(torch: Any, base: Diagnosis, versions: list[PackageVersion]) -> Diagnosis:
-    from omnifix._devices import _available, normalize_device
+    from omnifix._devices import available_devices, normalize_device
 
     build = _torch_build(torch)
     visible = base.cuda_visible_devices
@@ -563,7 +563,7 @@ def _diagnose_with(torch: Any, base: Diagnosis, versions: list[PackageVersion]) 
         base,
         versions=tuple(versions),
         gpus=gpus,
-        devices=tuple(_available()),
+        devices=tuple(available_devices()),
         auto_device=str(normalize_device("auto")),
         attention=_attention(torch, gpus, flash),
         findings=tuple(findings),

@@ -501,10 +501,10 @@ def _targets(device: DeviceLike) -> list[torch.device]:
     """The devices ``device`` asks for: every visible GPU for "auto"/"cuda", one GPU, or the cpu."""
     import torch
 
-    from omnifix._devices import _cuda_count, normalize_device
+    from omnifix._devices import cuda_device_count, normalize_device
 
     if _every_gpu(device):
-        count = _cuda_count()
+        count = cuda_device_count()
         if count:
             return [torch.device("cuda", index) for index in range(count)]
     resolved = normalize_device(device)  # raises for "cuda" on a machine without GPUs
