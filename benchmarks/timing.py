@@ -464,7 +464,7 @@ def _loaders(
     import torch
 
     import omnifix
-    from omnifix._attention import dtype_keyword
+    from omnifix._compat import dtype_keyword
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
     workload = omnifix.Workload(

@@ -15,16 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omnifix
+from omnifix import AttentionUnavailableError
 from omnifix._attention import (
-    AttentionUnavailableError,
     choose_attention,
     choose_dtype,
-    dtype_keyword,
     gpu_capabilities,
     installed_attention,
     parse_dtype,
     supported_attention,
 )
+from omnifix._compat import dtype_keyword
 
 H100, A100, T4, V100 = (9, 0), (8, 0), (7, 5), (7, 0)
 EVERYTHING = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3"})

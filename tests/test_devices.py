@@ -38,12 +38,22 @@ def simulated(
     xpu: int = 0,
     xpu_current: int = 0,
 ) -> Iterator[None]:
-    """Make torch's probes describe a machine with these devices (and no torch_npu)."""
+    """Make torch's probes describe a machine with these devices (and no torch_npu).
+
+    torch.accelerator names one accelerator per process; the simulated machine's is its first
+    of cuda, xpu and mps.
+    """
+    best = "cuda" if cuda else "xpu" if xpu else "mps" if mps else None
+    current = {"cuda": cuda_current, "xpu": xpu_current}.get(best or "", 0)
     with contextlib.ExitStack() as stack:
 
         def patch(target: Any, name: str, value: Any) -> None:
             stack.enter_context(mock.patch.object(target, name, value))
 
+        patch(torch.accelerator, "is_available", lambda: best is not None)
+        patch(torch.accelerator, "current_accelerator", lambda *_: best and torch.device(best))
+        patch(torch.accelerator, "current_device_index", lambda: current)
+        patch(torch.accelerator, "device_count", lambda: {"cuda": cuda, "xpu": xpu}.get(best, 1))
         patch(torch.cuda, "is_available", lambda: cuda > 0)
         patch(torch.cuda, "device_count", lambda: cuda)
         patch(torch.cuda, "current_device", lambda: cuda_current)
@@ -207,6 +217,9 @@ def test_npu_is_picked_when_torch_npu_registers_it():
         )
         sys.modules["torch_npu"] = types.ModuleType("torch_npu")
         torch.cuda.is_available = lambda: False
+        torch.accelerator.is_available = lambda: True
+        torch.accelerator.current_accelerator = lambda *_: torch.device("npu")
+        torch.accelerator.current_device_index = lambda: 1
         torch.backends.mps.is_available = lambda: False
         if hasattr(torch, "xpu"):
             torch.xpu.is_available = lambda: False
@@ -416,6 +429,29 @@ def test_invalid_device_map_dicts_are_refused(plan, error, says):
 def test_resolve_device_map_refuses_meta_and_disk_for_a_whole_model(word):
     with simulated(**TWO_GPUS), pytest.raises(omnifix.DeviceError, match=word):
         omnifix.resolve_device_map(word)
+
+
+@pytest.mark.parametrize(
+    ("machine", "main", "offloaded", "inputs"),
+    [
+        # accelerate's dispatch_model: a main device of mps (or cpu) offloads only "disk" entries;
+        # its "cpu" entries are moved to the main device and compute there.
+        ({"mps": True}, "mps", {"lm_head": "disk"}, torch.device("mps", 0)),
+        ({"cuda": 1}, "cuda:0", {"model.norm": "cpu", "lm_head": "disk"}, torch.device("cuda", 0)),
+    ],
+)
+def test_one_offload_rule_for_maps_meta_reports_and_lean_hooks(
+    machine, main, offloaded, inputs, tiny_lm_dir
+):
+    device_map = {"model.embed_tokens": main, "model.norm": "cpu", "lm_head": "disk"}
+    with simulated(**machine):
+        resolved = omnifix.resolve_device_map(device_map)
+        assert resolved.input_device == inputs
+        model = load(tiny_lm_dir)  # on the cpu; only its recorded map is read below
+        vars(model)["hf_device_map"] = resolved.device_map
+        assert omnifix.find_meta_tensors(model).offloaded_device_map == offloaded
+        with pytest.raises(omnifix.InvalidArgumentError, match="offloads lm_head: disk"):
+            omnifix.lean_dispatch(model)
 
 
 # ---------------------------------------------------------------------------------------------

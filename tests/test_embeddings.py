@@ -123,7 +123,7 @@ def test_embedding_output_identical_for_any_ids(
     embedding = lm.get_input_embeddings()
     ids = torch.tensor(rows)
     reference = embedding(ids)
-    with omnifix.pin_embeddings(lm, "cpu" if explicit_device else None):
+    with omnifix.pin_embeddings(lm, device="cpu" if explicit_device else None):
         pinned = embedding(input=ids) if as_kwarg else embedding(ids)
     assert pinned.device == ids.device
     assert torch.equal(pinned, reference)
@@ -267,14 +267,14 @@ def test_pinning_to_another_device_is_refused_and_pins_nothing(lm: Model) -> Non
     with omnifix.pin_embeddings(lm):
         pinned = hook_keys(embedding)
         with pytest.raises(omnifix.DeviceError, match=r"pin with device=None\.$"):
-            omnifix.pin_embeddings(lm, "cpu")
+            omnifix.pin_embeddings(lm, device="cpu")
         assert hook_keys(embedding) == pinned
     assert hook_keys(embedding) == original
 
 
 def test_bad_device_is_a_device_error(lm: Model) -> None:
     with pytest.raises(omnifix.DeviceError):
-        omnifix.pin_embeddings(lm, "cdua")
+        omnifix.pin_embeddings(lm, device="cdua")
     assert "_omnifix_embedding_pin" not in lm.model.embed_tokens.__dict__
 
 
@@ -437,7 +437,7 @@ def test_explicit_device_receives_the_embeddings(fake_gpus: None) -> None:
     import torch
 
     vlm = TinyVLM("cuda:1")
-    with omnifix.pin_embeddings(vlm.model, "cpu") as pin:
+    with omnifix.pin_embeddings(vlm.model, device="cpu") as pin:
         assert pin.device == torch.device("cpu")
         assert vlm.model.embed_tokens(vlm_ids()).device == torch.device("cpu")
 

@@ -115,7 +115,7 @@ def test_offloaded_weight_breaks_outside_forward_and_assert_no_meta_names_it_fir
     last = message.splitlines()[-1]
     assert last.startswith("Fix: ")
     assert 'device_map="cuda"' in last
-    assert "allow_offloaded=True" in last
+    assert "allow_offload=True" in last
 
 
 def test_report_of_disk_offload_matches_accelerate_and_the_checkpoint(
@@ -152,8 +152,10 @@ def test_report_of_disk_offload_matches_accelerate_and_the_checkpoint(
     assert "... and " in table
 
 
-def test_allow_offloaded_accepts_a_model_that_is_only_offloaded(disk_offloaded: nn.Module) -> None:
-    assert omnifix.assert_no_meta(disk_offloaded, allow_offloaded=True) is None
+def test_allow_offload_accepts_a_model_that_is_only_offloaded(disk_offloaded: nn.Module) -> None:
+    assert omnifix.assert_no_meta(disk_offloaded, allow_offload=True) is None
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning, match="allow_offload="):
+        assert omnifix.assert_no_meta(disk_offloaded, allow_offloaded=True) is None
 
 
 def test_missing_keys_in_disk_offloaded_modules_are_uninitialised_not_offloaded(
@@ -187,7 +189,7 @@ def test_missing_keys_in_disk_offloaded_modules_are_uninitialised_not_offloaded(
 
     # Uninitialised tensors raise even when offloading is allowed; the fix is about the checkpoint.
     with pytest.raises(omnifix.MetaTensorError) as caught:
-        omnifix.assert_no_meta(model, allow_offloaded=True)
+        omnifix.assert_no_meta(model, allow_offload=True)
     message = str(caught.value)
     assert message.startswith("3 tensors are on the meta device (")
     for name in dropped:
@@ -196,7 +198,7 @@ def test_missing_keys_in_disk_offloaded_modules_are_uninitialised_not_offloaded(
     assert "Offloaded hf_device_map entries: model.layers.1: disk" in message
     assert message.splitlines()[-1].startswith("Fix: load the weights")
     assert "missing_keys" in message.splitlines()[-1]
-    assert "allow_offloaded" not in message.splitlines()[-1]
+    assert "allow_offload" not in message.splitlines()[-1]
 
 
 def test_missing_keys_with_low_cpu_mem_usage_follow_each_transformers_version(
@@ -213,7 +215,7 @@ def test_missing_keys_with_low_cpu_mem_usage_follow_each_transformers_version(
     assert _meta_names(model) == expected
     if expected:
         with pytest.raises(omnifix.MetaTensorError, match=r"lm_head\.weight"):
-            omnifix.assert_no_meta(model, allow_offloaded=True)
+            omnifix.assert_no_meta(model, allow_offload=True)
     else:
         omnifix.assert_no_meta(model)
 
@@ -235,7 +237,7 @@ def test_init_empty_weights_skeleton_is_entirely_uninitialised(tiny_lm_dir: Path
     assert not any(tensor.is_buffer for tensor in report.tensors)
     assert report.offloaded_device_map == {}
     with pytest.raises(omnifix.MetaTensorError) as caught:
-        omnifix.assert_no_meta(skeleton, allow_offloaded=True)
+        omnifix.assert_no_meta(skeleton, allow_offload=True)
     message = str(caught.value)
     assert f"{len(checkpoint)} uninitialised (no data anywhere)" in message.splitlines()[0]
     assert "init_empty_weights()" in message.splitlines()[-1]
@@ -372,9 +374,10 @@ def test_error_lists_five_names_and_human_sizes() -> None:
     assert lines[0] == (
         "16 tensors are on the meta device (2.2 KiB): 16 uninitialised (no data anywhere)."
     )
-    listed = [line.split()[0] for line in lines[1:6]]
+    assert lines[1].split() == ["tensor", "kind", "shape", "dtype", "where"]
+    listed = [line.split()[0] for line in lines[2:7]]
     assert listed == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
-    assert lines[6] == "  ... and 11 more"
+    assert lines[7] == "... and 11 more"
     assert lines[-1].startswith("Fix: ")
 
 
@@ -475,7 +478,7 @@ def test_offloaded_vision_and_audio_towers_are_reported(
         omnifix.assert_no_meta(model)
     for tower in towers:
         assert f"{tower}: disk" in str(caught.value)
-    assert str(caught.value).splitlines()[1].lstrip().startswith(tuple(towers))
+    assert str(caught.value).splitlines()[2].startswith(tuple(towers))
     if family == "qwen2-audio":
         # Qwen2-Audio's encoder reads embed_positions.weight directly, outside any hooked
         # forward: with the tower offloaded even forward() dies on a meta tensor.
@@ -531,4 +534,4 @@ def test_gpu_offload_to_cpu_and_disk(tiny_lm_dir: Path, tmp_path: Path, explicit
         assert "offloaded by accelerate (to cpu and disk)" in str(caught.value)
         assert "model.layers.1: cpu" in str(caught.value)
     assert model(torch.tensor([[1, 2, 3]], device="cuda:0")).logits.shape == (1, 3, 128)
-    omnifix.assert_no_meta(model, allow_offloaded=True)
+    omnifix.assert_no_meta(model, allow_offload=True)

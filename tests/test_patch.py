@@ -1,4 +1,4 @@
-"""``patched()``, ``install()``, ``uninstall()``: real tiny models, real ``from_pretrained``."""
+"""``patch_from_pretrained()``: real tiny models, real ``from_pretrained``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import omnifix
 import omnifix.testing as ot
-from omnifix import install, patched, uninstall
+from omnifix import patch_from_pretrained
 
 if TYPE_CHECKING:
     import pathlib
@@ -42,7 +42,7 @@ def _same_weights(left: torch.nn.Module, right: torch.nn.Module) -> bool:
 def test_plain_call_unchanged(family: str, saved: dict[str, pathlib.Path]) -> None:
     cls = ot.model_class(family)  # type: ignore[arg-type]
     plain = cls.from_pretrained(saved[family])
-    with patched():
+    with patch_from_pretrained():
         wrapped = cls.from_pretrained(saved[family])
     assert type(wrapped) is type(plain)
     assert wrapped.dtype == plain.dtype
@@ -55,7 +55,7 @@ def test_auto_map_with_small_cap_is_refused_instead_of_disk_offload(
 ) -> None:
     cls = ot.model_class(family)  # type: ignore[arg-type]
     original = _original()
-    with patched(), pytest.raises(omnifix.InsufficientMemoryError, match="short"):
+    with patch_from_pretrained(), pytest.raises(omnifix.InsufficientMemoryError, match="short"):
         cls.from_pretrained(
             saved[family], device_map="auto", max_memory=TINY_CAP, offload_folder=tmp_path / "o2"
         )
@@ -65,7 +65,7 @@ def test_auto_map_with_small_cap_is_refused_instead_of_disk_offload(
 def test_plain_transformers_offloads_to_disk_silently(
     saved: dict[str, pathlib.Path], tmp_path: pathlib.Path
 ) -> None:
-    """What patched() replaces: offload to disk without a word (4.x fails on disk instead)."""
+    """What the patch replaces: offload to disk without a word (4.x fails on disk instead)."""
     kwargs: dict[str, Any] = {"device_map": "auto", "max_memory": TINY_CAP}
     if int(transformers.__version__.split(".")[0]) < 5:
         with pytest.raises(Exception, match="disk"):
@@ -76,7 +76,7 @@ def test_plain_transformers_offloads_to_disk_silently(
 
 
 def test_auto_class_is_routed_and_planned(saved: dict[str, pathlib.Path]) -> None:
-    with patched(workload=omnifix.Workload(text_tokens=64, max_new_tokens=8)):
+    with patch_from_pretrained(workload=omnifix.Workload(text_tokens=64, max_new_tokens=8)):
         model = AutoModelForCausalLM.from_pretrained(saved["qwen2"], device_map="balanced")
         with pytest.raises(omnifix.InsufficientMemoryError):
             AutoModelForCausalLM.from_pretrained(
@@ -89,7 +89,7 @@ def test_auto_class_is_routed_and_planned(saved: dict[str, pathlib.Path]) -> Non
 
 
 def test_dtype_of_the_plain_call_is_kept(saved: dict[str, pathlib.Path]) -> None:
-    with patched():
+    with patch_from_pretrained():
         model = AutoModelForCausalLM.from_pretrained(
             saved["qwen2"], device_map="auto", torch_dtype=torch.bfloat16
         )
@@ -97,7 +97,7 @@ def test_dtype_of_the_plain_call_is_kept(saved: dict[str, pathlib.Path]) -> None
 
 
 def test_devices_are_normalised(saved: dict[str, pathlib.Path]) -> None:
-    with patched():
+    with patch_from_pretrained():
         model = AutoModelForCausalLM.from_pretrained(saved["qwen2"], device_map=torch.device("cpu"))
         assert model.device == torch.device("cpu")
         assert omnifix.find_meta_tensors(model).uninitialised == ()
@@ -113,9 +113,12 @@ def test_explicit_offload_map_needs_allow_offload(
     ]
     assert names == ["model", "lm_head"]
     device_map = {"model": "cpu", "lm_head": "disk"}
-    with patched(), pytest.raises(omnifix.InvalidArgumentError, match="allow_offload=True"):
+    with (
+        patch_from_pretrained(),
+        pytest.raises(omnifix.InvalidArgumentError, match="allow_offload=True"),
+    ):
         AutoModelForCausalLM.from_pretrained(saved["qwen2"], device_map=device_map)
-    with patched(allow_offload=True):
+    with patch_from_pretrained(allow_offload=True):
         model = AutoModelForCausalLM.from_pretrained(
             saved["qwen2"], device_map=device_map, offload_folder=tmp_path
         )
@@ -125,7 +128,7 @@ def test_explicit_offload_map_needs_allow_offload(
 def test_signature_and_identity_restored(saved: dict[str, pathlib.Path]) -> None:
     original = _original()
     signature = inspect.signature(PreTrainedModel.from_pretrained)
-    with patched():
+    with patch_from_pretrained():
         assert _original() is not original
         assert inspect.signature(PreTrainedModel.from_pretrained) == signature
         assert PreTrainedModel.from_pretrained.__name__ == "from_pretrained"
@@ -139,41 +142,66 @@ def _boom() -> None:
 
 def test_exception_inside_restores() -> None:
     original = _original()
-    with pytest.raises(KeyError), patched():
+    with pytest.raises(KeyError), patch_from_pretrained():
         _boom()
     assert _original() is original
 
 
 def test_nesting_and_repeated_use() -> None:
     original = _original()
-    with patched(allow_offload=True) as outer:
+    with patch_from_pretrained(allow_offload=True) as outer:
         patched_attribute = _original()
-        with patched() as inner:
+        with patch_from_pretrained() as inner:
             assert _original() is patched_attribute  # patched once, not wrapped twice
             assert inner.active
             assert outer.active
         assert (inner.active, outer.active) == (False, True)
         assert _original() is patched_attribute
     assert _original() is original
-    with patched():
+    with patch_from_pretrained():
         assert _original() is not original
     assert _original() is original
 
 
-def test_install_uninstall_pair_out_of_order() -> None:
+def test_patches_removed_out_of_order_restore_the_original_once() -> None:
     original = _original()
-    first = install()
-    second = install(strict=True)
-    first.restore()  # out of order: the second still holds the patch
+    first = patch_from_pretrained()
+    second = patch_from_pretrained(strict=True)
+    first.remove()  # out of order: the second still holds the patch
+    first.remove()  # idempotent
     assert _original() is not original
-    assert second.active
-    assert uninstall() is True
-    assert uninstall() is False
+    assert (first.active, second.active) == (False, True)
+    second.remove()
     assert _original() is original
-    with install() as patch:
+    with patch_from_pretrained() as patch:
         assert _original() is not original
     assert not patch.active
     assert _original() is original
+
+
+def test_old_spellings_warn_and_still_work() -> None:
+    original = _original()
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning, match="patch_from_pretrained"):
+        patch = omnifix.install()
+    assert _original() is not original
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning, match="remove"):
+        patch.restore()
+    assert not patch.active
+    assert _original() is original
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning):
+        omnifix.install()
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning):
+        assert omnifix.uninstall() is True
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning):
+        assert omnifix.uninstall() is False
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning):
+        block = omnifix.patched()
+    with block as patch:
+        assert patch.active
+        assert _original() is not original
+    assert _original() is original
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning, match="FromPretrainedPatch"):
+        assert omnifix.Patch is omnifix.types.FromPretrainedPatch
 
 
 def test_threads_share_one_patch() -> None:
@@ -182,7 +210,7 @@ def test_threads_share_one_patch() -> None:
     seen: list[bool] = []
 
     def work() -> None:
-        with patched():
+        with patch_from_pretrained():
             barrier.wait()
             seen.append(_original() is not original)
             barrier.wait()
@@ -198,6 +226,7 @@ def test_threads_share_one_patch() -> None:
 
 def test_bad_workload() -> None:
     bad: Any = "big"
+    original = _original()
     with pytest.raises(omnifix.InvalidArgumentError):
-        install(workload=bad)
-    assert uninstall() is False
+        patch_from_pretrained(workload=bad)
+    assert _original() is original

@@ -24,6 +24,7 @@ import torch
 import omnifix
 import omnifix.testing as ot
 from omnifix.integrations.xinference import patch_xinference
+from omnifix.types import ResolvedDevice
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -55,6 +56,9 @@ def simulated(*, cuda: int = 0, rocm: bool = False) -> Iterator[None]:
             (torch.cuda, "current_device", lambda: 0),
             (torch.version, "hip", "6.2.41133" if rocm else None),
             (torch.backends.mps, "is_available", lambda: False),
+            (torch.accelerator, "is_available", lambda: cuda > 0),
+            (torch.accelerator, "current_accelerator", lambda *_: torch.device("cuda")),
+            (torch.accelerator, "current_device_index", lambda: 0),
         ):
             stack.enter_context(mock.patch.object(target, name, value))
         if hasattr(torch, "xpu"):
@@ -154,16 +158,16 @@ def test_recipe_select_device_returns_names_torch_accepts(machine, request_, nam
 @pytest.mark.parametrize(
     ("machine", "request_", "expected"),
     [
-        ({"cuda": 2}, "auto", ({"cuda", "auto"}, omnifix.ResolvedDevice("auto", None))),
+        ({"cuda": 2}, "auto", ({"cuda", "auto"}, ResolvedDevice("auto", None))),
         (
             {"cuda": 2},
             "cuda:1",
-            ({"cuda:1"}, omnifix.ResolvedDevice({"": "cuda:1"}, torch.device("cuda", 1))),
+            ({"cuda:1"}, ResolvedDevice({"": "cuda:1"}, torch.device("cuda", 1))),
         ),
         (
             {"cuda": 1, "rocm": True},
             "auto",
-            ({"cuda:0"}, omnifix.ResolvedDevice({"": "cuda:0"}, torch.device("cuda", 0))),
+            ({"cuda:0"}, ResolvedDevice({"": "cuda:0"}, torch.device("cuda", 0))),
         ),
     ],
 )
@@ -174,7 +178,7 @@ def test_recipe_on_gpu_machines_plans_apart_and_inputs_follow_the_model(
     chat_model = _backend(backend, tiny_dirs, request_)
     with simulated(**machine):
         chat_model.decide_device()
-        # What the backend will hand to from_pretrained, and how omnifix.patched() reads it.
+        # What the backend will hand to from_pretrained, and how omnifix's patch reads it.
         assert chat_model._omnifix_device == resolved
         assert chat_model._device != "auto"
         with recorded_device_map(backend) as seen:
@@ -193,7 +197,7 @@ def test_recipe_loads_and_generates_on_the_cpu(tiny_dirs, backend, request_):
     chat_model = _backend(backend, tiny_dirs, request_)
     with simulated():
         chat_model.load()
-    assert chat_model._omnifix_device == omnifix.ResolvedDevice({"": "cpu"}, torch.device("cpu"))
+    assert chat_model._omnifix_device == ResolvedDevice({"": "cpu"}, torch.device("cpu"))
     assert chat_model._device == "cpu"
     assert not omnifix.find_meta_tensors(chat_model._model)
     new_tokens = chat_model.chat([{"role": "user", "content": "hi"}], {"max_tokens": 2})
@@ -231,7 +235,7 @@ def test_restoring_brings_the_standin_back_also_after_an_exception(tiny_dirs):
     (handle,) = handles
     assert xi.select_device is select_device
     assert {key: key[0].__dict__.get(key[1]) for key in originals} == originals
-    handle.restore()  # idempotent
+    handle.remove()  # idempotent
     assert xi.select_device is select_device
     with simulated(cuda=2):  # the bugs are back
         with pytest.raises(ValueError, match="cuda:1 is unavailable"):
@@ -271,7 +275,7 @@ def test_bad_arguments_are_refused(backends, modules, match):
 def test_recipe_on_real_gpus(tiny_dirs, backend):
     chat_model = _backend(backend, tiny_dirs, "auto")
     chat_model.load()
-    assert chat_model._omnifix_device == omnifix.ResolvedDevice("auto", None)
+    assert chat_model._omnifix_device == ResolvedDevice("auto", None)
     assert chat_model._device == str(omnifix.input_device(chat_model._model))
     assert chat_model._device.startswith("cuda:")
     assert chat_model.chat([{"role": "user", "content": "hi"}]).shape[0] == 1

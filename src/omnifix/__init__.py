@@ -1,41 +1,34 @@
-"""omnifix: make Hugging Face multimodal models land on the right devices.
+"""omnifix: make Hugging Face models land on the right devices.
 
-Importing omnifix is cheap: torch, transformers and accelerate are imported by the functions
-that need them, not here.
+Plan before loading, never run out of memory at a budget the plan accepted, never degrade
+silently. ``import omnifix`` is cheap: torch, transformers and accelerate are imported by the
+functions that need them. Types for annotations are in :mod:`omnifix.types`, the errors also in
+:mod:`omnifix.errors`.
 
 >>> import omnifix
 >>> omnifix.normalize_device("cpu")
 device(type='cpu')
 """
 
-from omnifix._devices import ResolvedDevice as ResolvedDevice
+from typing import Any
+
+from omnifix._compat import deprecated
 from omnifix._devices import input_device as input_device
 from omnifix._devices import normalize_device as normalize_device
 from omnifix._devices import resolve_device_map as resolve_device_map
-from omnifix._dispatch import LeanDispatch as LeanDispatch
 from omnifix._dispatch import lean_dispatch as lean_dispatch
-from omnifix._embeddings import EmbeddingPin as EmbeddingPin
 from omnifix._embeddings import pin_embeddings as pin_embeddings
-from omnifix._load import AttentionRequest as AttentionRequest
-from omnifix._load import DeviceUsage as DeviceUsage
-from omnifix._load import PlacementReport as PlacementReport
+from omnifix._handle import Handle as Handle
 from omnifix._load import load_safely as load_safely
-from omnifix._load import placement_report as placement_report
 from omnifix._meta import MetaReport as MetaReport
-from omnifix._meta import MetaTensor as MetaTensor
 from omnifix._meta import assert_no_meta as assert_no_meta
 from omnifix._meta import find_meta_tensors as find_meta_tensors
-from omnifix._patch import Patch as Patch
-from omnifix._patch import install as install
-from omnifix._patch import patched as patched
-from omnifix._patch import uninstall as uninstall
-from omnifix._plan import DeviceBudget as DeviceBudget
+from omnifix._patch import patch_from_pretrained as patch_from_pretrained
 from omnifix._plan import PlacementPlan as PlacementPlan
 from omnifix._plan import Workload as Workload
 from omnifix._plan import plan_placement as plan_placement
-from omnifix._types import DeviceLike as DeviceLike
-from omnifix._types import DeviceMapValue as DeviceMapValue
-from omnifix._types import DeviceRequest as DeviceRequest
+from omnifix._report import PlacementReport as PlacementReport
+from omnifix._report import placement_report as placement_report
 from omnifix._version import __version__ as __version__
 from omnifix.errors import AttentionUnavailableError as AttentionUnavailableError
 from omnifix.errors import CheckpointError as CheckpointError
@@ -49,43 +42,67 @@ from omnifix.errors import OmnifixWarning as OmnifixWarning
 from omnifix.errors import UnsupportedModelError as UnsupportedModelError
 
 __all__ = [
-    "AttentionRequest",
     "AttentionUnavailableError",
     "CheckpointError",
-    "DeviceBudget",
     "DeviceError",
-    "DeviceLike",
-    "DeviceMapValue",
-    "DeviceRequest",
     "DeviceUnavailableError",
-    "DeviceUsage",
-    "EmbeddingPin",
+    "Handle",
     "InsufficientMemoryError",
     "InvalidArgumentError",
-    "LeanDispatch",
     "MetaReport",
-    "MetaTensor",
     "MetaTensorError",
     "OmnifixError",
     "OmnifixWarning",
-    "Patch",
     "PlacementPlan",
     "PlacementReport",
-    "ResolvedDevice",
     "UnsupportedModelError",
     "Workload",
     "__version__",
     "assert_no_meta",
     "find_meta_tensors",
     "input_device",
-    "install",
     "lean_dispatch",
     "load_safely",
     "normalize_device",
-    "patched",
+    "patch_from_pretrained",
     "pin_embeddings",
     "placement_report",
     "plan_placement",
     "resolve_device_map",
-    "uninstall",
 ]
+
+#: Names that moved, one more release: ``old name -> (module, new name, how to spell it now)``.
+_MOVED = {
+    **{
+        name: ("omnifix.types", name, f"omnifix.types.{name}")
+        for name in (
+            "AttentionRequest",
+            "DeviceBudget",
+            "DeviceLike",
+            "DeviceMapValue",
+            "DeviceRequest",
+            "DeviceUsage",
+            "EmbeddingPin",
+            "LeanDispatch",
+            "MetaTensor",
+            "ResolvedDevice",
+        )
+    },
+    "Patch": ("omnifix.types", "FromPretrainedPatch", "omnifix.types.FromPretrainedPatch"),
+    # These three warn when called (their replacements differ in shape: see the CHANGELOG).
+    "install": ("omnifix._patch", "install", ""),
+    "uninstall": ("omnifix._patch", "uninstall", ""),
+    "patched": ("omnifix._patch", "patched", ""),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated names of :data:`_MOVED`, with a warning where they are looked up."""
+    if name not in _MOVED:
+        raise AttributeError(f"module 'omnifix' has no attribute {name!r}")
+    import importlib
+
+    module, new, spelling = _MOVED[name]
+    if spelling:
+        deprecated(f"omnifix.{name}", spelling)
+    return getattr(importlib.import_module(module), new)

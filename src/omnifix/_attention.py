@@ -1,29 +1,12 @@
-"""Choosing the dtype and the attention implementation, and passing them to ``from_pretrained``.
+"""Choosing the dtype and the attention implementation for the devices a model will use.
 
-Three decisions that ``from_pretrained`` leaves to the caller, each made here by a small function
-that takes the machine's facts as arguments (so it is testable without the machine):
-
-* **dtype** (:func:`choose_dtype`): bfloat16 where every GPU the model uses supports it (compute
-  capability 8.0, Ampere, or newer), float16 on older GPUs, float32 on the cpu; a dtype the caller
-  names is kept.
-* **attention** (:func:`choose_attention`): ``flash_attention_2`` when flash-attn imports, every GPU
-  is Ampere or newer, the dtype is half precision and the model class supports it; else ``sdpa``;
-  ``eager`` only when asked (or when the model supports nothing else). A requested implementation
-  that cannot run here (flash-attn not installed, an fp32 model, a pre-Ampere GPU, a model class
-  without it) falls back with an :class:`omnifix.OmnifixWarning` instead of transformers'
-  ``ImportError``/``ValueError`` at load time, or raises :class:`AttentionUnavailableError` when
-  ``strict=True``.
-* **the keyword** (:func:`dtype_keyword`): transformers 4.56 renamed
-  ``from_pretrained(torch_dtype=)`` to ``dtype=`` (huggingface/transformers#39782). 4.45 to 4.55
-  only know ``torch_dtype`` (an unknown ``dtype=`` goes to the model's config); 4.56 and later
-  take ``dtype`` and log "`torch_dtype` is deprecated! Use `dtype` instead!" for the old name.
-
-Models that pin their own attention are left to do so: Qwen2.5-Omni's token2wav (DiT + BigVGAN)
-must run in float32 with sdpa, and its ``__init__`` (transformers 4.52 to 5.x) already swaps a
-requested flash or eager implementation for sdpa and calls ``token2wav.float()``; loading the full
-Omni model in bfloat16 therefore leaves token2wav in float32, which is what it needs. One string
-for the whole model is enough for it, so omnifix passes one (a per-sub-config dict, which
-transformers 4.5x+ accepts, is forwarded when the caller gives one).
+Each decision is a small function that takes the machine's facts as arguments, so it is
+testable without the machine: :func:`choose_dtype` (bfloat16 where every GPU is Ampere or newer,
+float16 on older GPUs, float32 on the cpu; a dtype the caller names is kept) and
+:func:`choose_attention` (``flash_attention_2`` where it can run, else ``sdpa``; a requested
+implementation that cannot run falls back with an :class:`omnifix.OmnifixWarning` instead of
+transformers' ``ImportError`` at load time, or raises with ``strict=True``). Models that pin their
+own attention (Qwen2.5-Omni's float32 token2wav keeps sdpa) are left to do so.
 """
 
 from __future__ import annotations
@@ -31,7 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 from omnifix.errors import (
     AttentionUnavailableError,
@@ -49,7 +32,6 @@ __all__ = [
     "Capability",
     "choose_attention",
     "choose_dtype",
-    "dtype_keyword",
     "gpu_capabilities",
     "installed_attention",
     "parse_dtype",
@@ -63,8 +45,6 @@ Capability = tuple[int, int]
 _AMPERE: Final[Capability] = (8, 0)
 #: The first compute capability FlashAttention-3 and -4 run on (Hopper).
 _HOPPER: Final[Capability] = (9, 0)
-#: transformers from which ``from_pretrained`` takes ``dtype=`` (and deprecates ``torch_dtype=``).
-_DTYPE_KEYWORD_SINCE: Final = (4, 56)
 
 _DTYPE_NAMES: Final[dict[str, str]] = {
     "bfloat16": "bfloat16",
@@ -198,30 +178,6 @@ def gpu_capabilities(devices: Iterable[torch.device]) -> tuple[Capability, ...]:
             major, minor = torch.cuda.get_device_capability(device)
             found.append((int(major), int(minor)))
     return tuple(found)
-
-
-def _transformers_release() -> tuple[int, ...]:
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__).release
-
-
-def dtype_keyword() -> Literal["dtype", "torch_dtype"]:
-    """The ``from_pretrained`` keyword for the dtype in the installed transformers.
-
-    Returns:
-        ``"dtype"`` from transformers 4.56 on (where ``torch_dtype`` logs a deprecation),
-        ``"torch_dtype"`` before (where ``dtype=`` is not a loading option).
-
-    Example:
-        >>> import transformers
-        >>> from omnifix._attention import dtype_keyword
-        >>> major, minor = map(int, transformers.__version__.split(".")[:2])
-        >>> dtype_keyword() == ("dtype" if (major, minor) >= (4, 56) else "torch_dtype")
-        True
-    """
-    return "dtype" if _transformers_release()[:2] >= _DTYPE_KEYWORD_SINCE else "torch_dtype"
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,17 +31,18 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from omnifix._devices import device_order, offloads
+from omnifix._device_map import OFFLOAD_TARGETS, Placement, place_order, spell
+from omnifix._devices import normalize_map
+from omnifix._handle import Handle
+from omnifix._modules import find_input_embeddings, iter_hooks
 from omnifix.errors import DeviceError, InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
-    from types import TracebackType
 
     import torch
     from torch import nn
     from torch.utils.hooks import RemovableHandle
-    from typing_extensions import Self
 
 __all__ = ["LeanDispatch", "lean_dispatch"]
 
@@ -355,8 +356,6 @@ def is_lean_hook(hook: object) -> bool:
 
 def hooks_in_place(model: nn.Module) -> str:
     """Which hooks ``model`` has: ``"lean"`` (omnifix's), ``"accelerate"`` (other) or ``"none"``."""
-    from omnifix._modules import iter_hooks
-
     found = "none"
     for module in model.modules():
         for hook in iter_hooks(module):
@@ -371,19 +370,16 @@ def hooks_in_place(model: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class LeanDispatch:
-    """Handle returned by :func:`omnifix.lean_dispatch`; ``remove()`` or use as a context manager.
+class LeanDispatch(Handle):
+    """Handle returned by :func:`omnifix.lean_dispatch` (see :class:`omnifix.Handle`).
 
     ``remove()`` takes omnifix's hooks off and puts back, with accelerate's
-    ``add_hook_to_module``, exactly the hook objects :func:`omnifix.lean_dispatch` took off.
-    Weights stay where they are (accelerate's hooks place their modules' weights on their own
-    devices again, which only differs after ``lean_dispatch(device_map=...)`` moved them). The
-    handle refers to the model's modules weakly: it does not keep a deleted model alive. A later
-    ``lean_dispatch`` of the same model removes this handle's hooks first (this handle then
-    reports ``active=False``).
+    ``add_hook_to_module``, exactly the hook objects :func:`omnifix.lean_dispatch` took off;
+    weights stay where they are. The handle refers to the model weakly. A later ``lean_dispatch``
+    of the same model removes this handle first (``active`` is then ``False``).
     """
 
-    __slots__ = ("_active", "_attached", "_devices", "_model", "_replaced")
+    __slots__ = ("_attached", "_devices", "_model", "_replaced")
 
     def __init__(
         self,
@@ -392,11 +388,12 @@ class LeanDispatch:
         replaced: list[tuple[nn.Module, object]],
         devices: tuple[str, ...],
     ) -> None:
+        """The hooks attached and replaced on ``model``."""
+        super().__init__()
         self._model = weakref.ref(model)
         self._attached = tuple((weakref.ref(module), hook) for module, hook in attached)
         self._replaced = tuple((weakref.ref(module), hook) for module, hook in replaced)
         self._devices = devices
-        self._active = True
 
     @property
     def hooks(self) -> int:
@@ -413,19 +410,7 @@ class LeanDispatch:
         """How many accelerate hooks were taken off (and come back on :meth:`remove`)."""
         return len(self._replaced)
 
-    @property
-    def active(self) -> bool:
-        """Whether the hooks are still in place (``False`` after :meth:`remove`)."""
-        return self._active
-
-    def remove(self) -> None:
-        """Take omnifix's hooks off and restore the accelerate hooks they replaced.
-
-        Calling it again does nothing.
-        """
-        if not self._active:
-            return
-        self._active = False
+    def _undo(self) -> None:
         from accelerate.hooks import add_hook_to_module
 
         for ref, hook in self._attached:
@@ -440,24 +425,11 @@ class LeanDispatch:
         if model is not None and _ACTIVE.get(model) is self:
             del _ACTIVE[model]
 
-    def __enter__(self) -> Self:
-        """Return the handle itself; the hooks are already in place."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Remove the hooks, whether or not the block raised."""
-        self.remove()
-
     def __repr__(self) -> str:
         """Hooks, devices, replaced accelerate hooks, and whether the dispatch is active."""
         return (
             f"LeanDispatch(hooks={self.hooks}, devices={self._devices!r}, "
-            f"replaced={self.replaced}, active={self._active})"
+            f"replaced={self.replaced}, active={self.active})"
         )
 
 
@@ -489,8 +461,6 @@ def _placements(
     model: nn.Module, device_map: Mapping[str, object] | None
 ) -> tuple[dict[str, str], bool]:
     """``{entry: "cuda:0" | "cpu" | "disk" | ...}`` and whether the caller gave the map."""
-    from omnifix._devices import _hf_entry, _normalize_map_value
-
     if device_map is not None:
         if not isinstance(device_map, Mapping):
             raise InvalidArgumentError(
@@ -498,15 +468,10 @@ def _placements(
                 "{module_name: device} mapping. Pass one (e.g. {'model.layers.0': 0, ...}), or "
                 "device_map=None to use model.hf_device_map."
             )
-        # Validated like load_safely's maps: malformed or missing devices are DeviceErrors.
-        return {
-            str(name): _normalize_map_value(str(name), value) for name, value in device_map.items()
-        }, True
+        return normalize_map(device_map), True  # checked like load_safely's maps
     recorded = getattr(model, "hf_device_map", None)
     if isinstance(recorded, Mapping) and recorded:
-        return {
-            str(name): _hf_entry(value).strip().lower() for name, value in recorded.items()
-        }, False
+        return dict(Placement.of(recorded).entries), False
     return _inferred_map(model), False
 
 
@@ -517,10 +482,9 @@ def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
 
 def _inferred_map(model: nn.Module) -> dict[str, str]:
     """A device_map read from where the tensors are: the largest modules on a single device."""
-    from omnifix._devices import _map_entry
 
     def places(module: nn.Module) -> set[str]:
-        return {_map_entry(tensor.device) for tensor in _tensors(module)}
+        return {spell(tensor.device) for tensor in _tensors(module)}
 
     found: dict[str, str] = {}
 
@@ -531,7 +495,7 @@ def _inferred_map(model: nn.Module) -> dict[str, str]:
                 found[name] = next(iter(where))
             return
         own = {
-            _map_entry(tensor.device)
+            spell(tensor.device)
             for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
         }
         if len(own) > 1:
@@ -557,16 +521,16 @@ def _inferred_map(model: nn.Module) -> dict[str, str]:
 
 
 def _refuse_offload(placements: Mapping[str, str]) -> None:
-    values = set(placements.values())
-    offloaded = sorted(name for name, where in placements.items() if where in ("cpu", "disk"))
-    if offloads(values):
+    placement = Placement.of(placements)
+    if placement.offloads:
+        offloaded = sorted(placement.offloaded)
         shown = ", ".join(f"{name or '(root)'}: {placements[name]}" for name in offloaded[:4])
         more = f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else ""  # noqa: PLR2004
+        computing = sorted(set(placements.values()) - set(OFFLOAD_TARGETS), key=place_order)
         raise InvalidArgumentError(
             f"The device_map offloads {shown}{more} next to entries on "
-            f"{', '.join(sorted(values - {'cpu', 'disk'}, key=device_order)) or 'no GPU'}: "
-            "offloaded weights are streamed to the GPU by accelerate's hooks on every forward, "
-            f"which lean hooks do not do. {_OFFLOAD_FIX}"
+            f"{', '.join(computing) or 'no GPU'}: offloaded weights are streamed to the GPU by "
+            f"accelerate's hooks on every forward, which lean hooks do not do. {_OFFLOAD_FIX}"
         )
 
 
@@ -609,8 +573,6 @@ def _accelerate_hooks(model: nn.Module) -> list[tuple[nn.Module, object]]:
     in place, and their modules get no lean hook.
     """
     from accelerate.hooks import AlignDevicesHook
-
-    from omnifix._modules import iter_hooks
 
     found: list[tuple[nn.Module, object]] = []
     for name, module in model.named_modules():
@@ -671,8 +633,6 @@ def _root_device(
     model: nn.Module, modules: list[tuple[str, nn.Module, torch.device]]
 ) -> torch.device:
     """The device of the primary input embedding's entry, else of the first entry."""
-    from omnifix._modules import find_input_embeddings
-
     embeddings = find_input_embeddings(model)
     if embeddings:
         target = embeddings[0][0]
@@ -709,7 +669,7 @@ def lean_dispatch(
             weights are.
 
     Returns:
-        A :class:`omnifix.LeanDispatch` handle: ``.hooks`` (how many were attached),
+        A :class:`omnifix.types.LeanDispatch` handle: ``.hooks`` (how many were attached),
         ``.devices``, ``.remove()`` (or leave a ``with`` block) to put accelerate's hooks back.
 
     Raises:
@@ -763,7 +723,7 @@ def lean_dispatch(
         sorted(
             {str(device) for _, _, device in modules}
             | {str(device) for _, device in tensor_entries},
-            key=device_order,
+            key=place_order,
         )
     )
     for module, _ in replaced:
@@ -810,8 +770,6 @@ def _top(model: nn.Module) -> nn.Module:
     input embedding (Qwen2.5-Omni's ``generate`` runs its thinker).
     """
     from torch import nn
-
-    from omnifix._modules import find_input_embeddings
 
     if type(model).forward is not nn.Module.forward:
         return model

@@ -16,16 +16,15 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from omnifix._devices import normalize_device
+from omnifix._handle import Handle
 from omnifix._modules import execution_device, find_input_embeddings
 from omnifix.errors import DeviceError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     import torch
     from torch import nn
     from torch.utils.hooks import RemovableHandle
-    from typing_extensions import Self
 
     from omnifix._types import DeviceLike
 
@@ -129,26 +128,25 @@ class _ReturnToCaller:
         return send_to_device(output, target)
 
 
-class EmbeddingPin:
-    """Handle returned by :func:`omnifix.pin_embeddings`; ``remove()`` or use as a context manager.
+class EmbeddingPin(Handle):
+    """Handle returned by :func:`omnifix.pin_embeddings` (see :class:`omnifix.Handle`).
 
     Pins are reference counted per embedding: pinning an already pinned embedding adds no hook
-    but one owner, and the hooks go when the last owner is removed. So removing (or leaving the
-    ``with`` block of) a second pin never unpins what an earlier pin still holds. Dropping the
-    handle without ``remove()`` leaves the pin in place, like torch's own hook handles. The handle
-    refers to the embeddings weakly: it does not keep a deleted model alive.
+    but one owner, and the hooks go when the last owner is removed, so removing a second pin
+    never unpins what an earlier one still holds. The handle refers to the embeddings weakly.
     """
 
-    __slots__ = ("_active", "_device", "_entries")
+    __slots__ = ("_device", "_entries")
 
     def __init__(
         self,
         entries: list[tuple[str, nn.Module, _PinState]],
         device: torch.device | None,
     ) -> None:
+        """The pinned embeddings (name, module, state) and the return device."""
+        super().__init__()
         self._entries = tuple((name, weakref.ref(module), state) for name, module, state in entries)
         self._device = device
-        self._active = True
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -160,20 +158,8 @@ class EmbeddingPin:
         """Where embeddings are returned; ``None`` means "the device the ids came from"."""
         return self._device
 
-    @property
-    def active(self) -> bool:
-        """Whether this handle still holds its pins (``False`` after :meth:`remove`)."""
-        return self._active
-
-    def remove(self) -> None:
-        """Release this handle's pins; hooks of embeddings no other handle holds are removed.
-
-        Calling it again does nothing. Removal deletes exactly the two hooks the pin added, so
-        the embedding's hook dictionaries are the same as before pinning.
-        """
-        if not self._active:
-            return
-        self._active = False
+    def _undo(self) -> None:
+        # Removal deletes exactly the two hooks the pin added: the hook dicts are as before.
         for _, ref, state in self._entries:
             module = ref()
             if module is None or module.__dict__.get(_STATE_ATTR) is not state:
@@ -184,28 +170,14 @@ class EmbeddingPin:
                     handle.remove()
                 del module.__dict__[_STATE_ATTR]
 
-    def __enter__(self) -> Self:
-        """Return the handle itself; the pin is already in place."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Remove the pin, whether or not the block raised."""
-        self.remove()
-
     def __repr__(self) -> str:
         """Name the pinned embeddings, the target device and whether the pin is active."""
         return (
-            f"EmbeddingPin(modules={self.modules!r}, device={self._device!r}, "
-            f"active={self._active})"
+            f"EmbeddingPin(modules={self.modules!r}, device={self._device!r}, active={self.active})"
         )
 
 
-def pin_embeddings(model: nn.Module, device: DeviceLike = None) -> EmbeddingPin:
+def pin_embeddings(model: nn.Module, *, device: DeviceLike = None) -> EmbeddingPin:
     """Make every input embedding of ``model`` safe to call with ids on any device.
 
     Finds the input embeddings (``get_input_embeddings()`` where it works, else the
@@ -219,7 +191,7 @@ def pin_embeddings(model: nn.Module, device: DeviceLike = None) -> EmbeddingPin:
     Nothing is replaced: ``state_dict()``, ``.weight``, tied ``lm_head`` weights and
     ``save_pretrained`` are exactly as before, and accelerate's hooks (which wrap ``forward``)
     keep working inside ours, whether added before or after pinning. Pinning twice adds no
-    hook (see :class:`omnifix.EmbeddingPin` for who owns what).
+    hook (see :class:`omnifix.types.EmbeddingPin` for who owns what).
 
     Args:
         model: Any ``nn.Module`` with token embeddings; usually a transformers model.
@@ -254,8 +226,6 @@ def pin_embeddings(model: nn.Module, device: DeviceLike = None) -> EmbeddingPin:
             f"pin_embeddings needs a torch.nn.Module, got {type(model).__name__}; "
             "pass the model itself (e.g. the result of from_pretrained)."
         )
-    from omnifix._devices import normalize_device
-
     target = None if device is None else normalize_device(device)
     found: list[tuple[str, nn.Module]] = list(find_input_embeddings(model))
     if not found and isinstance(model, nn.Embedding):

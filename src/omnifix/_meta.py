@@ -1,29 +1,11 @@
 """Meta tensors: finding parameters that are offloaded or were never loaded, and refusing them.
 
-A parameter or buffer on the ``meta`` device has a shape and a dtype but no data. There are two
-very different reasons for that, and omnifix tells them apart from accelerate's real state, never
-from names:
-
-* **offloaded**: accelerate keeps the data on cpu or disk and an ``AlignDevicesHook`` with
-  ``offload=True`` on the owning module (or on an ancestor that places its submodules) copies it in
-  for each ``forward`` and drops it again afterwards. The model works, but any code that reads the
-  tensor outside ``forward`` fails: ``.item()``, ``.tolist()``, ``.cpu()``, ``model.device`` and
-  friends.
-* **uninitialised**: no data anywhere. A skeleton built under ``init_empty_weights()`` and never
-  loaded, keys missing from the checkpoint (see below), a non-persistent buffer that an offload
-  hook drops and never restores. Even ``forward`` fails on these.
-
-What happens to keys missing from a checkpoint depends on the transformers version (checked with
-4.45.2, 4.57.6 and 5.23.0):
-
-* in a module that ``device_map`` sends to ``"disk"`` (or, with a GPU, to ``"cpu"``), every
-  version leaves the missing tensor on ``meta`` behind an offload hook whose weights map does not
-  hold it, so ``forward`` dies with a ``KeyError``. A name-based check would call these
-  "offloaded"; omnifix reports them *uninitialised*.
-* with ``low_cpu_mem_usage=True`` and no ``device_map``, 4.45 leaves them on ``meta`` (and reports
-  no missing keys!); 4.57 and 5.x initialise them randomly, so they are not meta tensors at all.
-* with a single-device ``device_map`` every version initialises them (4.45 with ``torch.empty``
-  garbage for some); again no meta tensors, which this module cannot see.
+A tensor on ``meta`` has a shape but no data. It is *offloaded* when accelerate keeps the data on
+cpu or disk and an ``AlignDevicesHook`` copies it in for each ``forward`` (code that reads it
+outside ``forward`` fails: ``.item()``, ``.cpu()``, ``model.device``), and *uninitialised* when
+there is no data anywhere (even ``forward`` fails). omnifix tells them apart from accelerate's
+real state, never from names; docs/meta-tensors.md says what each transformers release does with
+keys missing from a checkpoint.
 """
 
 from __future__ import annotations
@@ -32,13 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from omnifix._compat import deprecated
+from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate
 from omnifix._modules import iter_hooks
-from omnifix.errors import MetaTensorError
+from omnifix._table import Table, plain, rich
+from omnifix._units import format_bytes
+from omnifix.errors import MetaTensorError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import torch
+    from rich.console import Group
     from torch import nn
 
     from omnifix._types import OffloadLocation
@@ -51,8 +38,6 @@ _SHOWN_IN_ERROR = 5
 _ENTRIES_IN_ERROR = 8
 #: How many rows ``str(report)`` prints.
 _SHOWN_IN_TABLE = 10
-#: device_map values that never make accelerate offload "cpu" entries (it runs them there).
-_CPU_LIKE = frozenset({"cpu", "disk", "mps", "meta"})
 
 
 @dataclass(frozen=True)
@@ -93,9 +78,9 @@ class MetaReport:
 
     Attributes:
         tensors: The meta tensors, in ``named_modules`` order, each tied weight once.
-        offloaded_device_map: The ``hf_device_map`` entries whose modules accelerate offloads:
-            every ``"disk"`` entry, and the ``"cpu"`` entries when the model also runs on an
-            accelerator (on a cpu-only map accelerate runs ``"cpu"`` modules in place).
+        offloaded_device_map: The ``hf_device_map`` entries whose weights accelerate offloads,
+            by ``dispatch_model``'s rule: every ``"disk"`` entry, and the ``"cpu"`` entries when
+            the map's main device is an accelerator other than mps.
     """
 
     tensors: tuple[MetaTensor, ...]
@@ -122,9 +107,16 @@ class MetaReport:
 
     def __str__(self) -> str:
         """A short table: a summary line, then one row per tensor (the first few)."""
+        return plain(self._blocks())
+
+    def __rich__(self) -> Group:
+        """The same as :meth:`__str__`, as a rich table."""
+        return rich(self._blocks())
+
+    def _blocks(self) -> list[str | Table]:
         if not self.tensors:
-            return "no meta tensors"
-        return "\n".join([_summary(self.tensors), *_rows(self.tensors, _SHOWN_IN_TABLE)])
+            return ["no meta tensors"]
+        return [_summary(self.tensors), _table(self.tensors, _SHOWN_IN_TABLE)]
 
 
 def find_meta_tensors(model: nn.Module) -> MetaReport:
@@ -157,9 +149,15 @@ def find_meta_tensors(model: nn.Module) -> MetaReport:
         >>> [t.kind for t in omnifix.find_meta_tensors(skeleton).uninitialised]
         ['uninitialised', 'uninitialised']
     """
-    device_map = getattr(model, "hf_device_map", None)
-    if not isinstance(device_map, Mapping):
-        device_map = {}
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"find_meta_tensors needs a torch.nn.Module, got {type(model).__name__}; pass the "
+            "model itself (e.g. the result of from_pretrained)."
+        )
+    recorded = getattr(model, "hf_device_map", None)
+    device_map: Mapping[str, object] = recorded if isinstance(recorded, Mapping) else {}
     found: dict[int, MetaTensor] = {}
     # Hooks that place their submodules (``preload_module_classes``, ``cpu_offload`` of a leaf
     # class) load tensors of descendants too; named_modules is pre-order, so ancestors come first.
@@ -191,12 +189,13 @@ def find_meta_tensors(model: nn.Module) -> MetaReport:
                 is_buffer=is_buffer,
                 offloaded_to=location if offloaded else None,
             )
-    return MetaReport(
-        tensors=tuple(found.values()), offloaded_device_map=_offloaded_entries(device_map)
-    )
+    offloaded_map = dict(Placement.of(device_map).offloaded) if device_map else {}
+    return MetaReport(tensors=tuple(found.values()), offloaded_device_map=offloaded_map)
 
 
-def assert_no_meta(model: nn.Module, *, allow_offloaded: bool = False) -> None:
+def assert_no_meta(
+    model: nn.Module, *, allow_offload: bool = False, allow_offloaded: bool | None = None
+) -> None:
     """Raise :class:`omnifix.MetaTensorError` if ``model`` has tensors on ``meta``.
 
     Call it right after loading, before code that reads weights outside ``forward`` (``.item()``,
@@ -205,12 +204,15 @@ def assert_no_meta(model: nn.Module, *, allow_offloaded: bool = False) -> None:
 
     Args:
         model: The model to check.
-        allow_offloaded: Accept tensors that accelerate offloads to cpu or disk (they work
+        allow_offload: Accept tensors that accelerate offloads to cpu or disk (they work
             inside ``forward``). Uninitialised tensors raise regardless.
+        allow_offloaded: Deprecated spelling of ``allow_offload``.
 
     Raises:
         MetaTensorError: Listing the first tensors, the counts per kind, their total size, the
-            offloaded ``hf_device_map`` entries, and the fix for the case at hand.
+            offloaded ``hf_device_map`` entries, and the fix for the case at hand; ``.report``
+            is the :class:`omnifix.MetaReport`.
+        UnsupportedModelError: ``model`` is not an ``nn.Module``.
 
     Example:
         >>> import torch, omnifix
@@ -218,15 +220,19 @@ def assert_no_meta(model: nn.Module, *, allow_offloaded: bool = False) -> None:
         >>> with torch.device("meta"):
         ...     skeleton = torch.nn.Linear(4, 2)
         >>> try:
-        ...     omnifix.assert_no_meta(skeleton, allow_offloaded=True)
+        ...     omnifix.assert_no_meta(skeleton, allow_offload=True)
         ... except omnifix.MetaTensorError as error:
         ...     print(str(error).splitlines()[0])
         2 tensors are on the meta device (40 B): 2 uninitialised (no data anywhere).
     """
+    if allow_offloaded is not None:
+        deprecated("assert_no_meta(allow_offloaded=...)", "allow_offload=...")
+        allow_offload = allow_offloaded
     report = find_meta_tensors(model)
-    blocking = report.uninitialised if allow_offloaded else report.tensors
+    blocking = report.uninitialised if allow_offload else report.tensors
     if blocking:
-        raise MetaTensorError(_message(report, blocking, allow_offloaded=allow_offloaded))
+        message = _message(report, blocking, allow_offload=allow_offload)
+        raise MetaTensorError(message, report=report)
 
 
 def _own_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, bool]]:
@@ -313,36 +319,14 @@ def _lookup(weights_map: object, key: str) -> tuple[bool, OffloadLocation | None
 
 
 def _device_map_location(device_map: Mapping[str, object], name: str) -> OffloadLocation | None:
-    """The ``"cpu"``/``"disk"`` value of the longest ``hf_device_map`` entry covering ``name``."""
-    module = name
-    while True:
-        value = device_map.get(module)
-        if value is not None:
-            return value if value in ("cpu", "disk") else None
-        if not module:
-            return None
-        module = module.rpartition(".")[0]
-
-
-def _offloaded_entries(device_map: Mapping[str, object]) -> dict[str, str]:
-    # Mirrors accelerate's dispatch_model: "cpu" entries are offloaded only when the main device
-    # is an accelerator other than mps; "disk" entries always are.
-    on_accelerator = any(str(value) not in _CPU_LIKE for value in device_map.values())
-    offloaded = ("cpu", "disk") if on_accelerator else ("disk",)
-    return {name: str(value) for name, value in device_map.items() if value in offloaded}
+    """The ``"cpu"``/``"disk"`` value of the ``hf_device_map`` entry covering ``name``."""
+    found = locate(device_map, name)
+    value = None if found is None else found[1]
+    return value if value in OFFLOAD_TARGETS else None
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _human_bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":  # noqa: PLR2004
-            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _summary(tensors: tuple[MetaTensor, ...]) -> str:
@@ -355,28 +339,31 @@ def _summary(tensors: tuple[MetaTensor, ...]) -> str:
     if len(offloaded) < len(tensors):
         parts.append(f"{len(tensors) - len(offloaded)} uninitialised (no data anywhere)")
     noun = "tensor is" if len(tensors) == 1 else "tensors are"
-    return f"{len(tensors)} {noun} on the meta device ({_human_bytes(total)}): {', '.join(parts)}."
+    return f"{len(tensors)} {noun} on the meta device ({format_bytes(total)}): {', '.join(parts)}."
 
 
-def _rows(tensors: tuple[MetaTensor, ...], limit: int) -> list[str]:
+def _table(tensors: tuple[MetaTensor, ...], limit: int) -> Table:
     # Uninitialised tensors first: they break even forward().
     ordered = sorted(tensors, key=lambda tensor: tensor.kind != "uninitialised")
-    shown = ordered[:limit]
-    width = max(len(tensor.name) for tensor in shown)
-    rows = []
-    for tensor in shown:
-        where = f"offloaded to {tensor.offloaded_to}" if tensor.offloaded_to else tensor.kind
-        kind = "buffer" if tensor.is_buffer else "param"
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        rows.append(f"  {tensor.name:<{width}}  {kind:<6} {tensor.shape!s:<14} {dtype:<9} {where}")
-    if len(tensors) > limit:
-        rows.append(f"  ... and {len(tensors) - limit} more")
-    return rows
+    rows = tuple(
+        (
+            tensor.name,
+            "buffer" if tensor.is_buffer else "param",
+            str(tensor.shape),
+            str(tensor.dtype).removeprefix("torch."),
+            f"offloaded to {tensor.offloaded_to}" if tensor.offloaded_to else tensor.kind,
+        )
+        for tensor in ordered[:limit]
+    )
+    more = len(tensors) - limit
+    if more > 0:
+        rows += ((f"... and {more} more", "", "", "", ""),)
+    return Table(("tensor", "kind", "shape", "dtype", "where"), rows)
 
 
-def _message(report: MetaReport, blocking: tuple[MetaTensor, ...], *, allow_offloaded: bool) -> str:
-    lines = [_summary(blocking), *_rows(blocking, _SHOWN_IN_ERROR)]
-    if allow_offloaded and report.offloaded:
+def _message(report: MetaReport, blocking: tuple[MetaTensor, ...], *, allow_offload: bool) -> str:
+    lines = [_summary(blocking), *_table(blocking, _SHOWN_IN_ERROR).lines()]
+    if allow_offload and report.offloaded:
         lines.append(f"({len(report.offloaded)} offloaded tensors were allowed.)")
     has_offloaded = any(tensor.kind == "offloaded" for tensor in blocking)
     has_uninitialised = any(tensor.kind == "uninitialised" for tensor in blocking)
@@ -412,7 +399,7 @@ def _message(report: MetaReport, blocking: tuple[MetaTensor, ...], *, allow_offl
             'values are GPU indices only (no "cpu" or "disk"); load it in bfloat16 '
             "(torch_dtype=torch.bfloat16, dtype= on transformers 5) with "
             'attn_implementation="flash_attention_2" so it fits; or, if only forward() reads these '
-            "weights, pass allow_offloaded=True knowingly"
+            "weights, pass allow_offload=True knowingly"
         )
     lines.append("Fix: " + "; and ".join(fixes) + ".")
     return "\n".join(lines)

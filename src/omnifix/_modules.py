@@ -1,9 +1,7 @@
-"""Finding things inside a model: input embeddings, execution devices, accelerate hooks.
+"""Finding things inside a model: input embeddings, accelerate hooks, execution devices.
 
-Shared by :func:`omnifix.input_device`, :func:`omnifix.pin_embeddings` and
-:func:`omnifix.find_meta_tensors`. Nothing here hard-codes a module path: the layout of the
-Qwen families differs between transformers 4.45-4.51, 4.52+ and 5.x, so we ask the model
-(``get_input_embeddings``) and fall back to walking it.
+Nothing here hard-codes a module path (the Qwen layouts differ between transformers 4.45-4.51,
+4.52+ and 5.x): the model is asked (``get_input_embeddings``), then walked.
 """
 
 from __future__ import annotations
@@ -15,6 +13,14 @@ if TYPE_CHECKING:
 
     import torch
     from torch import nn
+
+__all__ = [
+    "execution_device",
+    "execution_devices",
+    "find_input_embeddings",
+    "hook_execution_device",
+    "iter_hooks",
+]
 
 
 def _try_get_input_embeddings(module: nn.Module) -> nn.Module | None:
@@ -112,3 +118,15 @@ def _own_then_all_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.buffers(recurse=False)
     yield from module.parameters()
     yield from module.buffers()
+
+
+def execution_devices(model: nn.Module) -> set[str]:
+    """Where the modules that own weights compute (their hook's device, else their weights')."""
+    found: set[str] = set()
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        device = execution_device(module)
+        if device is not None and device.type != "meta":
+            found.add(str(device))
+    return found

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from omnifix._budgets import Budget, format_bytes, host_memory, resolve_budgets
 from omnifix._estimate import CALIBRATION, DeviceUsage, estimate
-from omnifix._workload import Workload
+from omnifix._workload import Workload, require_workload
 from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ __all__ = [
     "Workload",
     "plan_placement",
     "predict_phases",
+    "require_workload",
 ]
 
 #: How a plan places the model.
@@ -114,6 +115,11 @@ class DeviceBudget:
     def fits(self) -> bool:
         """Whether the predicted peak plus the safety margin is within the budget."""
         return self.total + self.margin <= self.budget
+
+    @property
+    def unlimited(self) -> bool:
+        """Whether the budget is an unsized disk."""
+        return self.budget >= _UNLIMITED
 
     @property
     def headroom(self) -> int:

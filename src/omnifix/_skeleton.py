@@ -162,7 +162,7 @@ def build_on_meta(config: PretrainedConfig, model_class: type, dtype: torch.dtyp
     """
     from accelerate import init_empty_weights
 
-    from omnifix._attention import dtype_keyword
+    from omnifix._compat import dtype_keyword
     from omnifix._presets import _no_init_weights, _quiet_transformers
 
     builder: Any = model_class  # transformers leaves _from_config untyped

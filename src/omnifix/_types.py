@@ -26,3 +26,6 @@ DeviceRequest: TypeAlias = "DeviceLike | Mapping[str, int | str | torch.device]"
 
 #: Where accelerate keeps an offloaded tensor.
 OffloadLocation: TypeAlias = Literal["cpu", "disk"]
+
+#: An attention implementation, or a dict of them per sub-config (nested like the configs).
+AttentionRequest: TypeAlias = "str | Mapping[str, AttentionRequest]"

@@ -17,7 +17,8 @@ import pytest
 
 import omnifix
 import omnifix.testing as ot
-from omnifix._attention import choose_attention, choose_dtype, dtype_keyword, gpu_capabilities
+from omnifix._attention import choose_attention, choose_dtype, gpu_capabilities
+from omnifix._compat import dtype_keyword
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -70,7 +70,7 @@ def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
 ) -> None:
     import torch
 
-    from omnifix._attention import dtype_keyword
+    from omnifix._compat import dtype_keyword
     from omnifix._presets import build_skeleton, preset_model_class
 
     if "qwen2.5-vl" not in omnifix.testing.available_families():

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import omnifix
+import omnifix.types
 
 if TYPE_CHECKING:
     import torch
@@ -20,12 +21,12 @@ def devices() -> None:
     c: torch.device = omnifix.normalize_device(0)
     d: torch.device = omnifix.normalize_device(None)
     e: torch.device = omnifix.normalize_device(a)
-    resolved: omnifix.ResolvedDevice = omnifix.resolve_device_map("cuda")
+    resolved: omnifix.types.ResolvedDevice = omnifix.resolve_device_map("cuda")
     device_map, input_device = resolved
     explicit = omnifix.resolve_device_map({"model": 0, "lm_head": "cpu"})
     maybe: torch.device | None = explicit.input_device
-    request: omnifix.DeviceRequest = "balanced"
-    value: omnifix.DeviceMapValue = omnifix.resolve_device_map(request).device_map
+    request: omnifix.types.DeviceRequest = "balanced"
+    value: omnifix.types.DeviceMapValue = omnifix.resolve_device_map(request).device_map
     del b, c, d, e, device_map, input_device, maybe, value
 
 
@@ -35,19 +36,24 @@ def models(model: nn.Module) -> None:
     names: list[str] = [tensor.name for tensor in report.tensors]
     total: int = report.total_bytes
     omnifix.assert_no_meta(model)
-    omnifix.assert_no_meta(model, allow_offloaded=True)
-    pin: omnifix.EmbeddingPin = omnifix.pin_embeddings(model)
+    omnifix.assert_no_meta(model, allow_offload=True)
+    pin: omnifix.types.EmbeddingPin = omnifix.pin_embeddings(model)
     pinned: tuple[str, ...] = pin.modules
     pin.remove()
-    with omnifix.pin_embeddings(model, "cuda:0") as again:
+    with omnifix.pin_embeddings(model, device="cuda:0") as again:
         assert again.active
-    lean: omnifix.LeanDispatch = omnifix.lean_dispatch(model)
+    lean: omnifix.types.LeanDispatch = omnifix.lean_dispatch(model)
     hooks: int = lean.hooks
     devices: tuple[str, ...] = lean.devices
     lean.remove()
     with omnifix.lean_dispatch(model, device_map={"model.layers.0": 0, "lm_head": "cuda:1"}):
         pass
-    del where, names, total, pinned, hooks, devices
+    handles: list[omnifix.Handle] = [pin, lean, omnifix.patch_from_pretrained(strict=True)]
+    for handle in handles:
+        handle.remove()
+    with omnifix.patch_from_pretrained(workload=omnifix.Workload(text_tokens=64)) as patch:
+        active: bool = patch.active
+    del where, names, total, pinned, hooks, devices, active
 
 
 def errors() -> None:
@@ -56,12 +62,16 @@ def errors() -> None:
     except omnifix.DeviceUnavailableError as unavailable:
         device_error: omnifix.DeviceError = unavailable
         value_error: ValueError = unavailable
-        del device_error, value_error
+        available: tuple[str, ...] = unavailable.available
+        del device_error, value_error, available
     except omnifix.OmnifixError:
         pass
-    memory: MemoryError = omnifix.InsufficientMemoryError("x")
-    runtime: RuntimeError = omnifix.MetaTensorError("x")
-    del memory, runtime
+    memory = omnifix.InsufficientMemoryError("x")
+    refused: omnifix.PlacementPlan | None = memory.plan
+    runtime = omnifix.MetaTensorError("x")
+    report: omnifix.MetaReport | None = runtime.report
+    as_builtins: tuple[MemoryError, RuntimeError] = (memory, runtime)
+    del refused, report, as_builtins
 
 
 def testing(tmp: str) -> None:
@@ -84,7 +94,7 @@ def planning_and_loading(path: str) -> None:
     )
     fits: bool = plan.fits
     device_map: dict[str, int | str] = plan.device_map
-    rows: tuple[omnifix.DeviceBudget, ...] = plan.devices
+    rows: tuple[omnifix.types.DeviceBudget, ...] = plan.devices
     peak: int = rows[0].total
     explicit = omnifix.plan_placement(path, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = omnifix.load_safely(path, model_class=Qwen2VLForConditionalGeneration, workload=work)

@@ -24,9 +24,10 @@ Xinference (``xorbitsai/inference``) picks devices in two places that disagree w
 * ``decide_device`` keeps the two answers apart: ``self._device`` becomes ``"cuda"`` when the
   model should spread over several GPUs (the value Xinference's backends turn into
   ``device_map="auto"``), else the one real device (``"cuda:1"``, ``"cpu"``); the full answer is
-  kept as ``self._omnifix_device`` (an :class:`omnifix.ResolvedDevice`).
-* ``load_multimodal_model`` runs inside :func:`omnifix.patched` (normalised ``device_map``,
-  planned ``"auto"`` instead of a silent offload, no meta tensors, pinned embeddings), and
+  kept as ``self._omnifix_device`` (an :class:`omnifix.types.ResolvedDevice`).
+* ``load_multimodal_model`` runs under :func:`omnifix.patch_from_pretrained` (normalised
+  ``device_map``, planned ``"auto"`` instead of a silent offload, no meta tensors, pinned
+  embeddings), and
   afterwards ``self._device`` is the loaded model's :func:`omnifix.input_device`, so the
   backend's own ``inputs.to(self._device)`` lands where the input embedding runs.
 
@@ -43,9 +44,14 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from omnifix._devices import input_device, resolve_device_map
+from omnifix._handle import Handle
+from omnifix._patch import patch_from_pretrained
+from omnifix.errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-    from types import ModuleType, TracebackType
+    from types import ModuleType
 
     from omnifix._devices import ResolvedDevice
     from omnifix._plan import Workload
@@ -61,7 +67,7 @@ def xinference_device_name(resolved: ResolvedDevice) -> str:
 
     Xinference spells "all GPUs" as ``"cuda"`` (its backends turn that into
     ``device_map="auto"``) and one device by its name; this maps an
-    :class:`omnifix.ResolvedDevice` onto that convention with real torch names only.
+    :class:`omnifix.types.ResolvedDevice` onto that convention with real torch names only.
 
     Args:
         resolved: What :func:`omnifix.resolve_device_map` returned.
@@ -75,7 +81,8 @@ def xinference_device_name(resolved: ResolvedDevice) -> str:
         >>> from omnifix.integrations.xinference import xinference_device_name
         >>> xinference_device_name(omnifix.resolve_device_map("auto"))  # a CPU-only machine
         'cpu'
-        >>> xinference_device_name(omnifix.ResolvedDevice("auto", None))
+        >>> from omnifix.types import ResolvedDevice
+        >>> xinference_device_name(ResolvedDevice("auto", None))
         'cuda'
     """
     if resolved.input_device is not None:
@@ -86,24 +93,21 @@ def xinference_device_name(resolved: ResolvedDevice) -> str:
 
 def _select_device(device: str) -> str:
     """Drop-in for Xinference's ``select_device``, with omnifix's device names and errors."""
-    from omnifix._devices import resolve_device_map
-
     return xinference_device_name(resolve_device_map(device))
 
 
-class XinferencePatch:
+class XinferencePatch(Handle):
     """The replaced attributes of one :func:`patch_xinference` call, and their undo.
 
-    Use it as a context manager or call :meth:`restore`; both are idempotent.
-
-    Attributes:
-        replaced: ``(owner, attribute name)`` of everything replaced, in order.
+    ``remove()`` (or leaving a ``with`` block) puts every original back, newest first;
+    inherited ones become inherited again (see :class:`omnifix.Handle`).
     """
 
     __slots__ = ("_saved",)
 
     def __init__(self) -> None:
         """Nothing replaced yet; :func:`patch_xinference` fills it."""
+        super().__init__()
         self._saved: list[tuple[Any, str, object]] = []
 
     @property
@@ -111,12 +115,12 @@ class XinferencePatch:
         """``(owner, attribute name)`` pairs currently replaced."""
         return [(owner, name) for owner, name, _ in self._saved]
 
-    def _replace(self, owner: Any, name: str, value: object) -> None:
+    def replace(self, owner: Any, name: str, value: object) -> None:
+        """Set ``owner.name`` to ``value``, remembering what was there."""
         self._saved.append((owner, name, owner.__dict__.get(name, _MISSING)))
         setattr(owner, name, value)
 
-    def restore(self) -> None:
-        """Put every original back (newest first); inherited ones become inherited again."""
+    def _undo(self) -> None:
         with _LOCK:
             while self._saved:
                 owner, name, original = self._saved.pop()
@@ -125,24 +129,9 @@ class XinferencePatch:
                 else:
                     setattr(owner, name, original)
 
-    def __enter__(self) -> XinferencePatch:  # noqa: PYI034 - final in spirit
-        """Return the patch (already applied)."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Restore, also after an exception (which propagates)."""
-        self.restore()
-
 
 def _decide_device(self: Any) -> None:
     """``decide_device`` for a backend: device_map answer and xinference name kept apart."""
-    from omnifix._devices import resolve_device_map
-
     config = getattr(self, "_pytorch_model_config", None) or {}
     resolved = resolve_device_map(config.get("device", "auto"))
     self._omnifix_device = resolved
@@ -156,10 +145,7 @@ def _wrap_load(
     def load_multimodal_model(self: Any) -> None:
         from torch import nn
 
-        from omnifix._devices import input_device
-        from omnifix._patch import patched
-
-        with patched(workload=workload, allow_offload=allow_offload):
+        with patch_from_pretrained(workload=workload, allow_offload=allow_offload):
             original(self)
         model = getattr(self, "_model", None)
         if isinstance(model, nn.Module):  # where inputs go: the input embedding's device
@@ -196,7 +182,7 @@ def patch_xinference(
         allow_offload: Accept plans that keep weights on the cpu or disk.
 
     Returns:
-        The applied :class:`XinferencePatch`; ``restore()`` it (or use ``with``) to undo.
+        The applied :class:`XinferencePatch`; ``remove()`` it (or use ``with``) to undo.
 
     Raises:
         InvalidArgumentError: A backend is not a class, or a module has no ``select_device``.
@@ -212,8 +198,6 @@ def patch_xinference(
         >>> utils.select_device("auto")
         'auto'
     """
-    from omnifix.errors import InvalidArgumentError
-
     targets = list(modules)
     for module in targets:
         if not hasattr(module, "select_device"):
@@ -233,11 +217,11 @@ def patch_xinference(
     patch = XinferencePatch()
     with _LOCK:
         for module in targets:
-            patch._replace(module, "select_device", _select_device)
+            patch.replace(module, "select_device", _select_device)
         for backend in backends:
             load = _wrap_load(
                 backend.load_multimodal_model, workload=workload, allow_offload=allow_offload
             )
-            patch._replace(backend, "decide_device", _decide_device)
-            patch._replace(backend, "load_multimodal_model", load)
+            patch.replace(backend, "decide_device", _decide_device)
+            patch.replace(backend, "load_multimodal_model", load)
     return patch

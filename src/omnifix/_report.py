@@ -1,0 +1,302 @@
+"""``placement_report``: where a loaded model's weights are, and what its plan predicted.
+
+The check step after loading: bytes are measured from the model every time; the plan's part
+(strategy, reason, predicted peak and budget per device) is what :func:`omnifix.load_safely`
+remembered for the model with :func:`remember`.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from omnifix._device_map import place_order, spell
+from omnifix._devices import input_device
+from omnifix._dispatch import hooks_in_place
+from omnifix._meta import find_meta_tensors
+from omnifix._modules import execution_devices
+from omnifix._table import Table, plain, rich
+from omnifix._units import format_bytes
+from omnifix.errors import OmnifixError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+    from rich.console import Group
+    from torch import nn
+
+    from omnifix._types import DeviceLike
+
+__all__ = ["DeviceUsage", "LoadRecord", "PlacementReport", "placement_report", "remember"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceUsage:
+    """One device of a :class:`PlacementReport`.
+
+    Attributes:
+        device: Where bytes are stored: ``"cuda:0"``, ``"cpu"``, ``"disk"``.
+        weights: Bytes of parameters and buffers stored there now (measured, tied weights once),
+            offloaded ones included.
+        offloaded: Of ``weights``, the bytes accelerate keeps here for modules that compute on
+            another device (copied there for every forward pass).
+        predicted_peak: The plan's predicted peak (weights + KV cache + activations + overhead);
+            ``None`` when omnifix did not plan the model or the plan does not use the device.
+        budget: The plan's budget for the device; ``None`` as above, and for an unsized disk.
+    """
+
+    device: str
+    weights: int
+    offloaded: int = 0
+    predicted_peak: int | None = None
+    budget: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementReport:
+    """Where a model's weights are, and what its plan predicted (see :func:`placement_report`).
+
+    Attributes:
+        model: The model's class name.
+        strategy: ``"single"``, ``"split"`` (several GPUs), ``"offload"`` (weights on cpu/disk
+            behind accelerate hooks), or ``"explicit"`` (a ``device_map`` the caller gave).
+        reason: Why: the plan's reason, or how the strategy was inferred.
+        planned: Whether :func:`omnifix.load_safely` planned and loaded the model.
+        dtype: The dtype it was loaded in; for other models the floating dtype holding the most
+            bytes. Modules that pin their own dtype (Omni's float32 token2wav) show in ``dtypes``.
+        dtypes: Bytes per dtype name, measured.
+        attn_implementation: The config's attention implementation (``None`` without one).
+        attention: Sub-models running another implementation than the model's, by module name.
+        devices: One entry per device holding weights or planned to, GPUs first.
+        uninitialised: Bytes of tensors on ``meta`` with no data anywhere.
+        input_device: Where to put ``input_ids`` (:func:`omnifix.input_device`); ``None`` when it
+            cannot be told.
+        pinned_embeddings: Input embeddings :func:`omnifix.load_safely` pinned (split models).
+        hooks: The device hooks on the model: ``"none"``, ``"lean"`` (omnifix's, see
+            :func:`omnifix.lean_dispatch`) or ``"accelerate"`` (accelerate's ``AlignDevicesHook``
+            and the like).
+    """
+
+    model: str
+    strategy: str
+    reason: str
+    planned: bool
+    dtype: torch.dtype | None
+    dtypes: dict[str, int] = field(default_factory=dict)
+    attn_implementation: str | None
+    attention: dict[str, str] = field(default_factory=dict)
+    devices: tuple[DeviceUsage, ...]
+    uninitialised: int = 0
+    input_device: torch.device | None
+    pinned_embeddings: tuple[str, ...] = ()
+    hooks: str = "none"
+
+    @property
+    def offloaded(self) -> dict[str, int]:
+        """Bytes offloaded by accelerate, per place (``{"disk": ...}``); empty when none."""
+        return {usage.device: usage.offloaded for usage in self.devices if usage.offloaded}
+
+    @property
+    def total_weights(self) -> int:
+        """Bytes of every parameter and buffer: on devices, offloaded, and uninitialised."""
+        return sum(usage.weights for usage in self.devices) + self.uninitialised
+
+    def usage(self, device: DeviceLike) -> DeviceUsage | None:
+        """The entry of ``device`` (``"cuda:0"``, ``0``, ``"cpu"``, a :class:`torch.device`)."""
+        place = spell(device)
+        return next((usage for usage in self.devices if usage.device == place), None)
+
+    def __str__(self) -> str:
+        """Strategy, dtype and attention, then bytes per device."""
+        return plain(self._blocks())
+
+    def __rich__(self) -> Group:
+        """The same as :meth:`__str__`, as rich tables."""
+        return rich(self._blocks())
+
+    def _blocks(self) -> list[str | Table]:
+        def size(value: int | None) -> str:
+            return "-" if value is None else format_bytes(value)
+
+        dtype = "unknown" if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        attention = self.attn_implementation or "unknown"
+        if self.attention:
+            attention += " (" + ", ".join(f"{k}: {v}" for k, v in self.attention.items()) + ")"
+        rows = tuple(
+            (
+                usage.device,
+                size(usage.weights),
+                size(usage.offloaded) if usage.offloaded else "-",
+                size(usage.predicted_peak),
+                size(usage.budget),
+            )
+            for usage in self.devices
+        )
+        blocks: list[str | Table] = [
+            f"{self.model}: {self.strategy} - {self.reason}",
+            f"dtype {dtype}, attention {attention}, inputs on {self.input_device or 'unknown'}",
+            Table(("device", "weights", "offloaded", "predicted peak", "budget"), rows),
+        ]
+        if self.uninitialised:
+            blocks.append(f"uninitialised (on meta, no data): {size(self.uninitialised)}")
+        if self.pinned_embeddings:
+            blocks.append(f"pinned embeddings: {', '.join(self.pinned_embeddings)}")
+        if self.hooks == "lean":
+            blocks.append("hooks: lean (omnifix's, one per device_map entry; see lean_dispatch)")
+        elif self.hooks == "accelerate":
+            why = " (offloaded weights are streamed by them)" if self.offloaded else ""
+            blocks.append(f"hooks: accelerate{why}")
+        return blocks
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """What :func:`omnifix.load_safely` knew when it loaded a model; the bytes come later."""
+
+    strategy: str
+    reason: str
+    dtype: torch.dtype
+    predicted: Mapping[str, tuple[int, int | None]]  # device -> (predicted peak, budget)
+    pinned: tuple[str, ...]
+
+
+# Keyed by the model itself, weakly: a record never keeps a model alive and never touches its
+# state_dict (nothing is registered on the module).
+_RECORDS: weakref.WeakKeyDictionary[nn.Module, LoadRecord] = weakref.WeakKeyDictionary()
+
+
+def remember(model: nn.Module, record: LoadRecord) -> None:
+    """Keep ``record`` for :func:`placement_report` of ``model``."""
+    _RECORDS[model] = record
+
+
+def _measure(model: nn.Module) -> tuple[Counter[str], Counter[str]]:
+    """Bytes per device of real tensors, and bytes per dtype of all tensors (tied ones once)."""
+    per_device: Counter[str] = Counter()
+    per_dtype: Counter[str] = Counter()
+    seen: set[int] = set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = tensor.numel() * tensor.element_size()
+        per_dtype[str(tensor.dtype).removeprefix("torch.")] += size
+        if not tensor.is_meta:
+            per_device[spell(tensor.device)] += size
+    return per_device, per_dtype
+
+
+def _attention_by_module(model: nn.Module) -> tuple[str | None, dict[str, str]]:
+    """The model's attention implementation, and its sub-models' that differ from it."""
+    transformers = sys.modules.get("transformers")  # not imported: not a transformers model
+    if transformers is None:
+        return None, {}
+
+    def implementation(module: nn.Module) -> str | None:
+        value = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        return value if isinstance(value, str) else None
+
+    top = implementation(model)
+    different = {
+        name: implementation(module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, transformers.PreTrainedModel)
+    }
+    return top, {name: value for name, value in different.items() if value and value != top}
+
+
+def _largest_floating(per_dtype: Mapping[str, int]) -> torch.dtype | None:
+    import torch
+
+    floating = [
+        (count, name)
+        for name, count in per_dtype.items()
+        if isinstance(getattr(torch, name, None), torch.dtype)
+        and getattr(torch, name).is_floating_point
+    ]
+    return getattr(torch, max(floating)[1]) if floating else None
+
+
+def placement_report(model: nn.Module) -> PlacementReport:
+    """Where ``model``'s weights are, how it was placed, and what the plan predicted.
+
+    For a model loaded by :func:`omnifix.load_safely` the report carries the plan: strategy and
+    reason, dtype and attention, and per device the predicted peak and the budget. Any other
+    model gets a report from the model alone (strategy inferred from its placement, no
+    predictions). Bytes are always measured now.
+
+    Args:
+        model: Any :class:`torch.nn.Module`.
+
+    Returns:
+        A :class:`omnifix.PlacementReport`; ``str(report)`` is a short table.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch, omnifix
+        >>> report = omnifix.placement_report(torch.nn.Linear(4, 2))
+        >>> report.strategy, report.planned, report.devices[0].device, report.devices[0].weights
+        ('single', False, 'cpu', 40)
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"placement_report needs a torch.nn.Module, got {type(model).__name__}; pass the "
+            "model itself (e.g. the result of load_safely or from_pretrained)."
+        )
+    per_device, per_dtype = _measure(model)
+    meta = find_meta_tensors(model)
+    offloaded: Counter[str] = Counter()
+    for tensor in meta.offloaded:
+        offloaded[tensor.offloaded_to or "unknown"] += tensor.nbytes
+    record = _RECORDS.get(model)
+    dtype: torch.dtype | None
+    if record is not None:
+        strategy, reason, dtype = record.strategy, record.reason, record.dtype
+    else:
+        executing = execution_devices(model)
+        if offloaded:
+            strategy, reason = "offload", "inferred: some weights are offloaded behind hooks"
+        elif len(executing) > 1:
+            strategy, reason = "split", f"inferred: modules run on {', '.join(sorted(executing))}"
+        else:
+            strategy, reason = "single", "inferred: every module runs on one device"
+        dtype = _largest_floating(per_dtype)
+    predicted = record.predicted if record is not None else {}
+    devices = tuple(
+        DeviceUsage(
+            device=name,
+            weights=per_device[name] + offloaded[name],
+            offloaded=offloaded[name],
+            predicted_peak=predicted[name][0] if name in predicted else None,
+            budget=predicted[name][1] if name in predicted else None,
+        )
+        for name in sorted({*per_device, *offloaded, *predicted}, key=place_order)
+    )
+    top, different = _attention_by_module(model)
+    try:
+        inputs_on: torch.device | None = input_device(model)
+    except OmnifixError:
+        inputs_on = None
+    return PlacementReport(
+        model=type(model).__name__,
+        strategy=strategy,
+        reason=reason,
+        planned=record is not None,
+        dtype=dtype,
+        dtypes=dict(per_dtype),
+        attn_implementation=top,
+        attention=different,
+        devices=devices,
+        uninitialised=sum(tensor.nbytes for tensor in meta.uninitialised),
+        input_device=inputs_on,
+        pinned_embeddings=record.pinned if record is not None else (),
+        hooks=hooks_in_place(model),
+    )
