@@ -99,17 +99,30 @@ def test_gpu_capabilities_skips_non_cuda_devices() -> None:
     assert gpu_capabilities([torch.device("cpu"), torch.device("meta")]) == ()
 
 
-def test_dtype_keyword_is_what_from_pretrained_pops() -> None:
-    """Read the installed from_pretrained: the keyword we pass must be one it takes itself."""
-    import inspect
+def test_dtype_keyword_is_the_one_from_pretrained_loads_with(tiny_lm_dir) -> None:
+    """Loaded with our keyword: the dtype is applied and transformers logs no deprecation."""
+    import io
+    import logging
 
-    from transformers import PreTrainedModel
+    from transformers import AutoModelForCausalLM
 
-    source = inspect.getsource(PreTrainedModel.from_pretrained)
-    keyword = dtype_keyword()
-    assert f'kwargs.pop("{keyword}"' in source
-    if keyword == "torch_dtype":
-        assert 'kwargs.pop("dtype"' not in source  # 4.45-4.55: dtype= is no loading option
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        ours = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, **{dtype_keyword(): torch.float16})
+        assert "deprecated" not in log.getvalue()
+        if dtype_keyword() == "dtype":  # 4.56+: the old name still loads, and says it is deprecated
+            old = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, torch_dtype=torch.float16)
+            assert old.dtype == torch.float16
+            assert "torch_dtype" in log.getvalue()
+        else:  # 4.45-4.55: dtype= is no loading option; the model's __init__ refuses it
+            with pytest.raises(TypeError, match="dtype"):
+                AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float16)
+    finally:
+        logger.removeHandler(handler)
+    assert ours.dtype == torch.float16
 
 
 # --- attention -----------------------------------------------------------------------------------

@@ -1,27 +1,12 @@
 """Lean dispatch: hooks only where a tensor must cross a device.
 
-``dispatch_model`` (what ``from_pretrained(device_map=...)`` calls) puts an accelerate
-``AlignDevicesHook`` on every ``device_map`` entry *and on every submodule that holds weights*
-inside it; each hook walks its args and kwargs recursively with ``send_to_device`` on every call,
-and the root hook walks the whole output back (``io_same_device``). For a model that is not
-offloaded, all of that work moves nothing except at the few places where a tensor really comes
-from another device: the layer at a GPU boundary, and the tensors the parent computes once and
-hands to every layer (``position_embeddings``, the causal mask, ``cache_position``).
-
-:func:`lean_dispatch` replaces those hooks, through accelerate's own hook API
-(``add_hook_to_module`` / ``remove_hook_from_module``), with:
-
-- one pre-forward hook per ``device_map`` entry that looks only at the top-level tensors (and
-  tuples/lists of tensors) of its args and kwargs, and moves only those on another device;
-- a shared memo of moved tensors, keyed by tensor identity (and guarded by the tensors' version
-  counters), so a tensor that every layer receives crosses each device boundary once per forward,
-  not once per layer;
-- one root hook that moves the model's tensor inputs to the input embedding's device, clears the
-  memo, and moves the top-level tensors of the output back to the caller's device (never a
-  ``Cache`` or ``past_key_values``).
-
-Offloaded weights (``"cpu"`` or ``"disk"`` entries next to GPU ones) need accelerate's weight
-streaming, so such maps are refused. A model on one device gets no hook at all.
+``dispatch_model`` puts an accelerate ``AlignDevicesHook`` on every entry of a ``device_map`` and
+on every module with weights inside it, and each walks its arguments on every call, although a
+model that is not offloaded only needs tensors moved at a GPU boundary and where the parent hands
+one tensor to every layer. :func:`lean_dispatch` replaces them, through accelerate's own hook API,
+with one pre-forward hook per entry (top-level tensors only, each copied once per forward and
+boundary through a shared memo) and one root hook (inputs to the input embedding's device,
+outputs back to the caller's). docs/dispatch.md has the details and the measurements.
 """
 
 from __future__ import annotations
@@ -31,7 +16,7 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from omnifix._device_map import OFFLOAD_TARGETS, Placement, place_order, spell
+from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate, place_order, spell
 from omnifix._devices import normalize_map
 from omnifix._handle import Handle
 from omnifix._modules import find_input_embeddings, iter_hooks
@@ -62,9 +47,7 @@ _OFFLOAD_FIX: Final = (
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, LeanDispatch] = weakref.WeakKeyDictionary()
 
 
-# --------------------------------------------------------------------------------------------
-# Moving tensors
-# --------------------------------------------------------------------------------------------
+# Moving tensors.
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -159,9 +142,7 @@ def _first_device(
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# The current CUDA device
-# --------------------------------------------------------------------------------------------
+# The current CUDA device.
 # Every op on a tensor of another GPU than the current one switches devices twice (torch's
 # device guard sets it and sets it back). A split model's layers on GPU 1 would pay that for each
 # kernel of each decoding step, so each entry makes its own GPU current (one switch per entry,
@@ -187,9 +168,7 @@ def _make_current(index: int) -> int:
     return current
 
 
-# --------------------------------------------------------------------------------------------
-# The hooks (accelerate's ModelHook protocol)
-# --------------------------------------------------------------------------------------------
+# The hooks (accelerate's ModelHook protocol).
 # Not subclasses of accelerate.hooks.ModelHook: that would import accelerate (and torch) with
 # omnifix. add_hook_to_module only calls init_hook, pre_forward, post_forward and detach_hook and
 # reads no_grad; nothing in accelerate or transformers checks the hook's class.
@@ -365,18 +344,14 @@ def hooks_in_place(model: nn.Module) -> str:
     return found
 
 
-# --------------------------------------------------------------------------------------------
-# The handle
-# --------------------------------------------------------------------------------------------
+# The handle.
 
 
 class LeanDispatch(Handle):
     """Handle returned by :func:`omnifix.lean_dispatch` (see :class:`omnifix.Handle`).
 
-    ``remove()`` takes omnifix's hooks off and puts back, with accelerate's
-    ``add_hook_to_module``, exactly the hook objects :func:`omnifix.lean_dispatch` took off;
-    weights stay where they are. The handle refers to the model weakly. A later ``lean_dispatch``
-    of the same model removes this handle first (``active`` is then ``False``).
+    ``remove()`` puts back exactly the accelerate hooks that were taken off; weights stay where
+    they are. A later ``lean_dispatch`` of the same model removes this handle first.
     """
 
     __slots__ = ("_attached", "_devices", "_model", "_replaced")
@@ -452,9 +427,7 @@ def _detach(module: nn.Module) -> None:
         module.__dict__.setdefault(key, value)
 
 
-# --------------------------------------------------------------------------------------------
-# lean_dispatch
-# --------------------------------------------------------------------------------------------
+# lean_dispatch.
 
 
 def _placements(
@@ -546,6 +519,8 @@ def _resolve_entries(
         device = torch.device(where)
         if str(device) == "cuda":  # a bare "cuda" in hf_device_map: the current GPU
             device = torch.device("cuda", torch.cuda.current_device())
+        elif device.type == "mps":  # spelled bare in maps; tensors there report mps:0
+            device = torch.device("mps", 0)
         try:
             modules.append((name, model.get_submodule(name), device))
             continue
@@ -634,16 +609,12 @@ def _root_device(
 ) -> torch.device:
     """The device of the primary input embedding's entry, else of the first entry."""
     embeddings = find_input_embeddings(model)
-    if embeddings:
-        target = embeddings[0][0]
-        owners = [
-            (name, device)
-            for name, _, device in modules
-            if name in ("", target) or target.startswith(name + ".")
-        ]
-        if owners:
-            return max(owners, key=lambda owner: len(owner[0]))[1]
-    return modules[0][2]
+    found = (
+        locate({name: device for name, _, device in modules}, embeddings[0][0])
+        if embeddings
+        else None
+    )
+    return modules[0][2] if found is None else found[1]
 
 
 def lean_dispatch(
@@ -651,13 +622,11 @@ def lean_dispatch(
 ) -> LeanDispatch:
     """Run a model split over several GPUs with hooks only where tensors cross a device.
 
-    Takes accelerate's hooks off the model (remembering each, for :meth:`LeanDispatch.remove`) and
-    adds, with accelerate's ``add_hook_to_module``, one light pre-forward hook per ``device_map``
-    entry and one on the model: inputs go to the input embedding's device, outputs come back to
-    the caller's, and each entry receives its top-level tensors on its own device. A tensor the
-    parent hands to every layer crosses to each other GPU once per forward (a memo, keyed by the
-    tensor, cleared by the root hook). Nothing walks nested structures and nothing runs when
-    nothing has to move; a model on one device gets no hook at all.
+    Takes accelerate's hooks off the model (remembering each) and adds, with accelerate's
+    ``add_hook_to_module``, one light pre-forward hook per ``device_map`` entry and one on the
+    model: inputs go to the input embedding's device, outputs come back to the caller's, and a
+    tensor the parent hands to every layer crosses to each other GPU once per forward. A model on
+    one device gets no hook at all.
 
     Args:
         model: A model on one or several devices; typically from ``from_pretrained(...,
