@@ -14,12 +14,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import warnings
-from typing import TYPE_CHECKING, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
 
+from omnifix._compat import attention_dict_supported
 from omnifix.errors import (
     AttentionUnavailableError,
     InvalidArgumentError,
     OmnifixWarning,
+    UnsupportedModelError,
 )
 
 if TYPE_CHECKING:
@@ -27,10 +30,13 @@ if TYPE_CHECKING:
 
     import torch
 
+    from omnifix._types import AttentionRequest
+
 __all__ = [
     "IMPLEMENTATIONS",
     "Capability",
     "choose_attention",
+    "choose_attention_for",
     "choose_dtype",
     "gpu_capabilities",
     "installed_attention",
@@ -372,3 +378,99 @@ def choose_attention(
         stacklevel=stacklevel,
     )
     return fallback
+
+
+def choose_attention_for(
+    requested: AttentionRequest,
+    *,
+    config: Any,
+    dtype: torch.dtype,
+    capabilities: tuple[tuple[int, int], ...],
+    model_class: type[Any],
+    strict: bool,
+) -> tuple[AttentionRequest, str]:
+    """What to pass as ``attn_implementation``, and the implementation to plan memory for.
+
+    ``requested`` is one name, or a per-sub-config dict (transformers 4.57+) whose most
+    memory-hungry leaf is the one planned for.
+
+    Raises:
+        UnsupportedModelError: A dict on a transformers that takes one name only (before 4.57).
+        InvalidArgumentError: A dict key that is no sub-config of ``config``.
+    """
+    if not isinstance(requested, Mapping):
+        # stacklevel 4: choose_attention <- here <- load_safely <- the caller.
+        chosen = choose_attention(
+            requested,
+            dtype=dtype,
+            capabilities=capabilities,
+            model_class=model_class,
+            strict=strict,
+            stacklevel=4,
+        )
+        return chosen, chosen
+    if not attention_dict_supported():
+        import transformers
+
+        raise UnsupportedModelError(
+            f"attn_implementation={dict(requested)!r}: transformers {transformers.__version__} "
+            "applies one implementation to the whole model and does not take a per-sub-config "
+            "dict. Pass one name (e.g. 'sdpa'), or upgrade transformers to 4.57 or newer."
+        )
+    leaves: list[str] = []
+    chosen_map = _attention_dict(
+        requested,
+        config,
+        dtype=dtype,
+        capabilities=capabilities,
+        strict=strict,
+        leaves=leaves,
+        stacklevel=5,
+    )
+    order = ("eager", "flex_attention", "sdpa")
+    planned = next((name for name in order if name in leaves), leaves[0] if leaves else "sdpa")
+    return chosen_map, planned
+
+
+def _attention_dict(
+    requested: Mapping[str, AttentionRequest],
+    config: Any,
+    *,
+    dtype: torch.dtype,
+    capabilities: tuple[tuple[int, int], ...],
+    strict: bool,
+    leaves: list[str],
+    stacklevel: int,
+) -> dict[str, AttentionRequest]:
+    """Check the keys against the config's sub-configs, and choose each leaf.
+
+    The model class's ``_supports_*`` flags are the top model's, so they are not applied here;
+    each sub-model checks its own at load time.
+    """
+    sub_configs = getattr(config, "sub_configs", None) or {}
+    chosen: dict[str, AttentionRequest] = {}
+    for key, value in requested.items():
+        if key and key not in sub_configs:
+            valid = ", ".join(repr(name) for name in ["", *sub_configs])
+            raise InvalidArgumentError(
+                f"attn_implementation has the key {key!r}, which is no sub-config of "
+                f"{type(config).__name__}, so transformers would ignore it. Use one of {valid} "
+                "('' is the model itself)."
+            )
+        if isinstance(value, Mapping):
+            chosen[key] = _attention_dict(
+                value,
+                getattr(config, key, None),
+                dtype=dtype,
+                capabilities=capabilities,
+                strict=strict,
+                leaves=leaves,
+                stacklevel=stacklevel + 1,
+            )
+            continue
+        leaf = choose_attention(
+            value, dtype=dtype, capabilities=capabilities, strict=strict, stacklevel=stacklevel
+        )
+        leaves.append(leaf)
+        chosen[key] = leaf
+    return chosen

@@ -20,9 +20,9 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
-from omnifix._attention import choose_attention, choose_dtype, gpu_capabilities
+from omnifix._attention import choose_attention_for, choose_dtype, gpu_capabilities
 from omnifix._budgets import host_memory
-from omnifix._compat import attention_dict_supported, dtype_keyword
+from omnifix._compat import dtype_keyword
 from omnifix._config import HUB_KWARGS, model_class_for, read_config
 from omnifix._device_map import Placement
 from omnifix._devices import (
@@ -176,94 +176,6 @@ def explicit_map(
             "knowingly."
         )
     return normalized
-
-
-def _attention_for(
-    requested: AttentionRequest,
-    *,
-    config: Any,
-    dtype: torch.dtype,
-    capabilities: tuple[tuple[int, int], ...],
-    model_class: type[Any],
-    strict: bool,
-) -> tuple[AttentionRequest, str]:
-    """The implementation(s) to pass, and the one to plan for (the most memory-hungry)."""
-    if not isinstance(requested, Mapping):
-        # stacklevel 4: choose_attention <- here <- load_safely <- the caller.
-        chosen = choose_attention(
-            requested,
-            dtype=dtype,
-            capabilities=capabilities,
-            model_class=model_class,
-            strict=strict,
-            stacklevel=4,
-        )
-        return chosen, chosen
-    if not attention_dict_supported():
-        import transformers
-
-        raise UnsupportedModelError(
-            f"attn_implementation={dict(requested)!r}: transformers {transformers.__version__} "
-            "applies one implementation to the whole model and does not take a per-sub-config "
-            "dict. Pass one name (e.g. 'sdpa'), or upgrade transformers to 4.57 or newer."
-        )
-    leaves: list[str] = []
-    chosen_map = _attention_dict(
-        requested,
-        config,
-        dtype=dtype,
-        capabilities=capabilities,
-        strict=strict,
-        leaves=leaves,
-        stacklevel=5,
-    )
-    order = ("eager", "flex_attention", "sdpa")
-    planned = next((name for name in order if name in leaves), leaves[0] if leaves else "sdpa")
-    return chosen_map, planned
-
-
-def _attention_dict(
-    requested: Mapping[str, AttentionRequest],
-    config: Any,
-    *,
-    dtype: torch.dtype,
-    capabilities: tuple[tuple[int, int], ...],
-    strict: bool,
-    leaves: list[str],
-    stacklevel: int,
-) -> dict[str, AttentionRequest]:
-    """Check the keys against the config's sub-configs, and choose each leaf.
-
-    The model class's ``_supports_*`` flags are the top model's, so they are not applied here;
-    each sub-model checks its own at load time.
-    """
-    sub_configs = getattr(config, "sub_configs", None) or {}
-    chosen: dict[str, AttentionRequest] = {}
-    for key, value in requested.items():
-        if key and key not in sub_configs:
-            valid = ", ".join(repr(name) for name in ["", *sub_configs])
-            raise InvalidArgumentError(
-                f"attn_implementation has the key {key!r}, which is no sub-config of "
-                f"{type(config).__name__}, so transformers would ignore it. Use one of {valid} "
-                "('' is the model itself)."
-            )
-        if isinstance(value, Mapping):
-            chosen[key] = _attention_dict(
-                value,
-                getattr(config, key, None),
-                dtype=dtype,
-                capabilities=capabilities,
-                strict=strict,
-                leaves=leaves,
-                stacklevel=stacklevel + 1,
-            )
-            continue
-        leaf = choose_attention(
-            value, dtype=dtype, capabilities=capabilities, strict=strict, stacklevel=stacklevel
-        )
-        leaves.append(leaf)
-        chosen[key] = leaf
-    return chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +414,7 @@ def load_safely(  # noqa: C901 - one linear recipe, commented step by step
         targets = _targets(device)
         capabilities = gpu_capabilities(targets)
     chosen_dtype = choose_dtype(dtype, capabilities=capabilities)
-    attention, planned_attention = _attention_for(
+    attention, planned_attention = choose_attention_for(
         attn_implementation,
         config=config,
         dtype=chosen_dtype,
