@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from _models import workload_inputs
 from _results import error_status
 
 if TYPE_CHECKING:
@@ -260,8 +261,6 @@ def run_generate(
     """
     import torch
 
-    import omnifix.testing as ot
-
     before: dict[str, int] = {}
     for gpu in gpus:
         torch.cuda.synchronize(gpu)
@@ -271,7 +270,7 @@ def run_generate(
     status = "ok"
     inputs: dict[str, Any] = {}
     try:
-        inputs = ot.workload_inputs(target, workload, device=device)
+        inputs = workload_inputs(target, workload, device=device)
         with torch.inference_mode():
             generate(model, target, inputs, workload.max_new_tokens)
         for gpu in gpus:
