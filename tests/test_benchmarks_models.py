@@ -1,7 +1,8 @@
-"""The models the benchmarks and GPU tests build: ``benchmarks/_models.py``.
+"""The models the benchmarks and GPU tests build: ``benchmarks/_models.py`` and the predictions.
 
 ``materialize`` (random weights on a device map), ``workload_inputs`` (inputs with a workload's
-tokens) and ``layer_split_map`` (a per-layer map).
+tokens) and ``layer_split_map`` (a per-layer map) are in ``benchmarks/_models.py``;
+``predict_phases`` (the memory model per phase) is in ``benchmarks/_memory.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _qwen2_audio_expands_itself() -> bool:
 # --- the examples --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["_models"])
+@pytest.mark.parametrize("module", ["_models", "_memory"])
 def test_the_examples_run(benchmark_suite: Callable[[str], ModuleType], module: str) -> None:
     found = doctest.DocTestFinder().find(benchmark_suite(module))
     examples = [test for test in found if test.examples]
