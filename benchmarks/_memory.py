@@ -3,7 +3,9 @@
 Building full-size presets (or their tiny stand-ins for ``--tiny``), simulating smaller cards
 with ``torch.cuda.set_per_process_memory_fraction``, moving one built model between device maps,
 dispatching it the way ``from_pretrained`` (accelerate hooks) or ``load_safely`` (lean hooks and
-pinned embeddings) would, running ``generate`` and reading each GPU's peak.
+pinned embeddings) would, running ``generate`` and reading each GPU's peak. Also the memory
+model's prediction per phase (:func:`predict_phases`), which ``measure_peaks.py`` measures; its
+example runs in ``tests/test_benchmarks_models.py``.
 
 Measured peak of a GPU = ``torch.cuda.max_memory_allocated`` + what the process holds there
 outside torch's allocator (CUDA context, cuBLAS/cuDNN handles): ``mem_get_info`` total - free
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from _models import workload_inputs
 from _results import error_status
 
 if TYPE_CHECKING:
@@ -260,8 +263,6 @@ def run_generate(
     """
     import torch
 
-    import omnifix.testing as ot
-
     before: dict[str, int] = {}
     for gpu in gpus:
         torch.cuda.synchronize(gpu)
@@ -271,7 +272,7 @@ def run_generate(
     status = "ok"
     inputs: dict[str, Any] = {}
     try:
-        inputs = ot.workload_inputs(target, workload, device=device)
+        inputs = workload_inputs(target, workload, device=device)
         with torch.inference_mode():
             generate(model, target, inputs, workload.max_new_tokens)
         for gpu in gpus:
@@ -401,3 +402,62 @@ def place(
 def round_up(size: float, unit: int) -> int:
     """``size`` rounded up to a whole number of ``unit``."""
     return math.ceil(size / unit) * unit
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictions: the memory model per phase
+# ----------------------------------------------------------------------------------------------
+
+
+def predict_phases(
+    model: object,
+    *,
+    workload: omnifix.Workload,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | str = "bfloat16",
+    include_inputs: bool = False,
+) -> dict[str, int]:
+    """Predicted peak above the weights of each phase, with the whole model on one GPU.
+
+    The numbers ``benchmarks/measure_peaks.py`` measures, for comparing the memory model with
+    GPU measurements and re-fitting ``omnifix._estimate.CALIBRATION``: ``"prefill"`` and
+    ``"logits"`` include the KV cache (the language-model peak is the larger of the two),
+    ``"vision"``/``"video"``/``"audio"`` are the tower calls (no KV cache yet). Fixed costs (CUDA
+    context, cuBLAS workspace) and the margin's fresh blocks are not included; nor is the
+    ``"logits copy"`` phase, which only a split has (a plan's rows report it).
+
+    Args:
+        model: As for :func:`omnifix.plan_placement`.
+        workload: The case.
+        attn_implementation: As for :func:`omnifix.plan_placement` (``"auto"`` is not resolved
+            here).
+        dtype: Dtype of the weights and activations.
+        include_inputs: Add the input tensors (measurements taken above a baseline that already
+            holds them exclude them).
+
+    Example:
+        >>> import omnifix
+        >>> work = omnifix.Workload(text_tokens=8192, max_new_tokens=1)
+        >>> phases = predict_phases("qwen2-vl-7b", workload=work)
+        >>> sorted(phases), round(phases["prefill"] / 2**30, 2)  # Qwen2.5-VL-7B's LM: 1.53
+        (['logits', 'prefill'], 1.53)
+    """
+    import torch
+
+    from omnifix._attention import parse_dtype
+    from omnifix._estimate import estimate
+    from omnifix._skeleton import load_skeleton
+
+    skeleton = load_skeleton(model, model_class=None, dtype=parse_dtype(dtype) or torch.bfloat16)
+    usage = estimate(
+        skeleton.anatomy,
+        execution_device=lambda _: 0,
+        load=workload,
+        dtype=skeleton.dtype,
+        attn_implementation=attn_implementation,
+        include_inputs=include_inputs,
+    )
+    phases = dict(usage[0].phases)
+    if include_inputs:
+        phases = {phase: size + usage[0].inputs for phase, size in phases.items()}
+    return phases

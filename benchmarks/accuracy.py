@@ -21,7 +21,7 @@ Per case:
 - Each used GPU is capped at its budget with ``set_per_process_memory_fraction`` (allocator limit
   = budget - the CUDA context measured at start), so a wrong "fits" really runs out of memory.
 - ``omnifix.plan_placement`` plans; the model is built on ``meta`` and given random weights on the
-  plan's map (``omnifix.testing.materialize``; rebuilt only when the preset or map changes, the
+  plan's map (``materialize`` of ``_models.py``; rebuilt only when the preset or map changes, the
   attention is switched in place), then dispatched as ``load_safely`` does (``--hooks lean``:
   ``omnifix.lean_dispatch`` + ``pin_embeddings`` on several GPUs; or accelerate's hooks).
 - ``generate``: the workload's prompt, 16 new tokens (``--new-tokens``), greedy, min = max.
@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import _memory as mem
+from _models import materialize
 from _results import error_status, write_results
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ CASES: list[tuple[str, str, str, int]] = [
 
 METHOD = (
     "Full-size presets with random N(0, 0.02) bf16 weights placed by omnifix.plan_placement's map "
-    "(omnifix.testing.materialize), dispatched as load_safely does; generate() greedy with "
+    "(benchmarks/_models.py materialize), dispatched as load_safely does; generate() greedy with "
     "min_new_tokens = max_new_tokens. Budgets: 1 GPU 80 GiB; 2 GPUs equal, overhead + margin + "
     "f x (total - overhead) of the 1-GPU plan rounded up to a GiB, f the first of 0.6/0.7/0.8/0.9 "
     "whose plan splits and fits. Each GPU capped at its budget with "
@@ -312,12 +313,10 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
 def _build(
     preset: str, part: str, device_map: dict[str, int | str], *, tiny: bool, hooks: str
 ) -> tuple[nn.Module, nn.Module, mem.Placed]:
-    import omnifix.testing as ot
-
     whole = mem.skeleton(preset, tiny=tiny)
     model: Any = whole.thinker if part == "thinker" else whole  # type: ignore[union-attr]
     placed_map = mem.on_cpu(device_map) if tiny else device_map
-    ot.materialize(model, placed_map)
+    materialize(model, placed_map)
     model.eval()
     mem.undispatch(model, None)  # materialize adds accelerate's hooks; dispatch as asked instead
     placed = mem.dispatch(model, placed_map, hooks=hooks)

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import _memory as mem
+from _models import materialize
 from _results import error_status, write_results
 
 if TYPE_CHECKING:
@@ -459,8 +460,6 @@ def _build(
     """The preset built once (random weights), its word maps and their source, a meta twin."""
     import psutil
 
-    import omnifix.testing as ot
-
     model = mem.skeleton(preset, tiny=args.tiny)
     # What accelerate's get_max_memory would read on a real 24 GiB card, context already taken.
     max_memory: dict[int | str, int] = {
@@ -471,7 +470,7 @@ def _build(
     maps = {word: device_map for word, (device_map, _) in found.items()}
     sources = {word: source for word, (_, source) in found.items()}
     first = maps["auto"]
-    ot.materialize(model, mem.on_cpu(first) if args.tiny else first)
+    materialize(model, mem.on_cpu(first) if args.tiny else first)
     model.eval()
     mem.undispatch(model, None)
     mem.set_attention(model, "sdpa")

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from _memory import set_attention
+from _models import workload_inputs
 
 import omnifix
-import omnifix.testing
 from omnifix._presets import build_skeleton
 
 GIB = 2**30
@@ -174,7 +174,7 @@ def main() -> None:
             elif current[1] != attn:
                 set_attention(model, attn)
                 current = (preset, attn)
-            inputs = omnifix.testing.workload_inputs(model, workload, device=device)
+            inputs = workload_inputs(model, workload, device=device)
             case["input_tokens"] = int(inputs["input_ids"].shape[-1])
             case.update(_measure(model, inputs, workload.max_new_tokens))
             del inputs

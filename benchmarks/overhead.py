@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from _memory import free_memory, set_attention
+from _models import materialize, workload_inputs
 from _results import error_status, write_results
 from _timing import (
     place,
@@ -276,7 +277,7 @@ def _build(
         )
     balanced = balanced_map(model, max_memory)
     if not args.tiny:
-        ot.materialize(model, {"": 0})
+        materialize(model, {"": 0})
     model.eval()
     set_attention(model, "sdpa")
     maps = {
@@ -394,7 +395,6 @@ class _Family:
 
     def run_one(self, config: Config, *, warm_up: bool) -> None:
         import omnifix
-        import omnifix.testing as ot
 
         args, model, case = self.args, self.model, self.cases[config.key]
         workload = omnifix.Workload(text_tokens=args.prompt_tokens, max_new_tokens=args.new_tokens)
@@ -402,7 +402,7 @@ class _Family:
         undo: Callable[[], None] = _nothing
         try:
             hooks, undo = dispatch(model, config, device_map)
-            inputs = ot.workload_inputs(model, workload, device=omnifix.input_device(model))
+            inputs = workload_inputs(model, workload, device=omnifix.input_device(model))
             if warm_up:
                 case.update(
                     hooks=hooks,

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from _memory import free_memory
+from _models import materialize
 from _results import error_status, write_results
 from _timing import place, print_case, spread, timed, tiny_threads
 
@@ -450,7 +451,7 @@ def _save_checkpoint(args: argparse.Namespace, workdir: Path) -> tuple[Path, typ
 
     path = workdir / LOAD_PRESET
     model = build_skeleton(LOAD_PRESET)
-    ot.materialize(model, {"": 0})
+    materialize(model, {"": 0})
     model.save_pretrained(path)
     del model
     free_memory()

@@ -68,3 +68,13 @@ def benchmark_suite() -> Iterator[Callable[[str], ModuleType]]:
             return loaded[name]
 
         yield load
+
+
+@pytest.fixture(scope="session")
+def bench_models(benchmark_suite: Callable[[str], ModuleType]) -> ModuleType:
+    """``benchmarks/_models.py``: ``materialize``, ``workload_inputs``, ``layer_split_map``.
+
+    The CPU tests and the GPU tests (``tests/gpu``) build their models and maps with the same code
+    as the benchmark suites.
+    """
+    return benchmark_suite("_models")

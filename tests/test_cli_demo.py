@@ -45,3 +45,46 @@ def test_python_dash_m_omnifix_demo_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "loaded with load_safely" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_the_demo_families_are_those_of_omnifix_testing() -> None:
+    from omnifix._cli import DEMO_FAMILIES
+
+    assert DEMO_FAMILIES == ot.FAMILIES
+
+
+def _imports_omnifix_testing(*argv: str) -> bool:
+    """Whether ``omnifix ARGV`` (run in a fresh interpreter) imported ``omnifix.testing``."""
+    code = (
+        "import sys\n"
+        "from omnifix._cli import main\n"
+        "try:\n"
+        f"    main({list(argv)!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('omnifix.testing' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run(  # noqa: S603  # our own interpreter running our own code
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    verdict = result.stderr.strip().splitlines()[-1]
+    assert verdict in {"True", "False"}, result.stderr
+    return verdict == "True"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--help",),
+        ("plan", "--help"),
+        ("plan", "qwen2-vl-7b", "--gpu", "24GiB", "--json"),
+        ("doctor", "--json"),
+        ("demo", "--help"),
+    ],
+)
+def test_only_running_the_demo_imports_omnifix_testing(argv: tuple[str, ...]) -> None:
+    assert not _imports_omnifix_testing(*argv)
+
+
+def test_the_demo_imports_omnifix_testing() -> None:
+    assert _imports_omnifix_testing("demo", "--family", "qwen2", "--max-new-tokens", "1")

@@ -14,13 +14,17 @@ import omnifix.testing as ot
 from omnifix import _dispatch
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
+    from types import ModuleType
 
     import torch
     from torch import nn
 
     from omnifix.testing import Family
+
+    #: ``layer_split_map(model, first, second)`` of ``benchmarks/_models.py``.
+    SplitMap = Callable[..., dict[str, Any]]
 
 # transformers models are untyped at the seams we touch; tests hold them as ``Any``.
 Model = Any
@@ -53,11 +57,20 @@ def families() -> tuple[Family, ...]:
     return ot.available_families()
 
 
+@pytest.fixture(scope="module")
+def layer_split_map(bench_models: ModuleType) -> SplitMap:
+    """A per-layer map: half of every language model's layers on ``first``, half on ``second``."""
+    split: SplitMap = bench_models.layer_split_map
+    return split
+
+
 # --- accelerate's hooks out, and back -------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", families())
-def test_replaces_accelerate_hooks_and_remove_restores_them(family: Family) -> None:
+def test_replaces_accelerate_hooks_and_remove_restores_them(
+    family: Family, layer_split_map: SplitMap
+) -> None:
     import torch
     from accelerate import dispatch_model
 
@@ -65,7 +78,7 @@ def test_replaces_accelerate_hooks_and_remove_restores_them(family: Family) -> N
     inputs = inputs_for(model, family)
     with torch.no_grad():
         reference = runner(model, family)(**inputs).logits
-        device_map = ot.layer_split_map(model, "cpu", "cpu")
+        device_map = layer_split_map(model, "cpu", "cpu")
         dispatch_model(model, device_map=device_map, force_hooks=True)
         before = accelerate_hooks(model)
         assert len(before) > len(device_map)  # one per module with weights, not per entry
@@ -90,13 +103,15 @@ def test_replaces_accelerate_hooks_and_remove_restores_them(family: Family) -> N
     assert accelerate_hooks(model).keys() == before.keys()
 
 
-def test_keeps_dispatch_models_move_warning_and_tied_weights(tied_lm_dir: Path) -> None:
+def test_keeps_dispatch_models_move_warning_and_tied_weights(
+    tied_lm_dir: Path, layer_split_map: SplitMap
+) -> None:
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
     model: Model = AutoModelForCausalLM.from_pretrained(tied_lm_dir).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    dispatch_model(model, device_map=ot.layer_split_map(model, "cpu", "cpu"), force_hooks=True)
+    dispatch_model(model, device_map=layer_split_map(model, "cpu", "cpu"), force_hooks=True)
     wrapped_to = vars(model)["to"]  # dispatch_model's "You shouldn't move a dispatched model"
     with omnifix.lean_dispatch(model):
         assert vars(model)["to"] is wrapped_to
@@ -104,12 +119,12 @@ def test_keeps_dispatch_models_move_warning_and_tied_weights(tied_lm_dir: Path) 
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_other_hooks_are_left_in_place() -> None:
+def test_other_hooks_are_left_in_place(layer_split_map: SplitMap) -> None:
     from accelerate import dispatch_model
     from accelerate.hooks import ModelHook, add_hook_to_module
 
     model: Model = ot.tiny_model("qwen2")
-    dispatch_model(model, device_map=ot.layer_split_map(model, "cpu", "cpu"), force_hooks=True)
+    dispatch_model(model, device_map=layer_split_map(model, "cpu", "cpu"), force_hooks=True)
     mine = ModelHook()
     add_hook_to_module(model.lm_head, mine)  # replaces accelerate's hook there
     others = len(accelerate_hooks(model)) - 1
@@ -129,21 +144,21 @@ def test_plain_model_on_one_device_gets_no_hook() -> None:
     assert "active=True" in repr(lean)
 
 
-def test_a_given_map_is_recorded_as_hf_device_map() -> None:
+def test_a_given_map_is_recorded_as_hf_device_map(layer_split_map: SplitMap) -> None:
     import torch
 
     model: Model = ot.tiny_model("qwen2")
-    device_map = ot.layer_split_map(model, "cpu", torch.device("cpu"))  # type: ignore[arg-type]
+    device_map = layer_split_map(model, "cpu", torch.device("cpu"))
     with omnifix.lean_dispatch(model, device_map=device_map) as lean:
         assert lean.hooks == 0
         assert model.hf_device_map == device_map
 
 
-def test_dispatching_again_replaces_the_earlier_handle() -> None:
+def test_dispatching_again_replaces_the_earlier_handle(layer_split_map: SplitMap) -> None:
     from accelerate import dispatch_model
 
     model: Model = ot.tiny_model("qwen2")
-    dispatch_model(model, device_map=ot.layer_split_map(model, "cpu", "cpu"), force_hooks=True)
+    dispatch_model(model, device_map=layer_split_map(model, "cpu", "cpu"), force_hooks=True)
     before = accelerate_hooks(model)
     first = omnifix.lean_dispatch(model)
     second = omnifix.lean_dispatch(model)
@@ -157,10 +172,10 @@ def test_dispatching_again_replaces_the_earlier_handle() -> None:
 # --- refusals ---------------------------------------------------------------------------------
 
 
-def test_a_map_with_cpu_and_disk_is_refused_with_the_fix() -> None:
+def test_a_map_with_cpu_and_disk_is_refused_with_the_fix(layer_split_map: SplitMap) -> None:
     model: Model = ot.tiny_model("qwen2")
     device_map: dict[str, str | int] = {
-        **ot.layer_split_map(model, "cpu", "cpu"),
+        **layer_split_map(model, "cpu", "cpu"),
         "lm_head": "disk",
     }
     with pytest.raises(omnifix.InvalidArgumentError) as raised:
@@ -171,7 +186,9 @@ def test_a_map_with_cpu_and_disk_is_refused_with_the_fix() -> None:
     assert not hasattr(model, "hf_device_map")  # refused before anything changed
 
 
-def test_an_offloaded_dispatch_is_refused_and_keeps_accelerates_hooks(tmp_path: Path) -> None:
+def test_an_offloaded_dispatch_is_refused_and_keeps_accelerates_hooks(
+    tmp_path: Path, layer_split_map: SplitMap
+) -> None:
     import torch
     from accelerate import dispatch_model
 
@@ -179,7 +196,7 @@ def test_an_offloaded_dispatch_is_refused_and_keeps_accelerates_hooks(tmp_path: 
     inputs = inputs_for(model, "qwen2")
     with torch.no_grad():
         reference = model(**inputs).logits
-    device_map = {**ot.layer_split_map(model, "cpu", "cpu"), "model.layers.1": "disk"}
+    device_map = {**layer_split_map(model, "cpu", "cpu"), "model.layers.1": "disk"}
     dispatch_model(model, device_map=device_map, offload_dir=tmp_path)
     before = accelerate_hooks(model)
     with pytest.raises(omnifix.InvalidArgumentError, match="offloads") as raised:
@@ -236,12 +253,12 @@ def test_load_safely_takes_hooks_accelerate_and_refuses_other_values(tiny_lm_dir
 
 
 def test_offloaded_load_keeps_accelerates_hooks_and_says_so(
-    tiny_lm_dir: Path, tmp_path: Path
+    tiny_lm_dir: Path, tmp_path: Path, layer_split_map: SplitMap
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     skeleton: Model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    device_map = {**ot.layer_split_map(skeleton, "cpu", "cpu"), "model.layers.2": "disk"}
+    device_map = {**layer_split_map(skeleton, "cpu", "cpu"), "model.layers.2": "disk"}
     model = omnifix.load_safely(
         tiny_lm_dir, device_map=device_map, allow_offload=True, offload_folder=str(tmp_path)
     )
@@ -257,7 +274,9 @@ def test_offloaded_load_keeps_accelerates_hooks_and_says_so(
 
 
 @pytest.mark.parametrize("family", families())
-def test_lean_hooks_change_no_logits_and_no_token(family: Family) -> None:
+def test_lean_hooks_change_no_logits_and_no_token(
+    family: Family, layer_split_map: SplitMap
+) -> None:
     import torch
 
     model = ot.tiny_model(family)
@@ -268,7 +287,7 @@ def test_lean_hooks_change_no_logits_and_no_token(family: Family) -> None:
         tokens = model.generate(**inputs, **generate_kwargs, do_sample=False)
         entries = [
             (name, model.get_submodule(name), torch.device("cpu"))
-            for name in ot.layer_split_map(model, "cpu", "cpu")
+            for name in layer_split_map(model, "cpu", "cpu")
         ]
         attached = _dispatch._attach(model, entries)
         assert len(attached) <= len(entries) + 1

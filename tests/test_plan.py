@@ -28,13 +28,17 @@ import omnifix.testing as ot
 from omnifix import PlacementPlan, Workload, plan_placement
 from omnifix._budgets import resolve_budgets
 from omnifix._estimate import CALIBRATION
-from omnifix._plan import _Attempt, _evaluate, _fill, _Request, predict_phases
+from omnifix._plan import _Attempt, _evaluate, _fill, _Request
 from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class
 from omnifix._skeleton import load_skeleton
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
+    from types import ModuleType
+
+    #: ``predict_phases(model, *, workload, ...)`` of ``benchmarks/_memory.py``.
+    PredictPhases = Callable[..., dict[str, int]]
 
 GIB = 2**30
 #: Qwen/Qwen2.5-Omni-7B model.safetensors.index.json total_size (revision ae9e169).
@@ -92,8 +96,17 @@ def assert_sound(plan: PlacementPlan, model: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def predict_phases(benchmark_suite: Callable[[str], ModuleType]) -> PredictPhases:
+    """The memory model's peak per phase on one GPU, as ``benchmarks/measure_peaks.py`` measures."""
+    predict: PredictPhases = benchmark_suite("_memory").predict_phases
+    return predict
+
+
 @pytest.mark.parametrize("figure", CALIBRATION.figures, ids=lambda f: f"{f.attn}-{f.phase}-{f.gib}")
-def test_memory_model_reproduces_each_measured_peak_within_10_percent(figure: Any) -> None:
+def test_memory_model_reproduces_each_measured_peak_within_10_percent(
+    figure: Any, predict_phases: PredictPhases
+) -> None:
     preset = figure.preset
     if not _available(preset):
         if figure.phase != "prefill":
@@ -832,7 +845,7 @@ def test_with_logits_to_keep_the_copy_is_one_row_per_sample() -> None:
     assert first.peak_phase == "prefill"
 
 
-def test_no_split_no_logits_copy() -> None:
+def test_no_split_no_logits_copy(predict_phases: PredictPhases) -> None:
     work = Workload(text_tokens=8192, max_new_tokens=NEW_TOKENS)
     plan = plan_placement("qwen2-audio-7b", budgets={0: "80GiB"}, workload=work)
     assert plan.strategy == "single"

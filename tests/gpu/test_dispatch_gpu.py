@@ -23,6 +23,7 @@ from omnifix._compat import dtype_keyword
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+    from types import ModuleType
 
     import torch
 
@@ -69,7 +70,9 @@ def clean() -> None:
 
 
 @pytest.mark.parametrize("family", ot.available_families())
-def test_split_family_generates_what_one_gpu_generates(family: Family, tmp_path: Path) -> None:
+def test_split_family_generates_what_one_gpu_generates(
+    family: Family, tmp_path: Path, bench_models: ModuleType
+) -> None:
     import torch
 
     path = ot.save_tiny_model(family, tmp_path / "model")
@@ -79,7 +82,7 @@ def test_split_family_generates_what_one_gpu_generates(family: Family, tmp_path:
     del single
     clean()
 
-    device_map = ot.layer_split_map(ot.tiny_model(family), 0, 1)
+    device_map = bench_models.layer_split_map(ot.tiny_model(family), 0, 1)
     model = model_class.from_pretrained(path, device_map=device_map, **float32()).eval()
     before = accelerate_hooks(model)
     assert len(before) > len(device_map)  # accelerate: a hook on every module with weights
@@ -99,7 +102,9 @@ def test_split_family_generates_what_one_gpu_generates(family: Family, tmp_path:
     assert torch.equal(generate(model, family, "cuda:0"), reference)
 
 
-def test_a_given_map_moves_the_model_and_matches_one_gpu(tmp_path: Path) -> None:
+def test_a_given_map_moves_the_model_and_matches_one_gpu(
+    tmp_path: Path, bench_models: ModuleType
+) -> None:
     import torch
 
     family: Family = "qwen2-vl"
@@ -110,7 +115,7 @@ def test_a_given_map_moves_the_model_and_matches_one_gpu(tmp_path: Path) -> None
     del single
     clean()
     model = model_class.from_pretrained(path, **float32()).eval()  # on the cpu, no hooks
-    device_map = ot.layer_split_map(model, 0, 1)
+    device_map = bench_models.layer_split_map(model, 0, 1)
     with omnifix.lean_dispatch(model, device_map=device_map) as lean:
         assert model.hf_device_map == device_map
         assert lean.replaced == 0
@@ -125,7 +130,9 @@ def test_a_given_map_moves_the_model_and_matches_one_gpu(tmp_path: Path) -> None
     assert accelerate_hooks(model) == {}
 
 
-def test_the_callers_current_device_comes_back_even_after_an_error(tmp_path: Path) -> None:
+def test_the_callers_current_device_comes_back_even_after_an_error(
+    tmp_path: Path, bench_models: ModuleType
+) -> None:
     """Entries make their GPU current (fewer device switches per kernel); the caller's returns."""
     import torch
 
@@ -133,7 +140,7 @@ def test_the_callers_current_device_comes_back_even_after_an_error(tmp_path: Pat
     path = ot.save_tiny_model(family, tmp_path / "model")
     model_class: Any = ot.model_class(family)
     model = model_class.from_pretrained(path, **float32()).eval()
-    device_map = ot.layer_split_map(model, 0, 1)
+    device_map = bench_models.layer_split_map(model, 0, 1)
     seen: list[int] = []
     last = max(name for name, index in device_map.items() if index == 1 and "layers" in name)
     layer = model.get_submodule(last)

@@ -21,6 +21,7 @@ import omnifix.testing
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+    from types import ModuleType
 
 pytestmark = [pytest.mark.multi_gpu, pytest.mark.slow]
 
@@ -40,11 +41,13 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def _run(model: Any, workload: omnifix.Workload) -> tuple[str, dict[str, float]]:
+def _run(
+    model: Any, workload: omnifix.Workload, bench_models: ModuleType
+) -> tuple[str, dict[str, float]]:
     """Generate on ``workload``; the first line of an OOM (or "ran"), and each GPU's peak."""
     import torch
 
-    inputs = omnifix.testing.workload_inputs(model, workload)
+    inputs = bench_models.workload_inputs(model, workload)
     for gpu in (0, 1):
         torch.cuda.reset_peak_memory_stats(gpu)
     try:
@@ -66,7 +69,7 @@ def _weights_per_gpu(model: Any) -> dict[str, float]:
 
 
 def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
-    tmp_path: Path, record: Callable[..., None]
+    tmp_path: Path, record: Callable[..., None], bench_models: ModuleType
 ) -> None:
     import torch
 
@@ -77,7 +80,7 @@ def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
         pytest.skip("this transformers has no Qwen2.5-VL")
     checkpoint = tmp_path / "qwen2.5-vl-7b"
     skeleton = build_skeleton("qwen2.5-vl-7b")
-    omnifix.testing.materialize(skeleton, {"": 0})
+    bench_models.materialize(skeleton, {"": 0})
     skeleton.save_pretrained(checkpoint)
     del skeleton
     _free()
@@ -94,7 +97,7 @@ def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
             model = model_class.from_pretrained(
                 checkpoint, device_map="auto", max_memory=BUDGETS, attn_implementation=attn, **dtype
             )
-            outcomes[f"auto {attn}"] = (*_run(model, LARGE), _weights_per_gpu(model))
+            outcomes[f"auto {attn}"] = (*_run(model, LARGE, bench_models), _weights_per_gpu(model))
             del model
             _free()
         held = [torch.cuda.memory_allocated(gpu) for gpu in (0, 1)]
@@ -109,7 +112,7 @@ def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
             )
             report = omnifix.placement_report(model)
             outcomes[f"load_safely {attn}"] = (
-                *_run(model, workload),
+                *_run(model, workload, bench_models),
                 _weights_per_gpu(model),
                 report.strategy,
             )
@@ -118,7 +121,10 @@ def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
         model = model_class.from_pretrained(
             checkpoint, device_map="auto", max_memory=BUDGETS, attn_implementation="eager", **dtype
         )
-        outcomes["auto eager, medium"] = (*_run(model, MEDIUM), _weights_per_gpu(model))
+        outcomes["auto eager, medium"] = (
+            *_run(model, MEDIUM, bench_models),
+            _weights_per_gpu(model),
+        )
         del model
         _free()
     finally:

@@ -13,12 +13,14 @@ import gc
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import omnifix
-import omnifix.testing
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 GIB = 2**30
 #: The planner must predict each GPU's peak within this relative error.
@@ -45,7 +47,13 @@ def _outside_allocator(device: int) -> int:
     return total - free - torch.cuda.memory_reserved(device)
 
 
-def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) -> dict[str, Any]:
+def _run(
+    preset: str,
+    attn: str,
+    budgets: dict[int, str],
+    work: dict[str, Any],
+    bench_models: ModuleType,
+) -> dict[str, Any]:
     import torch
 
     from omnifix._presets import build_skeleton
@@ -61,7 +69,7 @@ def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) 
     # Anything still allocated belongs to earlier tests, not to this case: measure above it.
     before = {gpu: torch.cuda.memory_allocated(gpu) for gpu in gpus}
     model: Any = build_skeleton(preset)
-    omnifix.testing.materialize(model, plan.device_map)
+    bench_models.materialize(model, plan.device_map)
     model.eval()
     setter = getattr(model, "set_attn_implementation", None)
     if callable(setter):
@@ -70,7 +78,7 @@ def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) 
     # Qwen2.5-Omni: text generation is the thinker's (the full class's generate also wants the
     # speaker files of a real checkpoint); every part's weights are loaded all the same.
     target = getattr(model, "thinker", model)
-    inputs = omnifix.testing.workload_inputs(target, workload)
+    inputs = bench_models.workload_inputs(target, workload)
     pin = omnifix.pin_embeddings(model) if len(gpus) > 1 else None
     for gpu in gpus:
         torch.cuda.synchronize(gpu)
@@ -119,13 +127,17 @@ def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("preset", "attn", "budgets", "work"), CASES)
 def test_predicted_peak_matches_the_measured_one(
-    preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]
+    preset: str,
+    attn: str,
+    budgets: dict[int, str],
+    work: dict[str, Any],
+    bench_models: ModuleType,
 ) -> None:
     import torch
 
     if len(budgets) > torch.cuda.device_count():
         pytest.skip(f"needs {len(budgets)} GPUs")
-    result = _run(preset, attn, budgets, work)
+    result = _run(preset, attn, budgets, work, bench_models)
     path = os.environ.get("OMNIFIX_PLANNER_RECORD")
     if path:
         import transformers

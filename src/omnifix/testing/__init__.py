@@ -16,6 +16,11 @@ family                     class                                            tran
                            + talker + token2wav, and ``spk_dict.pt``)
 =========================  ===============================================  =====================
 
+The module holds the models, their configs and their inputs, and nothing else: the families
+(:data:`FAMILIES`, :func:`available_families`), the builders (:func:`model_class`,
+:func:`tiny_config`, :func:`tiny_model`, :func:`save_tiny_model`) and matching inputs
+(:func:`tiny_inputs`, :func:`text_generation_kwargs`).
+
 The configs are written in the installed transformers' own layout (it changed at 4.52 and at
 5.0), and :func:`save_tiny_model` writes a directory that the real ``from_pretrained`` loads, so
 tests exercise the same path as users. :func:`tiny_inputs` gives matching inputs: token ids with
@@ -69,9 +74,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from omnifix.testing._configs import FAMILIES, Family
-from omnifix.testing._maps import layer_split_map as layer_split_map
-from omnifix.testing._materialize import materialize as materialize
-from omnifix.testing._workload_inputs import workload_inputs as workload_inputs
 
 if TYPE_CHECKING:
     import os
@@ -86,15 +88,12 @@ __all__ = [
     "FAMILIES",
     "Family",
     "available_families",
-    "layer_split_map",
-    "materialize",
     "model_class",
     "save_tiny_model",
     "text_generation_kwargs",
     "tiny_config",
     "tiny_inputs",
     "tiny_model",
-    "workload_inputs",
 ]
 
 

@@ -22,7 +22,13 @@ if TYPE_CHECKING:
     from omnifix._types import DeviceLike
     from omnifix.testing._configs import Family
 
-__all__ = ["IMAGE_GRID", "audio_tokens", "build_inputs", "image_tokens"]
+__all__ = [
+    "IMAGE_GRID",
+    "audio_tokens",
+    "build_inputs",
+    "image_tokens",
+    "qwen2_audio_expands_in_processor",
+]
 
 #: The (t, h, w) patch grid of the one image per sample: 4 merged tokens with 2x2 merging.
 IMAGE_GRID: Final = (1, 4, 4)
@@ -49,7 +55,12 @@ def _audio_frames(audio_config: Any) -> int:
     return 2 * int(audio_config.max_source_positions)
 
 
-def _qwen2_audio_expands_in_processor() -> bool:
+def qwen2_audio_expands_in_processor() -> bool:
+    """Whether the installed Qwen2-Audio takes one placeholder per audio token (transformers 4.48+).
+
+    Before 4.48 the prompt holds a single ``<|AUDIO|>`` per audio and the model expands it into
+    as many positions as the audio tower makes tokens, so its logits are longer than the prompt.
+    """
     import transformers
     from packaging.version import Version
 
@@ -189,7 +200,7 @@ def build_inputs(
         if image:
             _image(layout, source, generator)
         if audio:
-            expanded = family != "qwen2-audio" or _qwen2_audio_expands_in_processor()
+            expanded = family != "qwen2-audio" or qwen2_audio_expands_in_processor()
             _audio(layout, source, generator, expanded=expanded)
         text = _text_ids(source, layout.specials, text_tokens, generator)
         half = text_tokens // 2
