@@ -455,6 +455,7 @@ def test_flash_attn_that_does_not_import_is_a_warning_with_the_fix() -> None:
     assert "undefined symbol" in flash.note
     [warning] = report.warnings
     assert warning.message.startswith("flash-attn 2.7.4 is installed but does not import")
+    assert warning.message.endswith("SetDeviceEi.")  # a sentence, before its "Fix:"
     command = shlex.split(warning.fix.split(" (or ")[0])
     assert command[:3] == ["pip", "install", "--force-reinstall"]
     assert {"--no-build-isolation", "--no-cache-dir"} <= set(command)

@@ -173,7 +173,7 @@ def _package(name: str, spec: SpecifierSet | None) -> tuple[PackageVersion, Find
         fix = "Reinstall torch: pytorch.org lists the pip command for this machine."
     elif name == "flash-attn":
         fix = f"{_FLASH_REBUILD} (or pip uninstall flash-attn)"
-    message = f"{name} {version} is installed but {note}"
+    message = f"{name} {version} is installed but {note}."
     broken = Finding("warn" if spec is None else "error", message, fix)
     return dataclasses.replace(package, note=note), broken
 
