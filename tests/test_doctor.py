@@ -3,8 +3,12 @@
 Machines are simulated the way tests/test_devices.py does it: torch's probes
 (``torch.cuda.is_available``, ``device_count``, ``get_device_properties``,
 ``get_device_capability``, ``mem_get_info``, ``torch.version``) are patched, never omnifix.
-flash-attn is simulated by a module in ``sys.modules`` (or a finder that fails the way a
-flash-attn built for another torch does); versions by ``importlib.metadata.version``.
+Installed versions are simulated by ``importlib.metadata.version``, and omnifix's own
+requirements by ``importlib.metadata.requires`` (so no test depends on the floors it declares).
+flash-attn is a module in ``sys.modules`` (or a finder that fails the way a flash-attn built for
+another torch does); transformers' ``is_flash_attn_2_available`` is asked for its answer only for
+a simulated flash-attn that imports, which it cannot see (it reads distribution metadata, and
+caches its answer in 5.x).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import importlib.metadata
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import types
@@ -30,9 +36,10 @@ import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 from omnifix._cli import main
-from omnifix._doctor import MINIMUM_VERSIONS, Diagnosis, diagnose, render_rich, render_text
+from omnifix._doctor import Diagnosis, diagnose, render_rich, render_text
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -41,6 +48,17 @@ GIB = 1024**3
 H100 = ("NVIDIA H100 80GB HBM3", (9, 0), 79 * GIB)
 A100 = ("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GIB)
 T4 = ("Tesla T4", (7, 5), 15 * GIB)
+MI300X = ("AMD Instinct MI300X", (9, 4), 192 * GIB)
+#: What the simulated machines' omnifix declares (its metadata's ``Requires-Dist``).
+DECLARED = (
+    "torch>=2.6",
+    "packaging>=20",
+    "transformers>=4.45",
+    "accelerate>=1.0",
+    "rich>=13",
+    "flash-attn>=2.6; extra == 'flash'",
+)
+REQUIRED = {Requirement(line).name: str(Requirement(line).specifier) for line in DECLARED[:-1]}
 
 
 @dataclass(frozen=True)
@@ -105,14 +123,25 @@ def distributions(versions: dict[str, str | None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def declared(lines: Sequence[str] | None) -> Iterator[None]:
+    """``importlib.metadata.requires("omnifix")`` gives ``lines`` (None: omnifix not installed)."""
+    real = importlib.metadata.requires
+
+    def requires(name: str) -> list[str] | None:
+        if name != "omnifix":
+            return real(name)
+        if lines is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return list(lines)
+
+    with mock.patch.object(importlib.metadata, "requires", requires):
+        yield
+
+
+@contextlib.contextmanager
 def flash_attn(flash: str | None, *, transformers_accepts: bool) -> Iterator[None]:
     """None: not installed; a version: imports; "broken": installed, fails to import."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(
-            mock.patch.object(
-                transformers.utils, "is_flash_attn_2_available", return_value=transformers_accepts
-            )
-        )
         if flash == "broken":
             finder = _FailingFinder()
             sys.meta_path.insert(0, finder)
@@ -121,10 +150,16 @@ def flash_attn(flash: str | None, *, transformers_accepts: bool) -> Iterator[Non
             stack.enter_context(distributions({"flash-attn": "2.7.4"}))
         elif flash is None:
             stack.enter_context(modules({"flash_attn": None}))
+            stack.enter_context(distributions({"flash-attn": None}))
         else:
             module = types.ModuleType("flash_attn")
             module.__version__ = flash  # type: ignore[attr-defined]
             stack.enter_context(modules({"flash_attn": module}))
+            stack.enter_context(distributions({"flash-attn": flash}))
+            accepts = mock.patch.object(
+                transformers.utils, "is_flash_attn_2_available", return_value=transformers_accepts
+            )
+            stack.enter_context(accepts)
         yield
 
 
@@ -169,6 +204,7 @@ def machine(
     flash: str | None = None,
     transformers_flash: bool = True,  # what transformers' is_flash_attn_2_available() says
     versions: dict[str, str | None] | None = None,  # distribution -> version, None: missing
+    requires: Sequence[str] | None = DECLARED,  # what omnifix declares; None: not installed
     init_warning: str | None = None,
 ) -> Iterator[None]:
     """Make torch describe a machine with these GPUs (and no mps, xpu or npu)."""
@@ -193,8 +229,9 @@ def machine(
         if hasattr(torch, "xpu"):
             patch(torch.xpu, "is_available", lambda: False)
         stack.enter_context(modules({"torch_npu": None}))
-        stack.enter_context(distributions(versions or {}))
         stack.enter_context(flash_attn(flash, transformers_accepts=transformers_flash))
+        stack.enter_context(distributions(versions or {}))
+        stack.enter_context(declared(requires))
         yield
 
 
@@ -225,6 +262,16 @@ def attention(diagnosis: Diagnosis) -> dict[str, tuple[bool, str]]:
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 
 
+def declared_here() -> dict[str, str]:
+    """What this install of omnifix requires, straight from its metadata."""
+    lines = importlib.metadata.requires("omnifix") or []
+    return {
+        Requirement(line).name: str(Requirement(line).specifier)
+        for line in lines
+        if Requirement(line).marker is None
+    }
+
+
 @needs_no_gpu
 def test_real_run_without_gpu_says_so_and_exits_0() -> None:
     report = diagnose()
@@ -233,9 +280,11 @@ def test_real_run_without_gpu_says_so_and_exits_0() -> None:
     assert report.devices[-1] == "cpu"
     assert report.auto_device == "cpu"
     found = {package.name: package.version for package in report.versions}
-    assert found["torch"] == importlib.metadata.version("torch")
-    assert found["transformers"] == transformers.__version__
-    assert found["accelerate"] == accelerate.__version__
+    assert found["torch"] == str(Version(importlib.metadata.version("torch")))
+    assert found["transformers"] == str(Version(transformers.__version__))
+    assert found["accelerate"] == str(Version(accelerate.__version__))
+    required = {p.name: p.required for p in report.versions if p.required is not None}
+    assert required == declared_here()
     assert any("No GPU" in message for message in levels(report)["ok"])
     usable = attention(report)
     assert usable["eager"][0]
@@ -266,8 +315,8 @@ def test_json_from_a_subprocess_parses_and_exits_0() -> None:
     assert data["gpus"] == []
     assert data["devices"][-1] == "cpu"
     torch_entry = next(entry for entry in data["versions"] if entry["name"] == "torch")
-    assert torch_entry["version"] == importlib.metadata.version("torch")
-    assert torch_entry["minimum"] == "2.4"
+    assert torch_entry["version"] == str(Version(importlib.metadata.version("torch")))
+    assert torch_entry["required"] == declared_here()["torch"]
     assert [entry["name"] for entry in data["attention"]] == [
         "eager",
         "sdpa",
@@ -282,24 +331,46 @@ def test_plain_text_when_rich_is_missing(capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0
     for heading in ("versions", "attention backends", "findings"):
         assert f"\n{heading}\n" in out
-    assert "GPUs (CUDA_VISIBLE_DEVICES unset; devices: cpu; 'auto' is cpu)\n  none" in out
-    assert "┃" not in out  # no rich table
+    assert "\nGPUs (CUDA_VISIBLE_DEVICES unset; devices: cpu; 'auto' is cpu)\nnone\n" in out
+    assert "─" not in out  # no rich table
+    # No fix column: an ok finding is its sentence alone.
+    assert "\nlevel  finding\nok     No GPU: torch " in out
+    assert "Fix:" not in out
     assert out.rstrip().endswith("Nothing to fix.")
 
 
 def test_rich_tables_when_rich_is_installed(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("rich")
     with machine([gpu(H100)], flash="2.8.3"):
         code = main(["doctor"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "┃ attn_implementation ┃" in out  # a rich table, not the plain layout
+    assert "─" in out  # a rich table's head rule, not the plain layout
     assert "NVIDIA H100 80GB HBM3" in out
     assert "flash-attn 2.8.3 on cuda:0" in out
 
 
+def test_plain_and_rich_print_the_same_cells() -> None:
+    from rich.console import Console
+
+    gpus = [gpu(A100, free=2 * GIB), gpu(T4)]
+    with machine(gpus, flash="2.8.3", versions={"accelerate": None}):
+        report = diagnose()
+    console = Console(file=io.StringIO(), width=400, color_system=None)
+    render_rich(report, console)
+    shown = console.file.getvalue()  # type: ignore[attr-defined]
+    text = render_text(report)
+    assert report.errors
+    assert report.warnings
+    for finding in report.findings:
+        cell = f"{finding.message} Fix: {finding.fix}" if finding.fix else finding.message
+        assert cell in text
+        assert cell in shown
+    for cell in ("2.0 GiB / 40.0 GiB", "7.5", "not installed", ">=1.0", "optional"):
+        assert cell in text
+        assert cell in shown
+
+
 def test_rich_escapes_text_that_looks_like_markup() -> None:
-    pytest.importorskip("rich")
     from rich.console import Console
 
     with machine([gpu(("GPU [bold]x[/bold]", (9, 0), 80 * GIB))]):
@@ -309,19 +380,8 @@ def test_rich_escapes_text_that_looks_like_markup() -> None:
     assert "GPU [bold]x[/bold]" in console.file.getvalue()  # type: ignore[attr-defined]
 
 
-def test_minimum_versions_are_the_floors_of_the_package_dependencies() -> None:
-    floors = {}
-    for text in importlib.metadata.requires("omnifix") or []:
-        requirement = Requirement(text)
-        if requirement.marker is None:
-            floors[requirement.name] = next(
-                spec.version for spec in requirement.specifier if spec.operator == ">="
-            )
-    assert floors == MINIMUM_VERSIONS
-
-
 # ---------------------------------------------------------------------------------------------
-# Simulated GPUs
+# Simulated machines
 # ---------------------------------------------------------------------------------------------
 
 
@@ -341,14 +401,15 @@ def test_two_hoppers_with_flash_attn_report_every_fact() -> None:
     ]
     assert report.devices == ("cuda:0", "cuda:1", "cpu")
     assert report.auto_device == "cuda:0"
-    assert report.versions[0].note == "CUDA 12.8 build"
+    torch_version = next(p for p in report.versions if p.name == "torch")
+    assert torch_version.note == "CUDA 12.8 build"
     assert attention(report)["flash_attention_2"] == (
         True,
         "flash-attn 2.8.3 on cuda:0, cuda:1, in float16 or bfloat16",
     )
     text = render_text(report)
     assert "cuda:0  NVIDIA H100 80GB HBM3  70.0 GiB / 79.0 GiB  9.0      yes" in text
-    assert "flash-attn    2.8.3" in text
+    assert re.search(r"^flash-attn +2\.8\.3 +optional$", text, re.MULTILINE)
 
 
 @pytest.mark.parametrize(
@@ -370,18 +431,20 @@ def test_flash_attention_says_why_it_cannot_run(gpus, flash, transformers_flash,
     assert report.exit_code == 0  # sdpa still works: nothing is broken
 
 
-def test_pre_ampere_gpu_has_no_native_bf16() -> None:
-    with machine([gpu(T4)]):
+@pytest.mark.parametrize(
+    ("spec", "cuda", "hip", "bf16", "build"),
+    [
+        (T4, "12.8", None, False, "CUDA 12.8 build"),
+        (H100, "12.8", None, True, "CUDA 12.8 build"),
+        (MI300X, None, "6.2.41133", True, "ROCm 6.2.41133 build"),
+    ],
+)
+def test_bf16_follows_the_gpu_and_the_torch_build(spec, cuda, hip, bf16, build) -> None:
+    with machine([gpu(spec)], cuda=cuda, hip=hip):
         report = diagnose()
-    assert report.gpus[0].bf16 is False
-    assert report.gpus[0].capability == (7, 5)
-
-
-def test_rocm_gpus_support_bf16_and_say_so() -> None:
-    with machine([gpu(("AMD Instinct MI300X", (9, 4), 192 * GIB))], cuda=None, hip="6.2.41133"):
-        report = diagnose()
-    assert report.gpus[0].bf16
-    assert report.versions[0].note == "ROCm 6.2.41133 build"
+    assert report.gpus[0].bf16 is bf16
+    assert report.gpus[0].capability == spec[1]
+    assert next(p for p in report.versions if p.name == "torch").note == build
 
 
 def test_flash_attn_that_does_not_import_is_a_warning_with_the_fix() -> None:
@@ -392,7 +455,11 @@ def test_flash_attn_that_does_not_import_is_a_warning_with_the_fix() -> None:
     assert "undefined symbol" in flash.note
     [warning] = report.warnings
     assert warning.message.startswith("flash-attn 2.7.4 is installed but does not import")
-    assert "pip install flash-attn --no-build-isolation" in warning.fix
+    assert warning.message.endswith("SetDeviceEi.")  # a sentence, before its "Fix:"
+    command = shlex.split(warning.fix.split(" (or ")[0])
+    assert command[:3] == ["pip", "install", "--force-reinstall"]
+    assert {"--no-build-isolation", "--no-cache-dir"} <= set(command)
+    assert command[-1] == "flash-attn"
     assert report.exit_code == 0
 
 
@@ -459,7 +526,7 @@ def test_full_busy_and_unqueryable_gpus(capsys: pytest.CaptureFixture[str]) -> N
             "cuda:2 (NVIDIA H100 80GB HBM3) cannot be used: torch.cuda.mem_get_info failed with "
             "'CUDA error: all CUDA-capable devices are busy or unavailable'."
         ),
-        "cuda:0 (NVIDIA H100 80GB HBM3) has 0.0 GiB free of 79.0 GiB: nothing can be loaded on it.",
+        "cuda:0 (NVIDIA H100 80GB HBM3) has 0 B free of 79.0 GiB: nothing can be loaded on it.",
     ]
     [busy] = report.warnings
     assert busy.message.startswith(
@@ -467,6 +534,7 @@ def test_full_busy_and_unqueryable_gpus(capsys: pytest.CaptureFixture[str]) -> N
     )
     assert report.gpus[2].free_bytes is None
     assert "cuda:2  NVIDIA H100 80GB HBM3  ? / 79.0 GiB" in out
+    assert "nothing can be loaded on it. Fix: Stop the processes holding it" in out
     assert "2 error(s), 1 warning(s): broken (exit 1)." in out
 
 
@@ -482,7 +550,7 @@ def test_a_cuda_build_that_sees_no_gpu_passes_on_torchs_warning() -> None:
     assert report.exit_code == 0
 
 
-@pytest.mark.parametrize("package", sorted(MINIMUM_VERSIONS))
+@pytest.mark.parametrize("package", sorted(REQUIRED))
 @pytest.mark.parametrize("installed", ["0.9", None])
 def test_old_or_missing_required_packages_are_errors(package, installed) -> None:
     with machine(versions={package: installed}):
@@ -490,24 +558,60 @@ def test_old_or_missing_required_packages_are_errors(package, installed) -> None
         code = main(["doctor", "--json"])
     assert code == report.exit_code == 1
     [error] = report.errors
-    wanted = f"{package}>={MINIMUM_VERSIONS[package]}"
-    if installed is None:
-        assert error.message == f"{package} is not installed; omnifix needs {wanted}."
-        assert error.fix == f"pip install '{wanted}'"
-    else:
-        assert error.message.startswith(f"{package} 0.9 is older than omnifix supports")
-        assert error.fix == f"pip install --upgrade '{wanted}'"
+    wanted = f"{package}{REQUIRED[package]}"
+    state = "is not installed" if installed is None else "0.9 does not meet it"
+    assert error.message == f"omnifix needs {wanted}; {package} {state}."
+    # The fix is a command to paste into a shell: pip install of the requirement.
+    assert shlex.split(error.fix) == ["pip", "install", wanted]
+
+
+def test_requirements_are_omnifix_own_metadata() -> None:
+    with machine(versions={"transformers": "5.0.0rc1"}, requires=["torch>=99", "accelerate<1"]):
+        report = diagnose()
+    assert [(p.name, p.required) for p in report.versions] == [
+        ("torch", ">=99"),
+        ("accelerate", "<1"),
+        ("flash-attn", None),
+    ]
+    assert [shlex.split(error.fix)[-1] for error in report.errors] == ["torch>=99", "accelerate<1"]
+    with machine(versions={"transformers": "5.0.0rc1"}):
+        assert diagnose().exit_code == 0  # a pre-release meets the requirement of its release
+    with machine(requires=None):
+        [error] = diagnose().errors
+    assert error.message.startswith("omnifix's metadata is not installed")
+
+
+@pytest.mark.parametrize("package", ["transformers", "accelerate"])
+def test_a_required_package_that_does_not_import_is_an_error(package) -> None:
+    with machine(), modules({package: None}):
+        report = diagnose()
+    [error] = report.errors
+    installed = str(Version(importlib.metadata.version(package)))
+    assert error.message.startswith(f"{package} {installed} is installed but does not import")
+    command = ["pip", "install", "--force-reinstall", "--no-deps", f"{package}=={installed}"]
+    assert shlex.split(error.fix) == command
 
 
 def test_a_torch_that_does_not_import_is_reported_not_raised() -> None:
-    with modules({"torch": None}):  # what a broken install looks like to `import torch`
+    with declared(DECLARED), modules({"torch": None}):  # what a broken install looks like
         report = diagnose()
     [error] = report.errors
-    assert error.message.startswith("torch does not import: ModuleNotFoundError")
+    assert "torch" in error.message
+    assert "is installed but does not import: ModuleNotFoundError" in error.message
     assert error.fix.startswith("Reinstall torch")
     assert report.exit_code == 1
     assert (report.gpus, report.devices) == ((), ("cpu",))
-    assert "torch does not import" in render_text(report)
+    assert "does not import" in render_text(report)
+
+
+def test_a_missing_packaging_is_reported_not_raised() -> None:
+    parts = ("packaging", "packaging.version", "packaging.requirements", "packaging.specifiers")
+    with modules({"omnifix._compat": ABSENT, **dict.fromkeys(parts)}):
+        report = diagnose()
+    [error] = report.errors
+    assert "packaging" in error.message
+    assert shlex.split(error.fix) == ["pip", "install", "--force-reinstall", "packaging"]
+    assert "omnifix cannot read versions" in render_text(report)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,33 +1,32 @@
 """``omnifix doctor``: what this machine's stack and GPUs can do, and what to fix first.
 
-:func:`diagnose` gathers the facts (package versions, each GPU's memory, compute capability and
-bfloat16 support, the attention backends that will work) and judges them into
-:class:`Finding` s of level ``ok``, ``warn`` or ``error``, each with its fix. It never raises:
-a probe that fails becomes a finding. :func:`render_text` and :func:`render_rich` print a
-:class:`Diagnosis` for people, :meth:`Diagnosis.to_dict` for scripts (``omnifix doctor --json``).
-
-Every fact comes from torch's own probes (``torch.cuda.is_available``, ``device_count``,
-``get_device_properties``, ``get_device_capability``, ``mem_get_info``) and from the installed
-distributions' metadata, so tests simulate machines by patching torch, not omnifix.
+:func:`diagnose` judges installed versions against omnifix's own requirements, each GPU and the
+usable attention backends into :class:`Finding` s; the facts come from torch's own probes,
+transformers' ``is_flash_attn_2_available`` and the distributions' metadata, so tests simulate
+machines by patching those. Both renderers print the same :mod:`omnifix._table` blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.metadata
+import itertools
+import json
 import os
 import platform
-import re
 import sys
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from omnifix import _table
+from omnifix._devices import available_devices, cuda_device_count, normalize_device
+from omnifix._table import Table
+from omnifix._units import MIB, format_bytes
 from omnifix._version import __version__
 
 if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
     from rich.console import Console
 
 __all__ = [
@@ -46,37 +45,32 @@ __all__ = [
 #: How bad a finding is: ``error`` makes ``omnifix doctor`` exit 1, ``warn`` does not.
 Level = Literal["ok", "warn", "error"]
 
-#: The oldest releases omnifix supports: the floors of ``dependencies`` in pyproject.toml.
-MINIMUM_VERSIONS: Final[dict[str, str]] = {
-    "torch": "2.4",
-    "transformers": "4.45",
-    "accelerate": "1.0",
-    "rich": "13",
-}
 #: The first compute capability with native bfloat16 and FlashAttention-2 (Ampere).
 _AMPERE: Final = (8, 0)
-_GIB: Final = 1024**3
-_MIB: Final = 1024**2
-#: Less free memory than this and nothing can be loaded on a GPU (a CUDA context alone takes
-#: a few hundred MiB): an error.
-_NEARLY_FULL_BYTES: Final = 256 * _MIB
-#: Less than this share of a GPU's memory free: another process holds the rest; a warning.
+#: Less free than this and nothing loads on a GPU (a CUDA context alone takes a few hundred MiB).
+_NEARLY_FULL_BYTES: Final = 256 * MIB
+#: Less than this share of a GPU's memory free: other processes hold the rest.
 _BUSY_SHARE: Final = 0.10
-_FLASH_INSTALL: Final = "pip install flash-attn --no-build-isolation"
+#: The distributions a load imports: each one installed must import (flash-attn as flash_attn).
+_IMPORTED: Final = ("torch", "transformers", "accelerate", "flash-attn")
+#: Builds flash-attn again for the installed torch (not from a wheel cached for another one).
+_FLASH_REBUILD: Final = (
+    "pip install --force-reinstall --no-deps --no-cache-dir --no-build-isolation flash-attn"
+)
 
 
 @dataclass(frozen=True)
 class PackageVersion:
-    """One package omnifix depends on (or uses when present), as installed here."""
+    """One package omnifix requires (or uses when present), as installed here."""
 
     name: str
     """The distribution name (``"flash-attn"``)."""
     version: str | None
-    """The installed version; ``None`` when it is not installed."""
-    minimum: str | None = None
-    """The oldest version omnifix supports; ``None`` for optional packages."""
+    """The installed version, as ``packaging`` reads it; ``None`` when it is not installed."""
+    required: str | None = None
+    """What omnifix's metadata requires of it (``">=2.6"``); ``None`` for optional packages."""
     note: str = ""
-    """The torch build (``"CUDA 12.8"``), or why an installed package cannot be used."""
+    """The torch build (``"CUDA 12.8 build"``), or why an installed package does not import."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +112,6 @@ class Diagnosis:
     """Everything ``omnifix doctor`` found; :attr:`exit_code` is 1 when a finding is an error."""
 
     omnifix: str
-    """The installed omnifix version."""
     python: str
     platform: str
     versions: tuple[PackageVersion, ...]
@@ -149,60 +142,40 @@ class Diagnosis:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data: the fields, plus ``exit_code`` and the error/warning counts."""
-        return {
-            **dataclasses.asdict(self),
-            "errors": len(self.errors),
-            "warnings": len(self.warnings),
-            "exit_code": self.exit_code,
-        }
+        counts = {"errors": len(self.errors), "warnings": len(self.warnings)}
+        return {**dataclasses.asdict(self), **counts, "exit_code": self.exit_code}
 
 
-# --------------------------------------------------------------------------------------------
-# Facts
-# --------------------------------------------------------------------------------------------
+def _package(name: str, spec: SpecifierSet | None) -> tuple[PackageVersion, Finding | None]:
+    """``name`` as installed, and what is wrong: a requirement not met, or it does not import."""
+    from omnifix._compat import installed_version
 
-
-def _installed(distribution: str) -> str | None:
+    version = installed_version(name)
+    shown = None if version is None else str(version)
+    package = PackageVersion(name, shown, None if spec is None else str(spec))
+    wanted = f"{name}{spec or ''}"
+    # A pre-release meets the requirement of its release (5.0.0rc1 meets ">=4.45").
+    if spec is not None and (version is None or not spec.contains(version, prereleases=True)):
+        state = "is not installed" if version is None else f"{version} does not meet it"
+        message = f"omnifix needs {wanted}; {name} {state}."
+        return package, Finding("error", message, f'pip install "{wanted}"')
+    if version is None or name not in _IMPORTED:
+        return package, None
     try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``, as packaging's ``Version.release``.
-
-    packaging comes with transformers, which may be what is missing, so it is not used here.
-    """
-    found = re.match(r"\d+(?:\.\d+)*", version.strip())
-    return tuple(int(part) for part in found.group().split(".")) if found else ()
-
-
-def _older_than(version: str, minimum: str) -> bool:
-    release = _release(version)
-    return bool(release) and release < _release(minimum)  # an unreadable version: trust it
-
-
-def _torch_build(torch: Any) -> str:
-    if getattr(torch.version, "hip", None):
-        return f"ROCm {torch.version.hip}"
-    if getattr(torch.version, "cuda", None):
-        return f"CUDA {torch.version.cuda}"
-    return "CPU-only"
-
-
-def _probe_flash_attn() -> tuple[str | None, str]:
-    """``(version, problem)``: ``(None, "")`` when not installed, problem ``""`` when it imports."""
-    installed = _installed("flash-attn")
-    try:
-        module = importlib.import_module("flash_attn")
+        importlib.import_module(name.replace("-", "_"))
     # A flash-attn built for another torch or CUDA fails here with "undefined symbol".
-    except ImportError as error:
-        absent = isinstance(error, ModuleNotFoundError) and error.name == "flash_attn"
-        if absent and installed is None:
-            return None, ""
-        return installed or "?", f"does not import: {error}"
-    return str(getattr(module, "__version__", None) or installed or "?"), ""
+    except Exception as error:  # noqa: BLE001 - anything it raises means it is broken
+        note = f"does not import: {type(error).__name__}: {error}"
+    else:
+        return package, None
+    fix = f'pip install --force-reinstall --no-deps "{name}=={version}"'
+    if name == "torch":
+        fix = "Reinstall torch: pytorch.org lists the pip command for this machine."
+    elif name == "flash-attn":
+        fix = f"{_FLASH_REBUILD} (or pip uninstall flash-attn)"
+    message = f"{name} {version} is installed but {note}."
+    broken = Finding("warn" if spec is None else "error", message, fix)
+    return dataclasses.replace(package, note=note), broken
 
 
 def _unusable(index: int, name: str, probe: str, error: Exception) -> Finding:
@@ -217,8 +190,6 @@ def _unusable(index: int, name: str, probe: str, error: Exception) -> Finding:
 
 def _gpu_facts(torch: Any, findings: list[Finding]) -> tuple[Gpu, ...]:
     """Each GPU torch sees; a probe that fails for one becomes an error finding."""
-    from omnifix._devices import cuda_device_count
-
     gpus = []
     for index in range(cuda_device_count()):
         try:
@@ -231,495 +202,238 @@ def _gpu_facts(torch: Any, findings: list[Finding]) -> tuple[Gpu, ...]:
         try:
             free, total = torch.cuda.mem_get_info(index)
         except RuntimeError as error:  # busy, exclusive-process mode, out of memory, ...
-            free, total = None, int(properties.total_memory)
+            free, total = None, properties.total_memory
             findings.append(_unusable(index, properties.name, "mem_get_info", error))
-        gpus.append(
-            Gpu(
-                index=index,
-                name=str(properties.name),
-                total_bytes=int(total),
-                free_bytes=None if free is None else int(free),
-                capability=capability,
-                # torch.cuda.is_bf16_supported() answers for the current device only; this is its
-                # rule (ROCm, or compute capability 8.0+), without emulation, applied per GPU.
-                bf16=bool(getattr(torch.version, "hip", None)) or capability >= _AMPERE,
-            )
-        )
+        # torch.cuda.is_bf16_supported() answers for the current device only; this is its rule
+        # (ROCm, or compute capability 8.0+), without emulation, applied to each GPU.
+        bf16 = bool(getattr(torch.version, "hip", None)) or capability >= _AMPERE
+        free = None if free is None else int(free)
+        gpus.append(Gpu(index, str(properties.name), int(total), free, capability, bf16))
     return tuple(gpus)
 
 
-def _attention(
-    torch: Any, gpus: tuple[Gpu, ...], flash: tuple[str | None, str]
-) -> tuple[AttentionBackend, ...]:
-    sdpa = hasattr(torch.nn.functional, "scaled_dot_product_attention")
-    ampere = [gpu.index for gpu in gpus if gpu.capability >= _AMPERE]
-    version, problem = flash
+def _attention(gpus: tuple[Gpu, ...], flash: PackageVersion) -> tuple[AttentionBackend, ...]:
+    ampere = ", ".join(f"cuda:{gpu.index}" for gpu in gpus if gpu.capability >= _AMPERE)
+    worst = "{}.{}".format(*min((gpu.capability for gpu in gpus), default=_AMPERE))
+    why_not = ""
     if not gpus:
         why_not = "it runs on CUDA GPUs only, and torch sees none"
     elif not ampere:
-        worst = min(gpu.capability for gpu in gpus)
-        why_not = (
-            "it needs compute capability 8.0 (Ampere) or newer, and these GPUs are "
-            f"{worst[0]}.{worst[1]}: use sdpa"
-        )
-    elif version is None:
-        why_not = f"flash-attn is not installed: {_FLASH_INSTALL}"
-    elif problem:
-        why_not = f"flash-attn {version} {problem}; reinstall it for this torch: {_FLASH_INSTALL}"
+        why_not = f"it needs compute capability 8.0 (Ampere) or newer, and these GPUs are {worst}"
+        why_not += ": use sdpa"
+    elif flash.version is None:
+        why_not = "flash-attn is not installed: pip install flash-attn --no-build-isolation"
+    elif flash.note:
+        why_not = f"flash-attn {flash.version} {flash.note}; rebuild it: {_FLASH_REBUILD}"
     elif not _transformers_accepts_flash():
-        why_not = (
-            f"transformers' is_flash_attn_2_available() refuses flash-attn {version} (too old "
-            "for this transformers?): upgrade flash-attn"
-        )
-    else:
-        why_not = ""
-    listed = ", ".join(f"cuda:{index}" for index in ampere)
+        why_not = f"transformers' is_flash_attn_2_available() refuses flash-attn {flash.version}"
+        why_not += " (too old for this transformers?): upgrade flash-attn"
+    usable = f"flash-attn {flash.version} on {ampere}, in float16 or bfloat16"
+    sdpa = "torch's scaled_dot_product_attention (transformers' default)"  # in every torch 2.x
     return (
         AttentionBackend("eager", usable=True, detail="always (the slowest, most memory)"),
-        AttentionBackend(
-            "sdpa",
-            usable=sdpa,
-            detail="torch's scaled_dot_product_attention (transformers' default)"
-            if sdpa
-            else f"torch {torch.__version__} lacks scaled_dot_product_attention: upgrade torch",
-        ),
-        AttentionBackend(
-            "flash_attention_2",
-            usable=not why_not,
-            detail=why_not or f"flash-attn {version} on {listed}, in float16 or bfloat16",
-        ),
+        AttentionBackend("sdpa", usable=True, detail=sdpa),
+        AttentionBackend("flash_attention_2", usable=not why_not, detail=why_not or usable),
     )
 
 
 def _transformers_accepts_flash() -> bool:
     try:
-        utils = importlib.import_module("transformers.utils")
-    except Exception:  # noqa: BLE001 - a broken transformers is reported by _import_findings
+        probe = importlib.import_module("transformers.utils").is_flash_attn_2_available
+    except Exception:  # noqa: BLE001 - a broken transformers is a finding of its own
         return False
-    probe = getattr(utils, "is_flash_attn_2_available", None)
-    return bool(probe()) if callable(probe) else False
+    return bool(probe())
 
 
-# --------------------------------------------------------------------------------------------
-# Judgements
-# --------------------------------------------------------------------------------------------
-
-
-def _version_findings(versions: tuple[PackageVersion, ...]) -> list[Finding]:
-    findings = []
-    for package in versions:
-        if package.minimum is None:
-            continue
-        wanted = f"{package.name}>={package.minimum}"
-        if package.version is None:
-            findings.append(
-                Finding(
-                    "error",
-                    f"{package.name} is not installed; omnifix needs {wanted}.",
-                    f"pip install '{wanted}'",
-                )
-            )
-        elif _older_than(package.version, package.minimum):
-            findings.append(
-                Finding(
-                    "error",
-                    f"{package.name} {package.version} is older than omnifix supports ({wanted}).",
-                    f"pip install --upgrade '{wanted}'",
-                )
-            )
-    return findings
-
-
-def _import_findings() -> list[Finding]:
-    """Installed is not importable: a broken transformers or accelerate fails every load."""
-    findings = []
-    for module in ("transformers", "accelerate"):
-        if _installed(module) is None:
-            continue  # reported by _version_findings
-        try:
-            importlib.import_module(module)
-        except Exception as error:  # noqa: BLE001 - anything it raises means it is broken
-            findings.append(
-                Finding(
-                    "error",
-                    f"{module} is installed but does not import: {type(error).__name__}: {error}",
-                    f"Reinstall it: pip install --force-reinstall '{module}'.",
-                )
-            )
-    return findings
-
-
-def _visible_devices_findings(
-    visible: str | None, gpus: tuple[Gpu, ...], build: str
-) -> list[Finding]:
-    if visible is None:
-        return []
+def _seen(visible: str | None, gpus: tuple[Gpu, ...], build: str, torch: str) -> list[Finding]:
+    """Whether torch sees the GPUs that ``CUDA_VISIBLE_DEVICES`` names, or any GPU at all."""
+    findings, seen, setting = [], len(gpus), f"CUDA_VISIBLE_DEVICES={visible!r}"
     # CUDA reads the list up to the first entry that is not a GPU ("-1", a typo, a duplicate).
-    named = [entry.strip() for entry in visible.split(",") if entry.strip()]
-    usable = []
-    for entry in named:
-        if entry.startswith("-"):
-            break
-        usable.append(entry)
-    if not usable:
-        return [
-            Finding(
-                "warn",
-                f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process.",
-                "Unset it, or list the GPUs to use (CUDA_VISIBLE_DEVICES=0,1).",
-            )
-        ]
-    if len(usable) > len(gpus):
-        cause = (
-            f"torch is a {build} build and cannot use GPUs"
-            if build == "CPU-only"
-            else "CUDA stops at the first entry that is not a GPU of this machine"
-        )
-        fix = (
-            "Install a CUDA build of torch (pytorch.org lists the pip command)."
-            if build == "CPU-only"
-            else "List only GPUs that exist (nvidia-smi -L shows them), or unset it."
-        )
-        return [
-            Finding(
-                "error",
-                f"CUDA_VISIBLE_DEVICES={visible!r} names {len(usable)} GPU(s), but torch sees "
-                f"{len(gpus)}: {cause}.",
-                fix,
-            )
-        ]
-    return [
-        Finding("ok", f"CUDA_VISIBLE_DEVICES={visible!r}: torch sees the {len(gpus)} GPU(s) named.")
-    ]
+    entries = (entry.strip() for entry in (visible or "").split(","))
+    named = [e for e in itertools.takewhile(lambda e: not e.startswith("-"), entries) if e]
+    if visible is not None and not named:
+        fix = "Unset it, or list the GPUs to use (CUDA_VISIBLE_DEVICES=0,1)."
+        findings.append(Finding("warn", f"{setting} hides every GPU from this process.", fix))
+    elif visible is not None and len(named) <= seen:
+        findings.append(Finding("ok", f"{setting}: torch sees the {seen} GPU(s) named."))
+    elif visible is not None:
+        cause = "CUDA stops at the first entry that is not a GPU of this machine"
+        fix = "List only GPUs that exist (nvidia-smi -L shows them), or unset it."
+        if build == "CPU-only":
+            cause = f"torch is a {build} build and cannot use GPUs"
+            fix = "Install a CUDA build of torch (pytorch.org lists the pip command)."
+        message = f"{setting} names {len(named)} GPU(s), but torch sees {seen}: {cause}."
+        findings.append(Finding("error", message, fix))
+    if not gpus and build == "CPU-only":
+        message = f"No GPU: torch {torch} is a CPU-only build, so models run on the cpu (float32)."
+        message += " On a GPU machine, install a CUDA build of torch."
+        findings.append(Finding("ok", message))
+    elif not gpus:
+        fix = "Check the driver with nvidia-smi and that CUDA_VISIBLE_DEVICES is not hiding them."
+        findings.append(Finding("warn", f"torch {torch} ({build} build) sees no GPU.", fix))
+    return findings
 
 
-def _memory_findings(gpus: tuple[Gpu, ...]) -> list[Finding]:
+def _gpu_findings(gpus: tuple[Gpu, ...], visible: str | None) -> list[Finding]:
+    """Full and busy GPUs, older GPUs beside newer ones, and CUDA's own numbering."""
     findings = []
     for gpu in gpus:
         if gpu.free_bytes is None:
             continue
-        free, total = _gib(gpu.free_bytes), _gib(gpu.total_bytes)
+        has = f"cuda:{gpu.index} ({gpu.name}) has"
+        memory = f"{format_bytes(gpu.free_bytes)} free of {format_bytes(gpu.total_bytes)}"
+        fix = "Stop the processes holding it (nvidia-smi lists them) or {} (CUDA_VISIBLE_DEVICES)."
         if gpu.free_bytes < _NEARLY_FULL_BYTES:
-            findings.append(
-                Finding(
-                    "error",
-                    f"cuda:{gpu.index} ({gpu.name}) has {free} free of {total}: nothing can be "
-                    "loaded on it.",
-                    "Stop the processes that hold it (nvidia-smi lists them), or hide it with "
-                    "CUDA_VISIBLE_DEVICES.",
-                )
-            )
+            message = f"{has} {memory}: nothing can be loaded on it."
+            findings.append(Finding("error", message, fix.format("hide it")))
         elif gpu.free_bytes < _BUSY_SHARE * gpu.total_bytes:
-            findings.append(
-                Finding(
-                    "warn",
-                    f"cuda:{gpu.index} ({gpu.name}) has only {free} free of {total}: other "
-                    "processes hold the rest, and device_map='auto' will put little there.",
-                    "Stop them (nvidia-smi lists them), or use other GPUs (CUDA_VISIBLE_DEVICES).",
-                )
-            )
-    return findings
-
-
-def _mixed_gpu_findings(gpus: tuple[Gpu, ...], visible: str | None) -> list[Finding]:
-    findings = []
+            message = f"{has} only {memory}: device_map='auto' will put little there."
+            findings.append(Finding("warn", message, fix.format("use other GPUs")))
     ampere = [gpu for gpu in gpus if gpu.capability >= _AMPERE]
     older = [gpu for gpu in gpus if gpu.capability < _AMPERE]
     if ampere and older:
-        # Torch's index i is the i-th entry of CUDA_VISIBLE_DEVICES when it is set.
-        entries = [entry.strip() for entry in visible.split(",")] if visible else []
-        keep = ",".join(
-            entries[gpu.index] if gpu.index < len(entries) else str(gpu.index) for gpu in ampere
-        )
         names = ", ".join(
-            f"cuda:{gpu.index} ({gpu.name}, {gpu.capability[0]}.{gpu.capability[1]})"
-            for gpu in older
+            f"cuda:{g.index} ({g.name}, {g.capability[0]}.{g.capability[1]})" for g in older
         )
-        verb = "is" if len(older) == 1 else "are"
-        findings.append(
-            Finding(
-                "warn",
-                f"{names} {verb} older than Ampere (8.0): a model split over every GPU loads in "
-                "float16 without flash attention.",
-                f"Keep the model on the newer GPUs: CUDA_VISIBLE_DEVICES={keep}, or a device_map "
-                "that leaves the older ones out.",
-            )
-        )
+        # Torch's index i is the i-th entry of CUDA_VISIBLE_DEVICES when it is set.
+        entries = dict(enumerate(entry.strip() for entry in visible.split(","))) if visible else {}
+        keep = ",".join(entries.get(gpu.index, str(gpu.index)) for gpu in ampere)
+        message = f"{names} {'is' if len(older) == 1 else 'are'} older than Ampere (8.0): a model "
+        message += "split over every GPU loads in float16 without flash attention."
+        fix = f"Keep the model on the newer GPUs: CUDA_VISIBLE_DEVICES={keep}, or a device_map "
+        fix += "that leaves the older ones out."
+        findings.append(Finding("warn", message, fix))
     if len({gpu.name for gpu in gpus}) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
-        findings.append(
-            Finding(
-                "warn",
-                "The GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA numbers the fastest "
-                "first, so cuda:N and CUDA_VISIBLE_DEVICES=N may not be nvidia-smi's GPU N.",
-                "export CUDA_DEVICE_ORDER=PCI_BUS_ID",
-            )
-        )
+        message = "The GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA numbers the "
+        message += "fastest first, so cuda:N and CUDA_VISIBLE_DEVICES=N may not be nvidia-smi's N."
+        findings.append(Finding("warn", message, "export CUDA_DEVICE_ORDER=PCI_BUS_ID"))
     return findings
-
-
-def _no_gpu_finding(build: str, version: str) -> Finding:
-    if build == "CPU-only":
-        return Finding(
-            "ok",
-            f"No GPU: torch {version} is a CPU-only build, so models run on the cpu (float32). "
-            "On a GPU machine, install a CUDA build of torch.",
-        )
-    return Finding(
-        "warn",
-        f"torch {version} ({build} build) sees no GPU.",
-        "Check the driver with nvidia-smi and that CUDA_VISIBLE_DEVICES is not hiding them.",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# diagnose
-# --------------------------------------------------------------------------------------------
 
 
 def diagnose() -> Diagnosis:
     """Look at this machine's packages and GPUs, and judge what will and will not work.
 
     Returns:
-        The facts and the findings; never raises (a failing probe becomes a finding).
-        ``exit_code`` is 1 when a finding is an ``error``: a required package missing, older
-        than omnifix supports or not importable; ``CUDA_VISIBLE_DEVICES`` naming GPUs torch
-        cannot see; a GPU that cannot be queried or has (almost) no free memory. Warnings
-        (flash-attn installed but broken, a busy GPU, mixed GPU generations, ...) do not
-        change it.
+        The facts and the findings (a failing probe is a finding). ``exit_code`` is 1 when a
+        finding is an ``error``: a requirement not met, a required package that does not import,
+        ``CUDA_VISIBLE_DEVICES`` naming GPUs torch cannot see, a GPU that cannot be queried or
+        has (almost) no free memory.
 
     Example:
         >>> from omnifix._doctor import diagnose
         >>> report = diagnose()
-        >>> [backend.name for backend in report.attention]
-        ['eager', 'sdpa', 'flash_attention_2']
-        >>> report.devices[-1], report.exit_code == (1 if report.errors else 0)
-        ('cpu', True)
+        >>> [backend.name for backend in report.attention], report.devices[-1]
+        (['eager', 'sdpa', 'flash_attention_2'], 'cpu')
     """
-    versions = [
-        PackageVersion(name, _installed(name), minimum)
-        for name, minimum in MINIMUM_VERSIONS.items()
-    ]
-    base = Diagnosis(
-        omnifix=__version__,
-        python=platform.python_version(),
-        platform=f"{platform.system()} {platform.machine()}",
-        versions=(*versions, PackageVersion("flash-attn", _installed("flash-attn"))),
-        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        gpus=(),
-        devices=("cpu",),
-        auto_device="cpu",
-        attention=(),
-        findings=(),
-    )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    python, system = platform.python_version(), f"{platform.system()} {platform.machine()}"
+    base = Diagnosis(__version__, python, system, (), visible, (), ("cpu",), "cpu", (), ())
+    try:
+        from omnifix._compat import requirements
+    except ImportError as error:  # packaging (which transformers needs too) is missing or broken
+        broken = f"omnifix cannot read versions: {type(error).__name__}: {error}"
+        fix = "pip install --force-reinstall packaging"
+        return dataclasses.replace(base, findings=(Finding("error", broken, fix),))
+    required = requirements()
+    checked = [_package(name, spec) for name, spec in [*required.items(), ("flash-attn", None)]]
+    packages, findings = [package for package, _ in checked], [f for _, f in checked if f]
+    if not required:
+        missing = "omnifix's metadata is not installed, so its requirements cannot be checked."
+        findings.append(Finding("error", missing, "pip install -e . (in a clone of omnifix)"))
     try:
         import torch
-    except Exception as error:  # noqa: BLE001 - a broken torch is the first thing to report
-        broken = Finding(
-            "error",
-            f"torch does not import: {type(error).__name__}: {error}",
-            "Reinstall torch (pytorch.org lists the pip command for this machine).",
-        )
-        return dataclasses.replace(base, findings=(*_version_findings(tuple(versions)), broken))
+    except Exception:  # noqa: BLE001 - torch missing or broken: a finding above says which
+        return dataclasses.replace(base, versions=tuple(packages), findings=tuple(findings))
+    hip, cuda = getattr(torch.version, "hip", None), getattr(torch.version, "cuda", None)
+    build = f"ROCm {hip}" if hip else f"CUDA {cuda}" if cuda else "CPU-only"
+    notes = {"torch": f"{build} build"}
+    versions = tuple(dataclasses.replace(p, note=notes.get(p.name, p.note)) for p in packages)
     # torch warns (once per process) when it cannot use the driver: keep that as a finding.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        diagnosis = _diagnose_with(torch, base, versions)
-    messages = dict.fromkeys(str(warning.message).strip() for warning in caught)
-    torch_warnings = [
-        Finding(
-            "warn",
-            f"torch warned while looking for GPUs: {message}",
-            "Fix what it names (usually the NVIDIA driver: check it with nvidia-smi).",
-        )
-        for message in messages
-        if "cuda" in message.lower()
-    ]
-    return dataclasses.replace(diagnosis, findings=(*diagnosis.findings, *torch_warnings))
-
-
-def _diagnose_with(torch: Any, base: Diagnosis, versions: list[PackageVersion]) -> Diagnosis:
-    from omnifix._devices import available_devices, normalize_device
-
-    build = _torch_build(torch)
-    visible = base.cuda_visible_devices
-    versions[0] = dataclasses.replace(versions[0], note=f"{build} build")
-    flash = _probe_flash_attn()
-    versions.append(PackageVersion("flash-attn", flash[0], note=flash[1]))
-    findings = [*_version_findings(tuple(versions)), *_import_findings()]
-    gpus = _gpu_facts(torch, findings)
-    findings += _visible_devices_findings(visible, gpus, build)
-    findings += _memory_findings(gpus) + _mixed_gpu_findings(gpus, visible)
-    if flash[1]:
-        findings.append(
-            Finding(
-                "warn",
-                f"flash-attn {flash[0]} is installed but {flash[1]}",
-                f"Reinstall it for torch {torch.__version__}: {_FLASH_INSTALL}, or uninstall it.",
-            )
-        )
-    if not gpus:
-        findings.append(_no_gpu_finding(build, torch.__version__))
-    return dataclasses.replace(
-        base,
-        versions=tuple(versions),
-        gpus=gpus,
-        devices=tuple(available_devices()),
-        auto_device=str(normalize_device("auto")),
-        attention=_attention(torch, gpus, flash),
-        findings=tuple(findings),
+        gpus = _gpu_facts(torch, findings)
+        devices, auto = tuple(available_devices()), str(normalize_device("auto"))
+    findings += _seen(visible, gpus, build, torch.__version__)
+    findings += _gpu_findings(gpus, visible)
+    fix = "Fix what it names (usually the NVIDIA driver: check it with nvidia-smi)."
+    for message in dict.fromkeys(str(warning.message).strip() for warning in caught):
+        if "cuda" in message.lower():
+            findings.append(Finding("warn", f"torch warned while looking for GPUs: {message}", fix))
+    attention = _attention(gpus, flash=versions[-1])  # flash-attn is checked last
+    return Diagnosis(
+        __version__, python, system, versions, visible, gpus, devices, auto, attention, (*findings,)
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------------
+def _colour(column: str, text: str) -> str:
+    """The rich style of a yes/no or level cell."""
+    colours = {"yes": "green", "no": "yellow", "ok": "green", "warn": "yellow", "error": "red"}
+    return colours.get(text, "") if column in {"bf16", "usable", "level"} else ""
 
 
-def _gib(count: int) -> str:
-    return f"{count / _GIB:.1f} GiB"
-
-
-def _version_cell(package: PackageVersion) -> str:
-    text = package.version or "not installed"
-    return f"{text} ({package.note})" if package.note else text
-
-
-def _gpu_row(gpu: Gpu) -> tuple[str, str, str, str, str]:
-    free = "?" if gpu.free_bytes is None else _gib(gpu.free_bytes)
-    return (
-        f"cuda:{gpu.index}",
-        gpu.name,
-        f"{free} / {_gib(gpu.total_bytes)}",
-        f"{gpu.capability[0]}.{gpu.capability[1]}",
-        "yes" if gpu.bf16 else "no",
+def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
+    """The report, top to bottom: what both renderers print."""
+    versions = [("omnifix", diagnosis.omnifix, "-")]
+    for package in diagnosis.versions:
+        installed = f"{package.version or 'not installed'}"
+        installed += f" ({package.note})" if package.note else ""
+        required = "optional" if package.required is None else package.required or "any"
+        versions.append((package.name, installed, required))
+    gpus = []
+    for gpu in diagnosis.gpus:
+        free = "?" if gpu.free_bytes is None else format_bytes(gpu.free_bytes)
+        memory = f"{free} / {format_bytes(gpu.total_bytes)}"
+        compute = "{}.{}".format(*gpu.capability)
+        gpus.append((f"cuda:{gpu.index}", gpu.name, memory, compute, "yes" if gpu.bf16 else "no"))
+    backends = tuple((b.name, "yes" if b.usable else "no", b.detail) for b in diagnosis.attention)
+    # The fix ends the finding's sentence: no fix column to leave empty for ``ok`` findings.
+    findings = tuple(
+        (f.level, f"{f.message} Fix: {f.fix}" if f.fix else f.message) for f in diagnosis.findings
     )
-
-
-def _summary(diagnosis: Diagnosis) -> str:
+    visible, fold = diagnosis.cuda_visible_devices, frozenset({"installed", "detail", "finding"})
     errors, warned = len(diagnosis.errors), len(diagnosis.warnings)
-    if not errors and not warned:
-        return "Nothing to fix."
-    verdict = "broken" if errors else "working"
-    return f"{errors} error(s), {warned} warning(s): {verdict} (exit {diagnosis.exit_code})."
-
-
-def _gpu_heading(diagnosis: Diagnosis) -> str:
-    visible = diagnosis.cuda_visible_devices
-    shown = "unset" if visible is None else repr(visible)
-    return (
-        f"GPUs (CUDA_VISIBLE_DEVICES {shown}; devices: {', '.join(diagnosis.devices)}; "
-        f"'auto' is {diagnosis.auto_device})"
-    )
-
-
-#: A report section: its heading, column names and rows of plain text.
-_Section = tuple[str, tuple[str, ...], Sequence[Sequence[str]]]
-#: Cells that rich colours, in the columns named here.
-_COLOURED: Final = {"usable", "bf16", "level"}
-_COLOURS: Final = {"yes": "green", "no": "yellow", "ok": "green", "warn": "yellow", "error": "red"}
-
-
-def _sections(diagnosis: Diagnosis) -> list[_Section]:
+    summary = f"{errors} error(s), {warned} warning(s): {'broken' if errors else 'working'}"
+    gpu_title = f"GPUs (CUDA_VISIBLE_DEVICES {'unset' if visible is None else repr(visible)}; "
+    gpu_title += f"devices: {', '.join(diagnosis.devices)}; 'auto' is {diagnosis.auto_device})"
     return [
-        (
-            "versions",
-            ("package", "version"),
-            [("omnifix", diagnosis.omnifix)]
-            + [(package.name, _version_cell(package)) for package in diagnosis.versions],
-        ),
-        (
-            _gpu_heading(diagnosis),
-            ("device", "name", "free / total", "compute", "bf16"),
-            [_gpu_row(gpu) for gpu in diagnosis.gpus],
-        ),
-        (
-            "attention backends",
+        f"omnifix doctor: Python {diagnosis.python} on {diagnosis.platform}",
+        "",
+        Table(("package", "installed", "required"), (*versions,), "versions", fold=fold),
+        "",
+        Table(("device", "name", "free / total", "compute", "bf16"), (*gpus,), gpu_title, _colour),
+        "",
+        Table(
             ("attn_implementation", "usable", "detail"),
-            [
-                (backend.name, "yes" if backend.usable else "no", backend.detail)
-                for backend in diagnosis.attention
-            ],
+            backends,
+            "attention backends",
+            _colour,
+            fold,
         ),
-        (
-            "findings",
-            ("level", "finding", "fix"),
-            [(finding.level, finding.message, finding.fix) for finding in diagnosis.findings],
-        ),
-    ]
-
-
-def _table(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return [
-        "  "
-        + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
+        "",
+        Table(("level", "finding"), findings, "findings", _colour, fold),
+        "",
+        f"{summary} (exit {diagnosis.exit_code})." if errors or warned else "Nothing to fix.",
     ]
 
 
 def render_text(diagnosis: Diagnosis) -> str:
-    """The report as plain text (what ``omnifix doctor`` prints without ``rich``).
+    """The report as plain text (``omnifix doctor --plain``, or without ``rich``).
 
     Example:
         >>> from omnifix._doctor import diagnose, render_text
-        >>> print(render_text(diagnose()))  # doctest: +ELLIPSIS
-        omnifix doctor: Python ...
-        <BLANKLINE>
-        versions
-          package       version
-          omnifix       ...
-          torch         ...
+        >>> [line.split() for line in render_text(diagnose()).splitlines()[2:4]]
+        [['versions'], ['package', 'installed', 'required']]
     """
-    lines = [f"omnifix doctor: Python {diagnosis.python} on {diagnosis.platform}"]
-    for heading, columns, rows in _sections(diagnosis):
-        lines += ["", heading]
-        if not rows:
-            lines.append("  none")
-        elif heading == "findings":  # long sentences: the fix goes on its own line
-            for level, message, fix in rows:
-                lines.append(f"  {level:<5}  {message}")
-                lines += [f"         fix: {fix}"] if fix else []
-        else:
-            lines += _table([columns, *rows])
-    lines += ["", _summary(diagnosis)]
-    return "\n".join(lines)
+    return _table.plain(_blocks(diagnosis))
 
 
 def render_rich(diagnosis: Diagnosis, console: Console) -> None:
-    """Print the report to a ``rich`` console, as tables (needs the optional ``rich`` package)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    def cell(column: str, text: str) -> str:
-        colour = _COLOURS.get(text) if column in _COLOURED else None
-        return f"[{colour}]{escape(text)}[/{colour}]" if colour else escape(text)
-
-    console.print(
-        f"[bold]omnifix doctor[/bold]: Python {diagnosis.python} on {escape(diagnosis.platform)}"
-    )
-    for heading, columns, rows in _sections(diagnosis):
-        console.print(f"\n[bold]{escape(heading)}[/bold]")
-        if not rows:
-            console.print("  none")
-            continue
-        table = Table(*columns)
-        for column in table.columns:
-            column.overflow = "fold"  # keep whole words and names, never "…"
-        for row in rows:
-            table.add_row(*(cell(column, text) for column, text in zip(columns, row, strict=True)))
-        console.print(table)
-    console.print(f"\n{escape(_summary(diagnosis))}")
+    """Print the report to a ``rich`` console, as tables."""
+    console.print(_table.rich(_blocks(diagnosis)))
 
 
 def run(*, as_json: bool = False, plain: bool = False) -> int:
-    """``omnifix doctor``: print the diagnosis; returns the exit status (1 when broken).
-
-    Args:
-        as_json: Print :meth:`Diagnosis.to_dict` as JSON instead of tables.
-        plain: Print plain text even when ``rich`` is installed.
-    """
-    import json
-
+    """``omnifix doctor [--json | --plain]``: print the diagnosis; the exit status (1: broken)."""
     diagnosis = diagnose()
     if as_json:
         sys.stdout.write(json.dumps(diagnosis.to_dict(), indent=2) + "\n")
