@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Final, cast
+
+from omnifix._devices import input_device
+from omnifix._doctor import run
+from omnifix._load import load_safely
+from omnifix._plan import Workload, plan_placement
+from omnifix._report import placement_report
+from omnifix.errors import OmnifixError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -28,7 +36,7 @@ def _demo(family: Family, device: str, max_new_tokens: int) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    import omnifix
+    # Deferred: only the demo needs the tiny models; the other commands start without them.
     import omnifix.testing
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -38,9 +46,9 @@ def _demo(family: Family, device: str, max_new_tokens: int) -> int:
         path = omnifix.testing.save_tiny_model(family, folder)
         config = omnifix.testing.tiny_config(family)
         prompt = omnifix.testing.tiny_inputs(family, config)["input_ids"].shape[-1]
-        workload = omnifix.Workload(text_tokens=prompt, max_new_tokens=max_new_tokens)
-        model: Any = omnifix.load_safely(path, device=device, workload=workload)
-    where = omnifix.input_device(model)
+        workload = Workload(text_tokens=prompt, max_new_tokens=max_new_tokens)
+        model: Any = load_safely(path, device=device, workload=workload)
+    where = input_device(model)
     inputs = omnifix.testing.tiny_inputs(family, model.config, device=where)
     extra = omnifix.testing.text_generation_kwargs(family, max_new_tokens=max_new_tokens)
     with torch.inference_mode():
@@ -53,16 +61,12 @@ def _demo(family: Family, device: str, max_new_tokens: int) -> int:
     print(f"  requested device       {device!r}")
     print(f"  input device           {where}  (model.device says {model.device})")
     print(f"  generated              {new_tokens} tokens on {sequences.device}")
-    print(omnifix.placement_report(model))
+    print(placement_report(model))
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
     """``omnifix plan``: exit 0 when the plan fits, 1 when it does not (2: bad arguments)."""
-    import json
-
-    from omnifix._plan import Workload, plan_placement
-
     workload = Workload(
         batch_size=args.batch,
         text_tokens=args.text,
@@ -149,12 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
-        from omnifix._doctor import run
-
         return run(as_json=args.json, plain=args.plain)
-
-    from omnifix.errors import OmnifixError
-
     try:
         if args.command == "plan":
             return _plan(args)

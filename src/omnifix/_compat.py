@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
 
 __all__ = [
+    "AUDIO_PLACEHOLDERS_EXPANDED",
     "AUTO_DTYPE_DEFAULT",
     "DTYPE_KEYWORD",
     "PACKED_ATTENTION_SPLITS",
+    "ROPE_PARAMETERS",
     "UNCAST_LOGITS",
     "attention_dict_supported",
     "deprecated",
@@ -52,8 +54,13 @@ UNCAST_LOGITS: Final = Version("4.46")
 #: audio towers) runs one segment at a time; earlier releases build one block-diagonal mask over
 #: the whole call. Measured on the installed wheels of 4.45 to 5.23.
 PACKED_ATTENTION_SPLITS: Final = Version("4.54")
-#: ``from_pretrained`` loads in the checkpoint's dtype by default (earlier: torch's default).
+#: ``from_pretrained`` loads in the checkpoint's dtype by default (earlier: torch's default), and
+#: configs spell rotary settings as ``rope_parameters`` (earlier: ``rope_scaling``/``rope_theta``).
 AUTO_DTYPE_DEFAULT: Final = Version("5.0")
+ROPE_PARAMETERS: Final = AUTO_DTYPE_DEFAULT
+#: Qwen2-Audio's processor writes one placeholder per audio token (earlier: one per audio, which
+#: the model expanded itself).
+AUDIO_PLACEHOLDERS_EXPANDED: Final = Version("4.48")
 
 
 def installed_version(distribution: str) -> Version | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix import _table
+from omnifix._compat import installed_version, requirements
 from omnifix._devices import available_devices, cuda_device_count, normalize_device
 from omnifix._table import Table
 from omnifix._units import MIB, format_bytes
@@ -148,8 +149,6 @@ class Diagnosis:
 
 def _package(name: str, spec: SpecifierSet | None) -> tuple[PackageVersion, Finding | None]:
     """``name`` as installed, and what is wrong: a requirement not met, or it does not import."""
-    from omnifix._compat import installed_version
-
     version = installed_version(name)
     shown = None if version is None else str(version)
     package = PackageVersion(name, shown, None if spec is None else str(spec))
@@ -328,12 +327,6 @@ def diagnose() -> Diagnosis:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     python, system = platform.python_version(), f"{platform.system()} {platform.machine()}"
     base = Diagnosis(__version__, python, system, (), visible, (), ("cpu",), "cpu", (), ())
-    try:
-        from omnifix._compat import requirements
-    except ImportError as error:  # packaging (which transformers needs too) is missing or broken
-        broken = f"omnifix cannot read versions: {type(error).__name__}: {error}"
-        fix = "pip install --force-reinstall packaging"
-        return dataclasses.replace(base, findings=(Finding("error", broken, fix),))
     required = requirements()
     checked = [_package(name, spec) for name, spec in [*required.items(), ("flash-attn", None)]]
     packages, findings = [package for package, _ in checked], [f for _, f in checked if f]

@@ -71,8 +71,11 @@ torch.Size([1, 14, 256])
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, cast
 
+from omnifix.errors import InvalidArgumentError
+from omnifix.testing import _configs, _inputs
 from omnifix.testing._configs import FAMILIES, Family
 
 if TYPE_CHECKING:
@@ -111,8 +114,6 @@ def available_families() -> tuple[Family, ...]:
         >>> families == tuple(f for f in ot.FAMILIES if f in families)
         True
     """
-    from omnifix.testing import _configs
-
     return _configs.available_families()
 
 
@@ -136,8 +137,6 @@ def model_class(family: Family) -> type[PreTrainedModel]:
         >>> ot.model_class("qwen2-vl").__name__
         'Qwen2VLForConditionalGeneration'
     """
-    from omnifix.testing import _configs
-
     return _configs.model_class(family)
 
 
@@ -165,8 +164,6 @@ def tiny_config(family: Family) -> PretrainedConfig:
         >>> config.num_hidden_layers, config.hidden_size, config.tie_word_embeddings
         (4, 32, False)
     """
-    from omnifix.testing import _configs
-
     return _configs.tiny_config(family)
 
 
@@ -195,8 +192,6 @@ def tiny_model(family: Family, *, seed: int = 0) -> PreTrainedModel:
         (True, False, torch.float32)
     """
     import torch
-
-    from omnifix.testing import _configs
 
     cls: Any = _configs.model_class(family)
     config = _configs.tiny_config(family)
@@ -242,8 +237,6 @@ def save_tiny_model(family: Family, path: str | os.PathLike[str], *, seed: int =
     import pathlib
 
     import torch
-
-    from omnifix.testing import _configs
 
     model = tiny_model(family, seed=seed)
     target = pathlib.Path(path)
@@ -313,9 +306,6 @@ def tiny_inputs(
         (torch.Size([2, 14]), torch.Size([32, 1176]), tensor([[1, 4, 4],
                 [1, 4, 4]]))
     """
-    from omnifix.errors import InvalidArgumentError
-    from omnifix.testing import _configs, _inputs
-
     checked = _configs.check_family(family)
     if batch_size < 1 or text_tokens < 0:
         raise InvalidArgumentError(
@@ -354,10 +344,6 @@ def text_generation_kwargs(family: Family, *, max_new_tokens: int = 2) -> dict[s
         >>> model.generate(**inputs, **ot.text_generation_kwargs("qwen2")).shape[1] <= 8 + 2
         True
     """
-    import inspect
-
-    from omnifix.testing import _configs
-
     cls: Any = _configs.model_class(family)
     if family != "qwen2.5-omni":
         return {"max_new_tokens": max_new_tokens}

@@ -12,6 +12,11 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
+from packaging.version import Version
+
+from omnifix._compat import ROPE_PARAMETERS, transformers_at_least, transformers_version
+from omnifix.errors import UnsupportedModelError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -117,31 +122,13 @@ _SPEAKER_EMBEDDING: Final = 16
 _SPEAKER_NAMES: Final = ("Chelsie", "Ethan")
 
 
-def _version() -> Any:
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__)
-
-
-def _installed() -> str:
-    import transformers
-
-    return str(transformers.__version__)
-
-
 def available_families() -> tuple[Family, ...]:
     """The families the installed transformers supports, in :data:`FAMILIES` order."""
-    from packaging.version import Version
-
-    installed = Version(_version().base_version)
-    return tuple(f for f in FAMILIES if installed >= Version(_MIN_VERSION[f]))
+    return tuple(f for f in FAMILIES if transformers_at_least(Version(_MIN_VERSION[f])))
 
 
 def check_family(family: str) -> Family:
     """``family`` itself, once known and supported here; else the error that says what to do."""
-    from omnifix.errors import UnsupportedModelError
-
     if family not in FAMILIES:
         known = ", ".join(repr(f) for f in FAMILIES)
         raise UnsupportedModelError(
@@ -154,7 +141,7 @@ def check_family(family: str) -> Family:
         needed = _MIN_VERSION[family]
         raise UnsupportedModelError(
             f"{_DISPLAY_NAME[family]} ({family!r}) needs transformers>={needed}, but "
-            f"transformers {_installed()} is installed. "
+            f"transformers {transformers_version()} is installed. "
             f"Upgrade it: pip install 'transformers>={needed}'"
         )
     return family
@@ -174,7 +161,7 @@ def model_class(family: str) -> type[PreTrainedModel]:
 
 def _rope(*, mrope: bool) -> dict[str, Any]:
     """Rotary settings, as ``rope_scaling`` + ``rope_theta`` (4.x) or ``rope_parameters`` (5.x)."""
-    if _version().major >= 5:  # noqa: PLR2004
+    if transformers_at_least(ROPE_PARAMETERS):
         parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": _ROPE_THETA}
         if mrope:
             parameters["mrope_section"] = list(_MROPE_SECTION)

@@ -13,7 +13,13 @@ the config exactly as the processors of the real models do:
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Final
+
+from omnifix._compat import AUDIO_PLACEHOLDERS_EXPANDED, transformers_at_least
+from omnifix._devices import normalize_device
+from omnifix.errors import UnsupportedModelError
+from omnifix.testing._configs import model_class
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +41,6 @@ IMAGE_GRID: Final = (1, 4, 4)
 
 #: First transformers whose Qwen2-Audio accepts placeholders expanded by the processor (one per
 #: audio token). Before, the model expanded a single ``<|AUDIO|>`` itself (transformers PR 35534).
-_QWEN2_AUDIO_EXPANDS_FROM: Final = "4.48"
 
 
 def image_tokens(vision_config: Any) -> int:
@@ -61,19 +66,11 @@ def qwen2_audio_expands_in_processor() -> bool:
     Before 4.48 the prompt holds a single ``<|AUDIO|>`` per audio and the model expands it into
     as many positions as the audio tower makes tokens, so its logits are longer than the prompt.
     """
-    import transformers
-    from packaging.version import Version
-
-    installed = Version(Version(transformers.__version__).base_version)
-    return installed >= Version(_QWEN2_AUDIO_EXPANDS_FROM)
+    return transformers_at_least(AUDIO_PLACEHOLDERS_EXPANDED)
 
 
 def _takes_mm_token_type_ids(family: Family) -> bool:
     """Whether the model wants ``mm_token_type_ids`` (5.x Qwen2-VL/2.5-VL: M-RoPE needs them)."""
-    import inspect
-
-    from omnifix.testing._configs import model_class
-
     # The full Omni model hands these inputs to its thinker, so the thinker's forward decides.
     forward_of: Family = "qwen2.5-omni-thinker" if family == "qwen2.5-omni" else family
     return "mm_token_type_ids" in inspect.signature(model_class(forward_of).forward).parameters
@@ -89,8 +86,6 @@ def _id(config: Any, *names: str) -> int:
 
 
 def _wrong_config(config: Any, missing: str) -> Exception:
-    from omnifix.errors import UnsupportedModelError
-
     return UnsupportedModelError(
         f"tiny_inputs needs {missing!r} from the config, but the {type(config).__name__} it got "
         "has none. Pass the config of the model the inputs are for (model.config), with the "
@@ -181,8 +176,6 @@ def build_inputs(
 ) -> dict[str, torch.Tensor]:
     """Inputs for ``model(**inputs)``; see :func:`omnifix.testing.tiny_inputs`."""
     import torch
-
-    from omnifix._devices import normalize_device
 
     target = normalize_device(device)
     # The full Omni model takes the thinker's inputs.
