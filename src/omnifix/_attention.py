@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from omnifix._types import AttentionRequest
 
 __all__ = [
+    "AMPERE",
+    "HOPPER",
     "IMPLEMENTATIONS",
     "Capability",
     "choose_attention",
@@ -48,9 +50,9 @@ __all__ = [
 Capability = tuple[int, int]
 
 #: The first compute capability with bfloat16 and FlashAttention-2 (Ampere).
-_AMPERE: Final[Capability] = (8, 0)
+AMPERE: Final[Capability] = (8, 0)
 #: The first compute capability FlashAttention-3 and -4 run on (Hopper).
-_HOPPER: Final[Capability] = (9, 0)
+HOPPER: Final[Capability] = (9, 0)
 
 _DTYPE_NAMES: Final[dict[str, str]] = {
     "bfloat16": "bfloat16",
@@ -164,7 +166,7 @@ def choose_dtype(
         return parsed
     if not capabilities:
         return torch.float32
-    return torch.bfloat16 if min(capabilities) >= _AMPERE else torch.float16
+    return torch.bfloat16 if min(capabilities) >= AMPERE else torch.float16
 
 
 def gpu_capabilities(devices: Iterable[torch.device]) -> tuple[Capability, ...]:
@@ -254,7 +256,7 @@ def _why_not(
     if name not in supported:
         reasons.append("the model class does not support it")
     if name in _FLASH:
-        needed = _AMPERE if name == "flash_attention_2" else _HOPPER
+        needed = AMPERE if name == "flash_attention_2" else HOPPER
         if not capabilities:
             reasons.append("flash attention runs on CUDA GPUs only, and the model goes to the cpu")
         elif min(capabilities) < needed:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix import _table
+from omnifix._attention import AMPERE
 from omnifix._compat import installed_version, requirements
 from omnifix._devices import available_devices, cuda_device_count, normalize_device
 from omnifix._table import Table
@@ -46,8 +47,6 @@ __all__ = [
 #: How bad a finding is: ``error`` makes ``omnifix doctor`` exit 1, ``warn`` does not.
 Level = Literal["ok", "warn", "error"]
 
-#: The first compute capability with native bfloat16 and FlashAttention-2 (Ampere).
-_AMPERE: Final = (8, 0)
 #: Less free than this and nothing loads on a GPU (a CUDA context alone takes a few hundred MiB).
 _NEARLY_FULL_BYTES: Final = 256 * MIB
 #: Less than this share of a GPU's memory free: other processes hold the rest.
@@ -205,15 +204,15 @@ def _gpu_facts(torch: Any, findings: list[Finding]) -> tuple[Gpu, ...]:
             findings.append(_unusable(index, properties.name, "mem_get_info", error))
         # torch.cuda.is_bf16_supported() answers for the current device only; this is its rule
         # (ROCm, or compute capability 8.0+), without emulation, applied to each GPU.
-        bf16 = bool(getattr(torch.version, "hip", None)) or capability >= _AMPERE
+        bf16 = bool(getattr(torch.version, "hip", None)) or capability >= AMPERE
         free = None if free is None else int(free)
         gpus.append(Gpu(index, str(properties.name), int(total), free, capability, bf16))
     return tuple(gpus)
 
 
 def _attention(gpus: tuple[Gpu, ...], flash: PackageVersion) -> tuple[AttentionBackend, ...]:
-    ampere = ", ".join(f"cuda:{gpu.index}" for gpu in gpus if gpu.capability >= _AMPERE)
-    worst = "{}.{}".format(*min((gpu.capability for gpu in gpus), default=_AMPERE))
+    ampere = ", ".join(f"cuda:{gpu.index}" for gpu in gpus if gpu.capability >= AMPERE)
+    worst = "{}.{}".format(*min((gpu.capability for gpu in gpus), default=AMPERE))
     why_not = ""
     if not gpus:
         why_not = "it runs on CUDA GPUs only, and torch sees none"
@@ -288,8 +287,8 @@ def _gpu_findings(gpus: tuple[Gpu, ...], visible: str | None) -> list[Finding]:
         elif gpu.free_bytes < _BUSY_SHARE * gpu.total_bytes:
             message = f"{has} only {memory}: device_map='auto' will put little there."
             findings.append(Finding("warn", message, fix.format("use other GPUs")))
-    ampere = [gpu for gpu in gpus if gpu.capability >= _AMPERE]
-    older = [gpu for gpu in gpus if gpu.capability < _AMPERE]
+    ampere = [gpu for gpu in gpus if gpu.capability >= AMPERE]
+    older = [gpu for gpu in gpus if gpu.capability < AMPERE]
     if ampere and older:
         names = ", ".join(
             f"cuda:{g.index} ({g.name}, {g.capability[0]}.{g.capability[1]})" for g in older
