@@ -1,27 +1,13 @@
 """``patch_from_pretrained()``: route ``from_pretrained`` calls you do not own through omnifix.
 
-Serving frameworks and scripts call ``SomeModel.from_pretrained(path, device_map="auto")`` deep
-inside code you cannot edit. :func:`patch_from_pretrained` replaces ONE attribute,
-``transformers.PreTrainedModel.from_pretrained``, with a classmethod wrapper that sees the class
-being loaded; every model class inherits it and the Auto classes end in it, so one patch covers
-both on transformers 4.45, 4.57 and 5.x (an override that does not call ``super()`` is not
-covered). What a call under the patch gets, by its ``device_map``:
-
-* none: nothing changes, the original runs with the same arguments;
-* a device (``"cuda:1"``, ``1``): normalised by :func:`omnifix.resolve_device_map` (``"cuda"``
-  on a machine with several GPUs means all of them, and is planned as below);
-* an explicit ``{module: device}`` dict: values normalised; cpu/disk entries refused unless
-  ``allow_offload=True``;
-* a strategy word (``"auto"``, ``"balanced"``, ...): planned and loaded by
-  :func:`omnifix.load_safely` over every visible GPU, budgets capped by the call's
-  ``max_memory``, in the dtype the plain call would have used; what does not fit raises
-  :class:`omnifix.InsufficientMemoryError` instead of a silent offload.
-
-Then the model is checked (:func:`omnifix.assert_no_meta`) and, when it spans several devices,
-its input embeddings are pinned. Installing and removing are serialised by a lock; overlapping
-patches (also in different threads, removed in any order) restore the original exactly once,
-when the last one goes, and the newest patch's options apply. The wrapper's own calls to the
-original are marked per thread and task (:mod:`contextvars`), so they are never routed twice.
+One attribute is replaced, ``transformers.PreTrainedModel.from_pretrained``, with a classmethod
+wrapper that sees the class being loaded; every model class and the Auto classes end in it (an
+override that does not call ``super()`` is not covered). Strategy words (``"auto"``, ...) are
+planned and loaded by :func:`omnifix.load_safely`, devices and explicit maps are normalised and
+checked, and the result is checked for meta tensors and pinned when split. Patches stack and may
+be removed in any order, from any thread; the original comes back when the last one goes. The
+wrapper's own calls to the original are marked per thread and task (:mod:`contextvars`), so they
+are never routed twice. docs/recipes/wrapping.md has the rules per ``device_map`` value.
 """
 
 from __future__ import annotations

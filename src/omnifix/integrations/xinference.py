@@ -1,40 +1,14 @@
 """Xinference's transformers backends: real device names, planned loads, a real input device.
 
-Xinference (``xorbitsai/inference``) picks devices in two places that disagree with torch:
-
-* ``xinference/model/utils.py`` ``select_device(device)``: ``"auto"`` becomes
-  ``device_utils.get_available_device()``, which answers ``"rocm"`` on ROCm (its
-  ``DEVICE_REGISTRY`` entry has no ``pytorch_device_name``), a name torch rejects; anything else
-  must be a registry *name*, so ``"cuda:1"`` raises ``ValueError("cuda:1 is unavailable in your
-  environment")``.
-* The multimodal backends (``xinference/model/llm/transformers/multimodal/``,
-  ``PytorchMultiModalModel.load()`` calls ``decide_device()``, ``load_processor()``,
-  ``load_multimodal_model()``) keep one attribute, ``self._device``, both for
-  ``from_pretrained(device_map=...)`` and for ``inputs.to(...)``. Where a backend stores the
-  ``device_map`` word ``"auto"`` there, every request fails with ``RuntimeError: Expected one of
-  cpu, cuda, ... device type at start of device string: auto`` (xorbitsai/inference issue 2902,
-  Qwen2-Audio on v1.2.2).
-
-:func:`patch_xinference` replaces exactly those points, on the classes and modules you pass:
-
-* ``select_device`` (in each module given, and in each backend's own module, which imported it
-  by name) resolves through :func:`omnifix.resolve_device_map`: ``"rocm"``/``"hip"`` become
-  ``"cuda"`` names, ``"cuda:1"`` is accepted when this process sees it, a missing device raises
-  :class:`omnifix.DeviceUnavailableError` (a ``ValueError``, as Xinference's callers expect).
-* ``decide_device`` keeps the two answers apart: ``self._device`` becomes ``"cuda"`` when the
-  model should spread over several GPUs (the value Xinference's backends turn into
-  ``device_map="auto"``), else the one real device (``"cuda:1"``, ``"cpu"``); the full answer is
-  kept as ``self._omnifix_device`` (an :class:`omnifix.types.ResolvedDevice`).
-* ``load_multimodal_model`` runs under :func:`omnifix.patch_from_pretrained` (normalised
-  ``device_map``, planned ``"auto"`` instead of a silent offload, no meta tensors, pinned
-  embeddings), and
-  afterwards ``self._device`` is the loaded model's :func:`omnifix.input_device`, so the
-  backend's own ``inputs.to(self._device)`` lands where the input embedding runs.
-
-Only backends whose ``decide_device`` is the plain "one device from the config" kind should be
-passed (Qwen2-Audio, Qwen2-VL/2.5-VL, Qwen2.5-Omni, ...); one that builds its own split map there
-(InternVL) would lose it. This was tested against a stand-in written from those functions'
-published source (``tests/xinference_standin.py``), not against an installed Xinference.
+Xinference's ``select_device`` answers ``"rocm"`` (a name torch rejects) and refuses
+``"cuda:1"``; its multimodal backends keep one attribute, ``self._device``, both for
+``from_pretrained(device_map=...)`` and for ``inputs.to(...)``, so a backend that stores
+``"auto"`` there fails every request. :func:`patch_xinference` replaces ``select_device``,
+``decide_device`` and ``load_multimodal_model`` on the modules and backend classes you pass:
+devices resolve through :func:`omnifix.resolve_device_map`, loads run under
+:func:`omnifix.patch_from_pretrained`, and ``self._device`` becomes the loaded model's
+:func:`omnifix.input_device`. docs/recipes/xinference.md has the details and which backends to
+pass.
 """
 
 from __future__ import annotations

@@ -1,64 +1,12 @@
 """Tiny random Qwen models for tests: every family, on every supported transformers, offline.
 
-Real Qwen checkpoints are gigabytes and need the network. The builders here make the same model
-classes from configs that are tiny (width 32, 4 language-model layers, a 256-token vocabulary),
-random but deterministic, in well under a second on a CPU, with no download:
-
-=========================  ===============================================  =====================
-family                     class                                            transformers
-=========================  ===============================================  =====================
-``"qwen2"``                ``Qwen2ForCausalLM`` (plain text)                 >= 4.45
-``"qwen2-vl"``             ``Qwen2VLForConditionalGeneration``               >= 4.45
-``"qwen2.5-vl"``           ``Qwen2_5_VLForConditionalGeneration``            >= 4.49
-``"qwen2-audio"``          ``Qwen2AudioForConditionalGeneration``            >= 4.45
-``"qwen2.5-omni-thinker"`` ``Qwen2_5OmniThinkerForConditionalGeneration``    >= 4.52
-``"qwen2.5-omni"``         ``Qwen2_5OmniForConditionalGeneration`` (thinker  >= 4.52
-                           + talker + token2wav, and ``spk_dict.pt``)
-=========================  ===============================================  =====================
-
-The module holds the models, their configs and their inputs, and nothing else: the families
-(:data:`FAMILIES`, :func:`available_families`), the builders (:func:`model_class`,
-:func:`tiny_config`, :func:`tiny_model`, :func:`save_tiny_model`) and matching inputs
-(:func:`tiny_inputs`, :func:`text_generation_kwargs`).
-
-The configs are written in the installed transformers' own layout (it changed at 4.52 and at
-5.0), and :func:`save_tiny_model` writes a directory that the real ``from_pretrained`` loads, so
-tests exercise the same path as users. :func:`tiny_inputs` gives matching inputs: token ids with
-the right number of image/audio placeholders, ``pixel_values`` + ``image_grid_thw`` and
-``input_features`` + ``feature_attention_mask``.
-
-Use it in your own project's tests (``omnifix`` only imports transformers when you call it)::
-
-    import pytest
-    import omnifix.testing as ot
-
-    @pytest.fixture(scope="session", params=ot.available_families())
-    def tiny_dir(request, tmp_path_factory):
-        family = request.param
-        return family, ot.save_tiny_model(family, tmp_path_factory.mktemp(family))
-
-    def test_my_loader(tiny_dir):
-        family, path = tiny_dir
-        model = my_loader(path)  # calls from_pretrained(path, ...) as it would for a real model
-        inputs = ot.tiny_inputs(family, model.config)
-        assert model(**inputs).logits.isfinite().all()
-
-Families your transformers lacks raise :class:`omnifix.UnsupportedModelError`, so parametrise over
-:func:`available_families` rather than :data:`FAMILIES`.
-
-Choices worth knowing:
-
-- Every language model (and the Omni talker) has 4 layers, so tests can split it over devices.
-  All weights are untied (``tie_word_embeddings=False``; no family needs tied ones), so the input
-  and output embeddings are two tensors that can land on two devices.
-- Vision towers keep the real patch geometry (14-pixel patches, 2 frames, 2x2 merging), so
-  ``pixel_values`` has the real processors' row width (1176); audio towers keep 128 mel bins.
-- Special tokens sit at the top of the vocabulary (ids 240-255) as in the real tokenizer;
-  ``config.image_token_id``, ``config.audio_token_id`` etc. say which is which.
-- The full Omni model comes with two speakers, ``Chelsie`` and ``Ethan``, and its talker and
-  token2wav (DiT + BigVGAN, 8 mel bins) are tiny too, so ``generate`` can return audio.
-- transformers 4.52-4.57 log "Unrecognized keys in `rope_scaling` ... {'mrope_section'}" for
-  every Qwen2.5-Omni config, the real checkpoint's included; it is harmless.
+Builders make the real model classes from tiny configs (width 32, 4 language-model layers, a
+256-token vocabulary) in the installed transformers' own layout, random but deterministic, in
+well under a second; :func:`save_tiny_model` writes a directory the real ``from_pretrained``
+loads, and :func:`tiny_inputs` gives matching inputs (placeholder tokens, ``pixel_values``,
+``input_features``). Families your transformers lacks raise
+:class:`omnifix.UnsupportedModelError`: parametrise over :func:`available_families`. The
+families, a test-suite example and the choices behind the configs are on docs/testing.md.
 
 >>> import omnifix.testing as ot
 >>> "qwen2" in ot.available_families()
