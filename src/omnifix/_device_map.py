@@ -8,6 +8,8 @@ one, and what is offloaded are each decided here, the way accelerate's ``dispatc
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -19,7 +21,9 @@ __all__ = [
     "STRATEGIES",
     "Placement",
     "accelerator",
+    "current_accelerator",
     "locate",
+    "npu_installed",
     "place_order",
     "spell",
 ]
@@ -34,20 +38,45 @@ _BARE: Final = ("cpu", "mps", "disk", "meta")
 _V = TypeVar("_V")
 
 
-def accelerator() -> str:
-    """What a bare index means on this machine: the type of torch's current accelerator.
+def npu_installed() -> bool:
+    """Whether torch_npu can be imported (``None`` in ``sys.modules`` blocks it, as Python does)."""
+    if "torch_npu" in sys.modules:
+        return sys.modules["torch_npu"] is not None
+    try:
+        return importlib.util.find_spec("torch_npu") is not None
+    except (ImportError, ValueError):  # a broken or spec-less half-import: not usable
+        return False
 
-    accelerate reads an integer ``device_map`` value as an index of the machine's accelerator
-    (``cuda`` on NVIDIA and ROCm, ``xpu``, ``npu``, ...); :mod:`torch.accelerator` says which.
-    ``"cuda"`` on a machine without one, where indices can only describe another (simulated)
-    machine's GPUs.
+
+def current_accelerator() -> tuple[str, int] | None:
+    """Torch's accelerator of this process and its current index; ``None`` without one.
+
+    :mod:`torch.accelerator` answers, for in-tree and out-of-tree backends alike (torch_npu is
+    imported first when installed: importing it is what registers npu).
     """
     import torch
 
-    if not torch.accelerator.is_available():
-        return "cuda"
-    current = torch.accelerator.current_accelerator()
-    return "cuda" if current is None else current.type
+    if npu_installed():
+        import torch_npu  # noqa: F401
+    try:
+        if not torch.accelerator.is_available():
+            return None
+        current = torch.accelerator.current_accelerator()
+        index_of = getattr(torch.accelerator, "current_device_index", None)
+        index = (index_of or torch.accelerator.current_device_idx)()  # the torch 2.6 name
+    # A backend registered without its torch module makes torch.accelerator raise: unusable.
+    except RuntimeError:
+        return None
+    return (current.type, 0 if current.type == "mps" else int(index)) if current else None
+
+
+def accelerator() -> str:
+    """What a bare index means on this machine: the type of :func:`current_accelerator`.
+
+    accelerate reads an integer ``device_map`` value as an index of the machine's accelerator;
+    ``"cuda"`` on a machine without one, where indices describe another (simulated) machine's GPUs.
+    """
+    return (current_accelerator() or ("cuda", 0))[0]
 
 
 def spell(value: object, *, index_type: str | None = None) -> str:

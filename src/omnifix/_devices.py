@@ -14,15 +14,20 @@ Availability comes from torch's own probes (``torch.accelerator`` for the machin
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import operator
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, SupportsIndex, cast
 
-from omnifix._device_map import OFFLOAD_TARGETS, STRATEGIES, Placement, spell
+from omnifix._device_map import (
+    OFFLOAD_TARGETS,
+    STRATEGIES,
+    Placement,
+    current_accelerator,
+    npu_installed,
+    spell,
+)
 from omnifix._meta import find_meta_tensors
 from omnifix._modules import execution_device, find_input_embeddings, hook_execution_device
 from omnifix.errors import (
@@ -92,43 +97,16 @@ def _is_rocm() -> bool:
     return getattr(torch.version, "hip", None) is not None
 
 
-def _npu_installed() -> bool:
-    if "torch_npu" in sys.modules:  # None there blocks the import (Python's convention)
-        return sys.modules["torch_npu"] is not None
-    try:
-        return importlib.util.find_spec("torch_npu") is not None
-    except (ImportError, ValueError):  # a broken or spec-less half-import: not usable
-        return False
-
-
 def _backend(kind: str) -> Any | None:
     """``torch.xpu``/``torch.npu`` when it has devices (importing torch_npu registers npu)."""
     import torch
 
     if kind == "npu":
-        if not _npu_installed():
+        if not npu_installed():
             return None
         import torch_npu  # noqa: F401
     module = getattr(torch, kind, None)
     return module if module is not None and module.is_available() else None
-
-
-def _accelerator() -> tuple[str, int] | None:
-    """Torch's current accelerator of this process and its current index, if it has one."""
-    import torch
-
-    if _npu_installed():
-        _backend("npu")  # out-of-tree: torch.accelerator knows npu once torch_npu is imported
-    try:
-        if not torch.accelerator.is_available():
-            return None
-        current = torch.accelerator.current_accelerator()
-        index_of = getattr(torch.accelerator, "current_device_index", None)
-        index = (index_of or torch.accelerator.current_device_idx)()  # the 2.6 name
-    # A backend registered without its torch module makes torch.accelerator raise: unusable.
-    except RuntimeError:
-        return None
-    return (current.type, 0 if current.type == "mps" else int(index)) if current else None
 
 
 def _count_and_current(kind: str) -> tuple[int, int]:
@@ -145,7 +123,7 @@ def _count_and_current(kind: str) -> tuple[int, int]:
         module = _backend(kind)
         count = int(module.device_count()) if module is not None else 0
         return count, (int(module.current_device()) if module is not None and count else 0)
-    current = _accelerator()  # out-of-tree types such as hpu
+    current = current_accelerator()  # out-of-tree types such as hpu
     if current is None or current[0] != kind:
         return 0, 0
     return int(torch.accelerator.device_count()), current[1]
@@ -341,7 +319,7 @@ def _indexed(device: object, kind: str, index: int | None) -> torch.device:
                 else "torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)"
             )
             raise _unavailable(device, why, fix)
-        if kind == "npu" and not _npu_installed():
+        if kind == "npu" and not npu_installed():
             raise _unavailable(
                 device,
                 "Ascend NPUs need the torch_npu package, which is not installed",
@@ -364,7 +342,7 @@ def _resolve(device: object, kind: str, index: int | None) -> torch.device:
     import torch
 
     if kind == "auto":
-        best = _accelerator()
+        best = current_accelerator()
         return torch.device(*best) if best is not None else torch.device("cpu")
     if kind in ("meta", "disk"):  # a torch.device("meta") gets here; strings stop at parsing
         raise _refuse_map_word(device, kind)
