@@ -55,7 +55,6 @@ __all__ = [
     "Strategy",
     "Workload",
     "plan_placement",
-    "predict_phases",
 ]
 
 #: How a plan places the model.
@@ -1137,55 +1136,3 @@ def plan_placement(
         notes=_notes(request),
     )
 
-
-def predict_phases(
-    model: object,
-    *,
-    workload: Workload,
-    attn_implementation: str = "sdpa",
-    dtype: torch.dtype | str = "bfloat16",
-    include_inputs: bool = False,
-) -> dict[str, int]:
-    """Predicted peak above the weights of each phase, with the whole model on one GPU.
-
-    The numbers ``benchmarks/measure_peaks.py`` measures, for comparing the memory model with
-    GPU measurements and re-fitting ``omnifix._estimate.CALIBRATION``: ``"prefill"`` and
-    ``"logits"`` include the KV cache (the language-model peak is the larger of the two),
-    ``"vision"``/``"video"``/``"audio"`` are the tower calls (no KV cache yet). Fixed costs (CUDA
-    context, cuBLAS workspace) and the margin's fresh blocks are not included; nor is the
-    ``"logits copy"`` phase, which only a split has (a plan's rows report it).
-
-    Args:
-        model: As for :func:`plan_placement`.
-        workload: The case.
-        attn_implementation: As for :func:`plan_placement` (``"auto"`` is not resolved here).
-        dtype: Dtype of the weights and activations.
-        include_inputs: Add the input tensors (measurements taken above a baseline that already
-            holds them exclude them).
-
-    Example:
-        >>> import omnifix
-        >>> from omnifix._plan import predict_phases
-        >>> work = omnifix.Workload(text_tokens=8192, max_new_tokens=1)
-        >>> phases = predict_phases("qwen2-vl-7b", workload=work)
-        >>> sorted(phases), round(phases["prefill"] / 2**30, 2)  # Qwen2.5-VL-7B's LM: 1.53
-        (['logits', 'prefill'], 1.53)
-    """
-    import torch
-
-    from omnifix._attention import parse_dtype
-    from omnifix._skeleton import load_skeleton
-
-    skeleton = load_skeleton(model, model_class=None, dtype=parse_dtype(dtype) or torch.bfloat16)
-    usage = estimate(
-        skeleton.anatomy,
-        execution_device=lambda _: 0,
-        load=workload,
-        dtype=skeleton.dtype,
-        attn_implementation=attn_implementation,
-        include_inputs=include_inputs,
-    )
-    phases = dict(usage[0].phases)
-    if include_inputs:
-        phases = {phase: size + usage[0].inputs for phase, size in phases.items()}
-    return phases
