@@ -22,10 +22,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 
 import omnifix
 import omnifix.testing as ot
 from omnifix import PlacementPlan, Workload, plan_placement
+from omnifix._compat import transformers_version
 from omnifix._budgets import resolve_budgets
 from omnifix._estimate import CALIBRATION, estimate
 from omnifix._plan import _Attempt, _evaluate, _fill, _Request
@@ -117,6 +119,40 @@ def test_memory_model_reproduces_each_measured_peak_within_10_percent(figure: An
     if figure.first_case:  # its baseline did not hold the cuBLAS workspaces yet
         predicted += CALIBRATION.workspace
     assert predicted / GIB == pytest.approx(figure.gib, rel=0.10)
+
+
+def _layouts_on_this_stack() -> dict[tuple[str, str], str]:
+    """Tower attention layouts of the installed transformers, measured on the wheels 4.45-5.23.
+
+    4.45-4.53: every packed (``cu_seqlens``) attention builds one mask over the whole call;
+    4.54-4.57: the vision towers run one segment at a time, Qwen2.5-Omni's audio attention takes
+    ``attention_mask`` (one mask); 5.x: one segment at a time everywhere. Qwen2-Audio pads clips
+    to 30 s and attends over them in one batch on every release.
+    """
+    release = transformers_version()
+    vision = "full_mask" if release < Version("4.54") else "chunked"
+    omni_audio = "chunked" if release >= Version("5.0") else "full_mask"
+    return {
+        ("qwen2-vl-7b", "vision"): vision,
+        ("qwen2.5-vl-3b", "vision"): vision,
+        ("qwen2.5-vl-7b", "vision"): vision,
+        ("qwen2.5-omni-3b", "vision"): vision,
+        ("qwen2.5-omni-3b", "audio"): omni_audio,
+        ("qwen2.5-omni-7b", "vision"): vision,
+        ("qwen2.5-omni-7b", "audio"): omni_audio,
+        ("qwen2-audio-7b", "audio"): "batched",
+    }
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tower_attention_layouts_on_this_stack(preset: str) -> None:
+    if not _available(preset):
+        pytest.skip(f"{preset} needs newer transformers")
+    towers = load_skeleton(preset, model_class=None, dtype=torch.bfloat16).anatomy.towers
+    expected = {
+        kind: layout for (name, kind), layout in _layouts_on_this_stack().items() if name == preset
+    }
+    assert {tower.kind: tower.layout for tower in towers} == expected
 
 
 # --------------------------------------------------------------------------------------------

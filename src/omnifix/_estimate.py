@@ -310,24 +310,23 @@ def _attention_module(block: nn.Module) -> nn.Module | None:
     return None
 
 
-_SPLITS: dict[type, bool] = {}
+def attention_layout(attention: nn.Module | None) -> Literal["chunked", "full_mask"]:
+    """How a tower's attention cuts its call: one segment at a time, or one block-diagonal mask.
 
-
-def _splits_segments(attention_class: type) -> bool:
-    """Whether this attention runs one ``cu_seqlens`` segment at a time (transformers 4.5x+).
-
-    Older vision towers, and the 4.5x Omni audio tower, build one block-diagonal mask over the
-    whole call instead, and eager attention then scores every pair of patches. Read from the
-    class's source, which names the split; ``True`` when the source cannot be read (the current
-    behaviour).
+    Packed attention (a ``forward`` that takes ``cu_seqlens``) runs segment by segment where
+    the installed transformers splits packed sequences and the forward takes no
+    ``attention_mask``; otherwise it builds one mask over the whole call. Attention that is not
+    packed runs per image or clip.
     """
-    if attention_class not in _SPLITS:
-        try:
-            source = inspect.getsource(getattr(attention_class, "forward"))  # noqa: B009
-        except (OSError, TypeError, AttributeError):
-            source = "torch.split("
-        _SPLITS[attention_class] = "torch.split(" in source
-    return _SPLITS[attention_class]
+    from omnifix._compat import PACKED_ATTENTION_SPLITS, transformers_at_least
+
+    if attention is None:
+        return "chunked"
+    parameters = inspect.signature(type(attention).forward).parameters
+    if "cu_seqlens" not in parameters:
+        return "chunked"
+    splits = transformers_at_least(PACKED_ATTENTION_SPLITS) and "attention_mask" not in parameters
+    return "chunked" if splits else "full_mask"
 
 
 def _tower(kind: Literal["vision", "audio"], name: str, owner: nn.Module, blocks: Any) -> Tower:
@@ -336,9 +335,7 @@ def _tower(kind: Literal["vision", "audio"], name: str, owner: nn.Module, blocks
     width = _config_int(config, "embed_dim", "d_model") or _config_int(config, "hidden_size") or 0
     heads = _config_int(config, "num_heads", "encoder_attention_heads", "num_attention_heads") or 1
     inner, buffers = _intermediate(first, config, width)
-    attention = _attention_module(first)
-    splits = attention is None or _splits_segments(type(attention))
-    layout: Literal["chunked", "full_mask", "batched"] = "chunked" if splits else "full_mask"
+    layout: Literal["chunked", "full_mask", "batched"] = attention_layout(_attention_module(first))
     segment = 0
     if kind == "vision":
         patch = _config_int(config, "patch_size") or 14
