@@ -27,8 +27,8 @@ from packaging.version import Version
 import omnifix
 import omnifix.testing as ot
 from omnifix import PlacementPlan, Workload, plan_placement
-from omnifix._compat import transformers_version
 from omnifix._budgets import resolve_budgets
+from omnifix._compat import transformers_version
 from omnifix._estimate import CALIBRATION, estimate
 from omnifix._plan import _Attempt, _evaluate, _fill, _Request
 from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class

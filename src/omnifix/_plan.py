@@ -1135,4 +1135,3 @@ def plan_placement(
         input_device=input_device,
         notes=_notes(request),
     )
-
