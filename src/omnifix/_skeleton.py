@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,10 +108,6 @@ def no_split_modules(model: nn.Module) -> frozenset[str]:
     return frozenset(getattr(model, "_no_split_modules", None) or ())  # 5.x: at post_init
 
 
-#: A GPU index no machine has, given no memory: see :func:`infer_device_map`.
-_DECOY: Final = -1
-
-
 def infer_device_map(
     skeleton: Skeleton, max_memory: Mapping[int | str, int]
 ) -> dict[str, int | str]:
@@ -120,14 +116,12 @@ def infer_device_map(
     Sequential (devices filled in order, the map of ``infer_auto_device_map``) rather than
     ``"auto"``'s balanced split: the planner sets each device's budget itself, and sequential
     filling gives contiguous blocks with the fewest device boundaries.
-
-    ``infer_auto_device_map`` keeps the largest remaining layer free on the first GPU, for
-    layers offloaded to the cpu. The planner counts that streaming itself (and the reservation
-    shrinks while the map is built, so it cannot be added back), so the first GPU handed to it
-    is a decoy with no memory: accelerate reserves its layer there, places nothing and moves on.
     """
+    from accelerate.utils.modeling import get_max_layer_size
+
     placement = _transformers_placement()
-    kwargs: dict[str, Any] = {"no_split_module_classes": sorted(skeleton.no_split)}
+    no_split = sorted(skeleton.no_split)
+    kwargs: dict[str, Any] = {"no_split_module_classes": no_split}
     if placement is not None:
         infer: Any = placement.infer_auto_device_map
         kwargs["no_placement_params"] = getattr(skeleton.model, "_no_placement_params", None)
@@ -135,13 +129,38 @@ def infer_device_map(
         from accelerate import infer_auto_device_map
 
         infer = infer_auto_device_map
-    gpus = sorted(key for key in max_memory if isinstance(key, int))
-    budgets: dict[int | str, int] = {**({_DECOY: 0} if gpus else {}), **max_memory}
-    with quiet():
-        device_map = infer(skeleton.model, max_memory=budgets, **kwargs)
+    budgets = dict(max_memory)
+    first = min((key for key in budgets if isinstance(key, int)), default=None)
+    extra = 0
+    if first is not None:
+        # infer_auto_device_map keeps room for the largest layer on the first GPU, in case a
+        # layer offloaded to the cpu is streamed back there. The planner counts that streaming
+        # itself, so the first GPU's budget grows by that layer, measured as accelerate measures
+        # it (the same top-level modules, sizes and no-split classes).
+        model = skeleton.model
+        top = [
+            *model.named_parameters(recurse=False),
+            *model.named_children(),
+            *model.named_buffers(recurse=False),
+        ]
+        sizes = defaultdict(int, skeleton.sizes)  # modules without tensors: 0, as there
+        extra, _ = get_max_layer_size(top, sizes, no_split)
+    for _ in range(4):  # two calls at most, as a rule
+        asked = budgets if first is None else {**budgets, first: budgets[first] + extra}
+        with quiet():
+            device_map = infer(skeleton.model, max_memory=asked, **kwargs)
+        if first is None or extra == 0:
+            break
+        # The reservation shrinks to the next largest layer once the largest is placed, so the
+        # first GPU may have taken up to the difference beyond its budget: take it off, again.
+        placed = sum(skeleton.sizes.get(name, 0) for name, d in device_map.items() if d == first)
+        over = placed - budgets[first]
+        if over <= 0:
+            break
+        extra = max(0, extra - over)
     order = skeleton.order
     ordered = sorted(device_map, key=lambda name: order.get(name, len(order)))
-    return {name: gpus[0] if device_map[name] == _DECOY else device_map[name] for name in ordered}
+    return {name: device_map[name] for name in ordered}
 
 
 # --------------------------------------------------------------------------------------------
