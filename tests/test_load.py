@@ -229,6 +229,10 @@ def test_refusal_states_numbers_and_loads_nothing(
     )
     assert not plan.fits
     assert str(raised.value) == plan.explain()
+    refused = raised.value.plan  # the plan load_safely refused, for callers to inspect
+    assert refused is not None
+    assert not refused.fits
+    assert refused.explain() == plan.explain()
     assert "cpu: needs" in str(raised.value)
     assert "short" in str(raised.value)
     assert spy_from_pretrained == []  # refused before from_pretrained

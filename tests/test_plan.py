@@ -33,6 +33,7 @@ from omnifix._estimate import CALIBRATION, estimate
 from omnifix._plan import _Attempt, _evaluate, _fill, _Request
 from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class
 from omnifix._skeleton import load_skeleton
+from omnifix._units import format_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -104,7 +105,7 @@ def test_memory_model_reproduces_each_measured_peak_within_10_percent(figure: An
     skeleton = load_skeleton(preset, model_class=None, dtype=torch.bfloat16)
     usage = estimate(
         skeleton.anatomy,
-        execution_device=lambda _: 0,
+        execution_device=lambda _: "cuda:0",
         load=Workload(
             text_tokens=figure.text_tokens,
             image_tokens=figure.image_tokens,
@@ -114,7 +115,7 @@ def test_memory_model_reproduces_each_measured_peak_within_10_percent(figure: An
         attn_implementation=figure.attn,
         include_inputs=False,  # the measurements' baseline held the inputs
     )
-    phases = usage[0].phases
+    phases = usage["cuda:0"].phases
     predicted = phases[figure.phase]
     if figure.first_case:  # its baseline did not hold the cuBLAS workspaces yet
         predicted += CALIBRATION.workspace
@@ -170,8 +171,12 @@ def test_omni_7b_fits_one_24gib_card_with_fa2_and_needs_at_least_23gb() -> None:
         workload=work,
     )
     (card,) = plan.devices
-    assert (plan.strategy, plan.device_map, plan.dtype) == ("single", {"": 0}, torch.bfloat16)
-    assert plan.input_device == "cuda:0"
+    assert (plan.strategy, plan.device_map, plan.dtype) == (
+        "single",
+        {"": "cuda:0"},
+        torch.bfloat16,
+    )
+    assert plan.input_device == torch.device("cuda", 0)
     # Thinker + talker + token2wav (fp32), as published, plus the buffers built with the model.
     assert OMNI_7B_CHECKPOINT_BYTES <= card.weights <= OMNI_7B_CHECKPOINT_BYTES + 32 * 2**20
     # The seeds' "Omni-7B needs >= 23 GB with FA2" holds for this workload ...
@@ -200,7 +205,7 @@ def test_one_card_too_small_refuses_with_numbers_and_checked_options() -> None:
     assert short == -card.headroom
     assert short > card.weights - CARD * GIB > 3 * GIB  # the weights alone are GiBs too many
     message = plan.explain()
-    assert f"{short / GIB:.1f} GiB short" in message
+    assert f"{format_bytes(short)} short" in message
     assert "cuda:0: needs" in message
     assert message.rstrip().splitlines()[-1].startswith("Fix:")
     options = "\n".join(plan.options)
@@ -211,6 +216,8 @@ def test_one_card_too_small_refuses_with_numbers_and_checked_options() -> None:
     with pytest.raises(omnifix.InsufficientMemoryError, match="GiB short") as caught:
         plan.raise_if_refused()
     assert isinstance(caught.value, MemoryError)
+    assert caught.value.plan is plan
+    assert str(caught.value) == message
     # Each option was checked: re-planning with it fits.
     two = plan_placement(
         BIG, budgets={0: f"{CARD}GiB", 1: f"{CARD}GiB"}, workload=Workload(text_tokens=2048)
@@ -227,9 +234,9 @@ def test_two_24gib_cards_split_with_the_tower_gpu_reserving_more() -> None:
     assert plan.strategy == "split"
     assert_sound(plan, model)
     tower, other = plan.devices
-    assert plan.device_map["model.visual"] == 0
-    assert plan.device_map["lm_head"] == 1
-    assert plan.input_device == "cuda:0"
+    assert plan.device_map["model.visual"] == "cuda:0"
+    assert plan.device_map["lm_head"] == "cuda:1"
+    assert plan.input_device == torch.device("cuda", 0)
     assert plan.boundaries == 1 == len(plan.devices_used) - 1
     # The tower GPU runs the vision encoder over 3 x 65536 patches: its reservation is larger.
     assert tower.phase == "vision"
@@ -250,8 +257,8 @@ def test_two_12gib_cards_split_a_7b_vl_model() -> None:
     assert_sound(plan, build_skeleton(VL_7B))
     assert plan.devices_used == ("cuda:0", "cuda:1")
     assert plan.boundaries == 1
-    assert list(plan.device_map.values())[-1] == 1  # lm_head, after the last layer
-    assert plan.device_map["lm_head"] == 1
+    assert list(plan.device_map.values())[-1] == "cuda:1"  # lm_head, after the last layer
+    assert plan.device_map["lm_head"] == "cuda:1"
     # Each GPU got layers, and its own KV cache with them.
     assert all(row.kv_cache > 0 for row in plan.devices)
 
@@ -287,7 +294,7 @@ def test_four_16gib_cards_use_as_few_as_needed() -> None:
         if row.weights == 0:
             assert row.total == row.margin == 0
     # The thinker's towers and embeddings are on the first GPU, its lm_head after its layers.
-    assert plan.input_device == "cuda:0"
+    assert plan.input_device == torch.device("cuda", 0)
 
 
 def test_eager_attention_changes_the_verdict_for_long_video() -> None:
@@ -312,13 +319,13 @@ def test_allow_offload_turns_the_refusal_into_an_explicit_offload_map() -> None:
     assert refused.strategy == "refuse"
     assert plan.strategy == "offload"
     assert_sound(plan, build_skeleton(BIG))
-    assert list(dict.fromkeys(plan.device_map.values())) == [0, "cpu"]
+    assert list(dict.fromkeys(plan.device_map.values())) == ["cuda:0", "cpu"]
     gpu, cpu = plan.device("cuda:0"), plan.device("cpu")
     assert cpu.weights > 2 * GIB
     assert (cpu.kv_cache, cpu.activations, cpu.overhead) == (0, 0, 0)  # it only holds weights
     # Offloaded layers compute on cuda:0: it holds their KV cache and one of them at a time.
     assert gpu.kv_cache == refused.device("cuda:0").kv_cache
-    assert plan.input_device == "cuda:0"
+    assert plan.input_device == torch.device("cuda", 0)
 
 
 def test_offload_goes_to_disk_only_past_the_cpu_budget() -> None:
@@ -329,7 +336,7 @@ def test_offload_goes_to_disk_only_past_the_cpu_budget() -> None:
         allow_offload=True,
     )
     assert plan.strategy == "offload"
-    assert list(dict.fromkeys(plan.device_map.values())) == [0, "cpu", "disk"]
+    assert list(dict.fromkeys(plan.device_map.values())) == ["cuda:0", "cpu", "disk"]
     cpu, disk = plan.device("cpu"), plan.device("disk")
     assert 0 < cpu.total + cpu.margin <= 6 * GIB
     assert disk.weights > 0
@@ -366,7 +373,7 @@ def test_plan_a_tiny_checkpoint_directory_on_cpu_and_split_over_gpus(
     model = ot.tiny_model(family)
     plan = plan_placement(path, budgets={"cpu": "1GiB"})
     assert (plan.strategy, plan.device_map, plan.dtype) == ("single", {"": "cpu"}, torch.float32)
-    assert plan.input_device == "cpu"
+    assert plan.input_device == torch.device("cpu")
     assert_sound(plan, model)
     # Two GPUs that each hold the fixed costs and 75 % of the rest of what one GPU needs (a
     # short workload, so the weights dominate the rest; the Omni thinker's vision tower alone is
@@ -391,7 +398,11 @@ def build_like(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def test_plain_text_model_directory(tiny_lm_dir: Path) -> None:
     plan = plan_placement(tiny_lm_dir, budgets={0: "4GiB"})
     assert plan.model == tiny_lm_dir.name
-    assert (plan.strategy, plan.device_map, plan.dtype) == ("single", {"": 0}, torch.bfloat16)
+    assert (plan.strategy, plan.device_map, plan.dtype) == (
+        "single",
+        {"": "cuda:0"},
+        torch.bfloat16,
+    )
     assert plan.attn_implementation == "sdpa"
     with pytest.raises(omnifix.InvalidArgumentError, match="no vision tower"):
         plan_placement(tiny_lm_dir, budgets={0: "4GiB"}, workload=Workload(image_tokens=64))
@@ -467,10 +478,16 @@ def test_str_and_to_dict() -> None:
     plan = plan_placement(VL_7B, budgets={0: "12GiB", 1: "12GiB"})
     text = str(plan)
     assert text.startswith(f"PlacementPlan for {VL_7B}: split (bfloat16, sdpa) - fits")
-    assert "device  budget  weights  KV cache  activations" in text
+    lines = text.splitlines()
+    assert lines[lines.index("memory per device") + 1].split() == ["cuda:0", "cuda:1"]
+    for row in plan.devices:
+        assert format_bytes(row.total) in next(line for line in lines if line.startswith("total"))
+    assert text.count(plan.reason) == 1
     first, second = (row for row in plan.devices)
     last_on_first = max(
-        i for n, d in plan.device_map.items() if d == 0 and (i := _layer_index(n)) is not None
+        i
+        for n, d in plan.device_map.items()
+        if d == "cuda:0" and (i := _layer_index(n)) is not None
     )
     assert f"layers.0-{last_on_first}" in text
     assert f"layers.{last_on_first + 1}-27" in text
@@ -525,7 +542,7 @@ def test_presets_all_plan_on_two_gpus() -> None:
     for preset in filter(_available, PRESETS):
         plan = plan_placement(preset, budgets={0: "80GiB", 1: "80GiB"})
         assert plan.strategy == "single", preset
-        assert plan.device_map == {"": 0}
+        assert plan.device_map == {"": "cuda:0"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,8 +642,8 @@ def test_a_split_the_in_order_fill_leaves_lopsided_is_balanced(
     assert _imbalance(_used_rows(plan)) <= BALANCE
     assert plan.devices_used == ("cuda:0", "cuda:1")
     assert plan.boundaries == 1
-    assert plan.input_device == "cuda:0"
-    assert list(plan.device_map.values())[-1] == 1
+    assert plan.input_device == torch.device("cuda", 0)
+    assert list(plan.device_map.values())[-1] == "cuda:1"
     assert "balanced to within" in plan.reason
     assert f"balanced to within {100 * (_imbalance(_used_rows(plan)) - 1):.1f} %" in plan.reason
 
@@ -697,9 +714,7 @@ def test_balancing_never_raises_the_in_order_peak_nor_changes_its_gpus(
     assert not in_order.spills
     assert_sound(plan, _skeleton_of(VL_7B))
     # The same GPUs in the same order, so the same boundaries, and no higher peak.
-    assert plan.devices_used == tuple(
-        f"cuda:{key}" for key in dict.fromkeys(in_order.device_map.values())
-    )
+    assert plan.devices_used == tuple(dict.fromkeys(in_order.device_map.values()))
     assert plan.boundaries == len(plan.devices_used) - 1
     in_order_used = [row for row in in_order.rows if row.weights]
     assert max(map(_utilisation, _used_rows(plan))) <= max(map(_utilisation, in_order_used))
@@ -796,17 +811,17 @@ def _units(model: torch.nn.Module, keep: tuple[str, ...], prefix: str = "") -> I
             yield full
 
 
-def _split_map(model: torch.nn.Module, layers_on_0: int) -> dict[str, int | str]:
+def _split_map(model: torch.nn.Module, layers_on_0: int) -> dict[str, str]:
     """The measured map: everything up to the text decoder's layer ``layers_on_0`` on cuda:0."""
     anatomy = load_skeleton(model, model_class=None, dtype=torch.bfloat16).anatomy
     assert anatomy.text is not None
     assert anatomy.lm_head is not None
     layers = anatomy.text.layers
-    device_map: dict[str, int | str] = {}
-    device = 0
+    device_map: dict[str, str] = {}
+    device = "cuda:0"
     for name in _units(model, (*layers, anatomy.lm_head)):
         if name == layers[layers_on_0]:
-            device = 1
+            device = "cuda:1"
         device_map[name] = device
     return device_map
 
@@ -816,7 +831,7 @@ def _attempt(
     work: Workload,
     attn: str,
     budget_gib: int,
-    device_map: dict[str, int | str],
+    device_map: dict[str, str],
 ) -> _Attempt:
     skeleton = load_skeleton(model, model_class=None, dtype=torch.bfloat16)
     budgets = resolve_budgets({0: f"{budget_gib}GiB", 1: f"{budget_gib}GiB"}, allow_offload=False)
@@ -828,7 +843,7 @@ def test_measured_map_is_predicted_to_need_at_least_what_it_took(case: OomCase) 
     model = _model(case.preset, case.part)
     work = Workload(text_tokens=case.text_tokens, max_new_tokens=NEW_TOKENS)
     device_map = _split_map(model, case.layers_on_0)
-    row = _attempt(model, work, case.attn, case.budget_gib, device_map).row(0)
+    row = _attempt(model, work, case.attn, case.budget_gib, device_map).row("cuda:0")
     assert row.total + row.margin >= case.lower_bound, row
     assert not row.fits  # so the planner no longer picks it
     plan = plan_placement(
@@ -853,13 +868,15 @@ def test_a_split_copies_every_prompt_tokens_logits_back_to_the_input_gpu() -> No
     model = _model("qwen2-audio-7b", "model")
     work = Workload(text_tokens=8192, max_new_tokens=NEW_TOKENS)
     attempt = _attempt(model, work, "sdpa", 40, _split_map(model, 17))
-    first = attempt.usage[0]
+    first = attempt.usage["cuda:0"]
     copy = first.phases["logits copy"] - first.kv_cache
     upcast = load_skeleton(model, model_class=None, dtype=torch.bfloat16).anatomy.logits_upcast
     # S x vocab x bf16 (fp32 on transformers 4.45, which returns logits upcast).
     assert copy == 8192 * _text_vocab("qwen2-audio-7b") * (4 if upcast else 2)
-    assert attempt.row(0).phase == "logits copy"
-    assert "logits copy" not in attempt.usage[1].phases  # lm_head's own GPU: the logits phase
+    assert attempt.row("cuda:0").phase == "logits copy"
+    assert (
+        "logits copy" not in attempt.usage["cuda:1"].phases
+    )  # lm_head's own GPU: the logits phase
     # The copy needs a fresh segment of its size (CALIBRATION.fresh_blocks).
     assert first.fresh >= copy
 
@@ -868,7 +885,7 @@ def test_a_split_copies_every_prompt_tokens_logits_back_to_the_input_gpu() -> No
 def test_with_logits_to_keep_the_copy_is_one_row_per_sample() -> None:
     model = _model("qwen2.5-vl-7b", "model")
     work = Workload(text_tokens=8192, batch_size=2, max_new_tokens=NEW_TOKENS)
-    first = _attempt(model, work, "sdpa", 40, _split_map(model, 13)).usage[0]
+    first = _attempt(model, work, "sdpa", 40, _split_map(model, 13)).usage["cuda:0"]
     assert first.phases["logits copy"] - first.kv_cache == 2 * _text_vocab("qwen2.5-vl-7b") * 2
     assert first.peak_phase == "prefill"
 
@@ -879,15 +896,18 @@ def test_no_split_no_logits_copy() -> None:
     assert plan.strategy == "single"
     assert plan.device("cuda:0").phase == "logits"
     model = _model("qwen2-audio-7b", "model")
-    assert "logits copy" not in _attempt(model, work, "sdpa", 80, {"": 0}).usage[0].phases
+    assert (
+        "logits copy"
+        not in _attempt(model, work, "sdpa", 80, {"": "cuda:0"}).usage["cuda:0"].phases
+    )
 
 
 @needs("qwen2.5-vl-7b")
 def test_one_gpu_margin_grows_by_one_mlp_block_only() -> None:
     work = Workload(text_tokens=32768, max_new_tokens=NEW_TOKENS)
     model = _model("qwen2.5-vl-7b", "model")
-    attempt = _attempt(model, work, "sdpa", 80, {"": 0})
-    row, usage = attempt.row(0), attempt.usage[0]
+    attempt = _attempt(model, work, "sdpa", 80, {"": "cuda:0"})
+    row, usage = attempt.row("cuda:0"), attempt.usage["cuda:0"]
     block = 32768 * 18944 * 2  # rows x intermediate x bf16: the 1.16 GiB that failed to fit
     assert usage.fresh == block
     fixed = CALIBRATION.margin_bytes
@@ -901,7 +921,7 @@ def test_eager_keeps_two_softmax_blocks_or_its_share_of_activations() -> None:
     cal = CALIBRATION
     for tokens in (1024, 8192):
         work = Workload(text_tokens=tokens, max_new_tokens=NEW_TOKENS)
-        row = _attempt(model, work, "eager", 80, {"": 0}).row(0)
+        row = _attempt(model, work, "eager", 80, {"": "cuda:0"}).row("cuda:0")
         base = int(cal.margin_bytes + cal.margin_fraction * (row.kv_cache + row.activations))
         softmax = 28 * tokens * tokens * 4  # heads x S^2 x fp32
         expected = max(2 * softmax, int(cal.eager_block_fraction * row.activations))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from omnifix._device_map import place_order
 from omnifix.errors import DeviceError, InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -30,9 +31,8 @@ class Budget:
     """The memory one device may use.
 
     Attributes:
-        device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
-        key: What accelerate's ``max_memory`` and ``device_map`` call it: the CUDA index,
-            ``"cpu"`` or ``"disk"``.
+        device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``, as :func:`omnifix._device_map.spell`
+            spells them.
         size: Bytes available.
         measured: ``True`` when ``size`` is free memory measured now (the CUDA context is
             already paid); ``False`` for an explicit size, which has to hold the context too.
@@ -40,7 +40,6 @@ class Budget:
     """
 
     device: str
-    key: int | str
     size: int
     measured: bool = False
     capability: Capability | None = None
@@ -48,7 +47,7 @@ class Budget:
     @property
     def is_gpu(self) -> bool:
         """Whether this is a CUDA GPU (real or simulated)."""
-        return isinstance(self.key, int)
+        return self.device.startswith("cuda:")
 
 
 def format_bytes(size: float) -> str:
@@ -96,8 +95,8 @@ def parse_size(value: object, *, what: str) -> int:
     return size
 
 
-def _cuda_index(key: object) -> int | str:
-    """The accelerate key of a budget key: a CUDA index, ``"cpu"`` or ``"disk"``.
+def _device(key: object) -> str:
+    """The device a budget key names: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
 
     Availability is deliberately not checked: explicit budgets may describe another machine.
     """
@@ -107,7 +106,7 @@ def _cuda_index(key: object) -> int | str:
         return "disk"
     kind, index = parse_device(key)  # spelling errors raise DeviceError with a suggestion
     if kind in _CUDA_ALIASES:
-        return index if index is not None else _current_cuda_index()
+        return f"cuda:{index if index is not None else _current_cuda_index()}"
     if kind == "cpu" and index in (None, 0):
         return "cpu"
     raise DeviceError(
@@ -142,11 +141,10 @@ def _measured(*, allow_offload: bool) -> tuple[Budget, ...]:
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return (Budget("cpu", "cpu", host_memory(), measured=True),)
+        return (Budget("cpu", host_memory(), measured=True),)
     budgets = [
         Budget(
             f"cuda:{index}",
-            index,
             int(torch.cuda.mem_get_info(index)[0]),
             measured=True,
             capability=_capability(index),
@@ -154,7 +152,7 @@ def _measured(*, allow_offload: bool) -> tuple[Budget, ...]:
         for index in range(torch.cuda.device_count())
     ]
     if allow_offload:
-        budgets.append(Budget("cpu", "cpu", host_memory(), measured=True))
+        budgets.append(Budget("cpu", host_memory(), measured=True))
     return tuple(budgets)
 
 
@@ -188,22 +186,15 @@ def resolve_budgets(
             f"budgets={budgets!r} gives no device: pass a mapping such as "
             "{0: '24GiB', 1: '24GiB'} (or {'cpu': '64GiB'}), or None to measure this machine."
         )
-    parsed: dict[int | str, Budget] = {}
+    parsed: dict[str, Budget] = {}
     for key, value in budgets.items():
-        accelerate_key = _cuda_index(key)
-        if accelerate_key in parsed:
+        device = _device(key)
+        if device in parsed:
             raise InvalidArgumentError(
-                f"budgets name {parsed[accelerate_key].device!r} twice (as {key!r} too). Give "
-                "each device once."
+                f"budgets name {device!r} twice (as {key!r} too). Give each device once."
             )
-        device = f"cuda:{accelerate_key}" if isinstance(accelerate_key, int) else accelerate_key
-        capability = _capability(accelerate_key) if isinstance(accelerate_key, int) else None
+        index = device.partition(":")[2]
+        capability = _capability(int(index)) if index else None
         size = parse_size(value, what=f"budgets[{key!r}]")
-        parsed[accelerate_key] = Budget(device, accelerate_key, size, capability=capability)
-    order = {"cpu": 1, "disk": 2}
-    return tuple(
-        sorted(
-            parsed.values(),
-            key=lambda b: (order.get(str(b.key), 0), b.key if isinstance(b.key, int) else 0),
-        )
-    )
+        parsed[device] = Budget(device, size, capability=capability)
+    return tuple(sorted(parsed.values(), key=lambda b: place_order(b.device)))

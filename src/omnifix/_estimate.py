@@ -517,23 +517,21 @@ class _Context:
     def eager(self) -> bool:
         return self.attn == "eager"
 
-    def scores(self, device: int | str) -> int:
-        return score_bytes(self.dtype, cuda=isinstance(device, int), calibration=self.calibration)
+    def scores(self, device: str) -> int:
+        return score_bytes(self.dtype, cuda=device.startswith("cuda"), calibration=self.calibration)
 
-    def fresh(self, device: int | str, block: float, scores: float = 0) -> float:
+    def fresh(self, device: str, block: float, scores: float = 0) -> float:
         """Fresh memory for a phase whose largest blocks are ``block`` and fp32 ``scores``.
 
-        Only the CUDA caching allocator needs it (``device`` an index).
+        Only the CUDA caching allocator needs it.
         """
-        if not isinstance(device, int):
+        if not device.startswith("cuda"):
             return 0
         cal = self.calibration
         return max(cal.fresh_blocks * block, cal.eager_fresh_blocks * scores)
 
 
-def _prefill(
-    decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: int | str
-) -> float:
+def _prefill(decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: str) -> float:
     """Peak of one decoder layer's forward over ``tokens`` prompt tokens (KV cache excluded)."""
     cal, b = ctx.calibration, ctx.itemsize
     rows = load.batch_size * tokens
@@ -548,7 +546,7 @@ def _prefill(
 
 
 def _prefill_fresh(
-    decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: int | str
+    decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: str
 ) -> float:
     """Fresh blocks of a decoder layer: its MLP intermediate, eager's fp32 softmax output."""
     rows = load.batch_size * tokens
@@ -574,9 +572,7 @@ def _logits_copy(
     return load.batch_size * rows * decoder.vocab * per_logit
 
 
-def _tower_call(
-    tower: Tower, patches: int, segment: int, ctx: _Context, device: int | str
-) -> float:
+def _tower_call(tower: Tower, patches: int, segment: int, ctx: _Context, device: str) -> float:
     """Peak of one tower call over ``patches`` positions, attention ``segment`` long."""
     cal, b = ctx.calibration, ctx.itemsize
     width = cal.vision_width if tower.kind == "vision" else cal.audio_width
@@ -603,9 +599,7 @@ def _tower_call(
     return linear + segment * segment * tower.heads * ctx.scores(device)  # one segment at a time
 
 
-def _tower_fresh(
-    tower: Tower, patches: int, segment: int, ctx: _Context, device: int | str
-) -> float:
+def _tower_fresh(tower: Tower, patches: int, segment: int, ctx: _Context, device: str) -> float:
     """Fresh blocks of a tower layer: its MLP intermediate, eager's fp32 softmax output."""
     mlp = patches * tower.intermediate * ctx.itemsize
     if not ctx.eager:
@@ -658,13 +652,13 @@ def _input_bytes(anatomy: Anatomy, load: Workload) -> int:
 def estimate(
     anatomy: Anatomy,
     *,
-    execution_device: Callable[[str], int | str],
+    execution_device: Callable[[str], str],
     load: Workload,
     dtype: torch.dtype,
     attn_implementation: str,
     calibration: Calibration = CALIBRATION,
     include_inputs: bool = True,
-) -> dict[int | str, DeviceUsage]:
+) -> dict[str, DeviceUsage]:
     """KV cache, inputs and per-phase activation peaks on each device that computes.
 
     Args:
@@ -691,7 +685,7 @@ def estimate(
         calibration,
         include_inputs,
     )
-    usage: dict[int | str, DeviceUsage] = {}
+    usage: dict[str, DeviceUsage] = {}
     for decoder in anatomy.decoders:
         if decoder.role == "text" or load.audio_output:
             _decoder_usage(usage, decoder, anatomy, execution_device, load, ctx)
@@ -710,10 +704,10 @@ def estimate(
 
 
 def _decoder_usage(  # noqa: PLR0917 - private, called once
-    usage: dict[int | str, DeviceUsage],
+    usage: dict[str, DeviceUsage],
     decoder: Decoder,
     anatomy: Anatomy,
-    execution_device: Callable[[str], int | str],
+    execution_device: Callable[[str], str],
     load: Workload,
     ctx: _Context,
 ) -> None:
@@ -723,7 +717,7 @@ def _decoder_usage(  # noqa: PLR0917 - private, called once
     per_layer = (
         decoder.kv_bytes_per_token(ctx.itemsize) * load.batch_size * (tokens + load.max_new_tokens)
     )
-    layers: dict[int | str, int] = {}
+    layers: dict[str, int] = {}
     for layer in decoder.layers:
         device = execution_device(layer)
         layers[device] = layers.get(device, 0) + 1
@@ -742,9 +736,9 @@ def _decoder_usage(  # noqa: PLR0917 - private, called once
 
 
 def _copy_usage(
-    usage: dict[int | str, DeviceUsage],
+    usage: dict[str, DeviceUsage],
     anatomy: Anatomy,
-    execution_device: Callable[[str], int | str],
+    execution_device: Callable[[str], str],
     load: Workload,
     ctx: _Context,
 ) -> None:
@@ -765,9 +759,9 @@ def _copy_usage(
 
 
 def _tower_usage(
-    usage: dict[int | str, DeviceUsage],
+    usage: dict[str, DeviceUsage],
     tower: Tower,
-    execution_device: Callable[[str], int | str],
+    execution_device: Callable[[str], str],
     load: Workload,
     ctx: _Context,
 ) -> None:

@@ -1036,7 +1036,7 @@ def _record(
     dtype: torch.dtype,
     pinned: tuple[str, ...],
 ) -> _LoadRecord:
-    from omnifix._plan import _UNLIMITED
+    from omnifix._plan import UNLIMITED
 
     if plan is None:
         places = sorted({str(value) for value in device_map.values()})
@@ -1052,7 +1052,7 @@ def _record(
         reason=plan.reason,
         dtype=dtype,
         predicted={
-            _device_key(row.device): (row.total, None if row.budget >= _UNLIMITED else row.budget)
+            _device_key(row.device): (row.total, None if row.budget >= UNLIMITED else row.budget)
             for row in plan.devices
             if row.device in plan.devices_used
         },

@@ -34,8 +34,11 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
-from omnifix._budgets import Budget, format_bytes, host_memory, resolve_budgets
+from omnifix._budgets import Budget, host_memory, resolve_budgets
+from omnifix._device_map import OFFLOAD_TARGETS, Placement, place_order
 from omnifix._estimate import CALIBRATION, DeviceUsage, estimate
+from omnifix._table import Block, Table, plain, rich
+from omnifix._units import format_bytes
 from omnifix._workload import Workload
 from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
 
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from omnifix._skeleton import Skeleton
 
 __all__ = [
+    "UNLIMITED",
     "AttnImplementation",
     "DeviceBudget",
     "PlacementPlan",
@@ -66,7 +70,7 @@ AttnImplementation = Literal[
 ]
 
 #: Budget of a ``"disk"`` nobody sized: accelerate puts no limit on it either.
-_UNLIMITED: Final = 2**62
+UNLIMITED: Final = 2**62
 #: Simulated GPUs (explicit budgets for GPUs this machine lacks) are assumed to be this recent.
 _SIMULATED_CAPABILITY: Final[Capability] = (8, 0)
 #: The most GPUs the "more GPUs" option tries.
@@ -119,6 +123,11 @@ class DeviceBudget:
         """Budget left after the predicted peak and the margin (negative: short by that much)."""
         return self.budget - self.total - self.margin
 
+    @property
+    def unlimited(self) -> bool:
+        """Whether nobody sized this device's budget (a disk that offload may fill)."""
+        return self.budget >= UNLIMITED
+
 
 @dataclass(frozen=True, kw_only=True)
 class PlacementPlan:
@@ -128,28 +137,30 @@ class PlacementPlan:
         model: What was planned (preset name, directory name or class name).
         strategy: ``"single"``, ``"split"``, ``"offload"`` or ``"refuse"``.
         reason: Why this strategy, in one sentence with the numbers.
-        device_map: For ``from_pretrained(device_map=...)``: CUDA indices, ``"cpu"``,
-            ``"disk"``. For a refusal, the closest attempt (do not load with it).
+        device_map: For ``from_pretrained(device_map=...)``: ``"cuda:N"``, ``"cpu"``,
+            ``"disk"``, spelled as :func:`omnifix.resolve_device_map` spells them. For a
+            refusal, the closest attempt (do not load with it).
         devices: Predicted use of every GPU in the budgets (used or not), and of ``cpu``/``disk``
             where the map uses them.
         dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
         attn_implementation: Attention the numbers assume.
         workload: The workload planned for.
         options: For a refusal: each change that fits, checked by planning again.
-        input_device: Where ``input_ids`` go (the device of the input embeddings).
+        input_device: Where ``input_ids`` go: the execution device of the input embeddings
+            (``None`` for a refusal, or a model without them).
         notes: Assumptions behind the numbers.
     """
 
     model: str
     strategy: Strategy
     reason: str
-    device_map: dict[str, int | str]
+    device_map: dict[str, str]
     devices: tuple[DeviceBudget, ...]
     dtype: torch.dtype
     attn_implementation: AttnImplementation
     workload: Workload
     options: tuple[str, ...] = field(default=())
-    input_device: str | None = None
+    input_device: torch.device | None = None
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -160,10 +171,7 @@ class PlacementPlan:
     @property
     def devices_used(self) -> tuple[str, ...]:
         """Devices that hold weights, in map order."""
-        seen: dict[str, None] = {}
-        for value in self.device_map.values():
-            seen.setdefault(_device_name(value), None)
-        return tuple(seen)
+        return tuple(dict.fromkeys(self.device_map.values()))
 
     @property
     def boundaries(self) -> int:
@@ -180,9 +188,9 @@ class PlacementPlan:
         raise InvalidArgumentError(f"The plan has no device {name!r}. Ask for one of {known}.")
 
     def explain(self) -> str:
-        """What does not fit, by how much on which device, and the options that would fit.
+        """Why the plan fits; or what does not fit, by how much where, and what would fit.
 
-        The message of the :class:`omnifix.InsufficientMemoryError` that
+        For a refusal, the message of the :class:`omnifix.InsufficientMemoryError` that
         :meth:`raise_if_refused` raises; it ends with the fix.
         """
         head = (
@@ -192,28 +200,17 @@ class PlacementPlan:
             return f"{head} fits: {self.reason}."
         lines = [f"{head} does not fit the memory it may use: {self.reason}."]
         lines += [f"  {_need_line(row)}" for row in self.devices if row.weights or not row.fits]
-        if self.options:
-            lines.append("Options that fit (each checked by planning again):")
-            lines += [f"  - {option}" for option in self.options]
-            lines.append(
-                "Fix: apply one of these options (the first is the least invasive), or free "
-                "memory on the GPUs."
-            )
-        else:
-            lines.append(
-                "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can "
-                "change (dtype, attention, workload, quantisation, offload, cpu) fits here."
-            )
-        return "\n".join(lines)
+        return "\n".join([*lines, *self._options()])
 
     def raise_if_refused(self) -> PlacementPlan:
         """Return the plan if it fits, else raise :class:`omnifix.InsufficientMemoryError`.
 
         Raises:
-            InsufficientMemoryError: With :meth:`explain` as the message.
+            InsufficientMemoryError: With :meth:`explain` as the message and the plan as
+                ``error.plan``.
         """
         if not self.fits:
-            raise InsufficientMemoryError(self.explain())
+            raise InsufficientMemoryError(self.explain(), plan=self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,7 +224,7 @@ class PlacementPlan:
             "attn_implementation": self.attn_implementation,
             "workload": asdict(self.workload),
             "device_map": dict(self.device_map),
-            "input_device": self.input_device,
+            "input_device": None if self.input_device is None else str(self.input_device),
             "devices": [
                 {**asdict(row), "total": row.total, "fits": row.fits} for row in self.devices
             ],
@@ -235,80 +232,72 @@ class PlacementPlan:
             "notes": list(self.notes),
         }
 
-    def _heading(self) -> list[str]:
+    def _options(self) -> list[str]:
+        """A refusal's options, each checked by planning again, and the fix."""
+        if self.fits:
+            return []
+        if not self.options:
+            return [
+                (
+                    "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can "
+                    "change (dtype, attention, workload, quantisation, offload, cpu) fits here."
+                )
+            ]
         return [
-            f"PlacementPlan for {self.model}: {self.strategy} "
-            f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - "
-            + ("fits" if self.fits else "does NOT fit"),
+            "Options that fit (each checked by planning again):",
+            *(f"  - {option}" for option in self.options),
+            (
+                "Fix: apply one of these options (the first is the least invasive), or free "
+                "memory on the GPUs."
+            ),
+        ]
+
+    def _blocks(self) -> list[Block]:
+        """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
+        cells: dict[str, Callable[[DeviceBudget], str]] = {
+            "budget": lambda row: "unlimited" if row.unlimited else format_bytes(row.budget),
+            "weights": lambda row: format_bytes(row.weights),
+            "KV cache": lambda row: format_bytes(row.kv_cache),
+            "activations": lambda row: (
+                format_bytes(row.activations) + (f" ({row.phase})" if row.phase else "")
+            ),
+            "overhead": lambda row: format_bytes(row.overhead),
+            "total": lambda row: format_bytes(row.total),
+            "margin": lambda row: format_bytes(row.margin),
+            "fits": lambda row: "yes" if row.fits else f"NO ({format_bytes(-row.headroom)} short)",
+        }
+        devices = tuple(row.device for row in self.devices)
+        verdict = "fits" if self.fits else "does not fit"
+        return [
+            (
+                f"PlacementPlan for {self.model}: {self.strategy} "
+                f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - {verdict}"
+            ),
             f"workload: {self.workload}",
             f"why: {self.reason}",
+            Table(
+                ("", *devices),
+                tuple((name, *map(cell, self.devices)) for name, cell in cells.items()),
+                title="memory per device",
+                style=_verdict_style,
+                fold=frozenset(devices),
+            ),
+            Table(
+                ("device", "modules"),
+                tuple(_map_summary(self.device_map)),
+                title="device_map",
+                fold=frozenset({"modules"}),
+            ),
+            *self._options(),
         ]
-
-    def _rows(self) -> list[tuple[str, ...]]:
-        """The device table as text cells, the header first."""
-        header = ("device", "budget", "weights", "KV cache", "activations", "overhead", "total")
-        rows: list[tuple[str, ...]] = [(*header, "margin", "fits")]
-        for row in self.devices:
-            budget = "unlimited" if row.budget >= _UNLIMITED else _gib(row.budget)
-            fits = "yes" if row.fits else f"NO ({_gib(-row.headroom)} short)"
-            activations = _gib(row.activations) + (f" ({row.phase})" if row.phase else "")
-            rows.append(
-                (
-                    row.device,
-                    budget,
-                    _gib(row.weights),
-                    _gib(row.kv_cache),
-                    activations,
-                    _gib(row.overhead),
-                    _gib(row.total),
-                    _gib(row.margin),
-                    fits,
-                )
-            )
-        return rows
 
     def __str__(self) -> str:
-        """A table of the devices, the strategy and why, and the map as layer ranges."""
-        rows = self._rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        table = [
-            "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows
-        ]
-        lines = [
-            *self._heading(),
-            *table,
-            "device_map:",
-            *(f"  {device}: {modules}" for device, modules in _map_summary(self.device_map)),
-        ]
-        if self.options:
-            lines += ["options that fit:", *(f"  - {option}" for option in self.options)]
-        return "\n".join(lines)
+        """The strategy and why, a table of the devices, the map as layer ranges, the options."""
+        return plain(self._blocks())
 
     def __rich__(self) -> Group:
         """The same as :meth:`__str__`, as rich tables (``rich.print(plan)``, ``omnifix plan``)."""
-        from rich import box
-        from rich.console import Group
-        from rich.markup import escape
-        from rich.table import Table
-
-        heading, workload, why = (escape(line) for line in self._heading())
-        colour = "green" if self.fits else "red"
-        header, *rows = self._rows()
-        devices = Table(*header, title="GiB per device", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in devices.columns:  # numbers stay whole; the two phrases fold
-            column.no_wrap = column.header not in ("activations", "fits")
-            column.overflow = "fold"
-        for row in rows:
-            fits = f"[{colour}]{escape(row[-1])}[/{colour}]"
-            devices.add_row(*(escape(cell) for cell in row[:-1]), fits)
-        layout = Table("device", "modules", title="device_map", box=box.SIMPLE_HEAD, pad_edge=False)
-        for device, modules in _map_summary(self.device_map):
-            layout.add_row(escape(device), escape(modules))
-        parts: list[Any] = [f"[bold {colour}]{heading}[/]", workload, why, devices, layout]
-        if self.options:
-            parts += ["options that fit:", *(f"  - {escape(option)}" for option in self.options)]
-        return Group(*parts)
+        return rich(self._blocks())
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,25 +305,22 @@ class PlacementPlan:
 # --------------------------------------------------------------------------------------------
 
 
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f}"
+def _verdict_style(_device: str, text: str) -> str:
+    """Green for a device that fits, red for one that does not; numbers stay plain."""
+    return "green" if text == "yes" else "red" if text.startswith("NO (") else ""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _device_name(value: int | str) -> str:
-    return f"cuda:{value}" if isinstance(value, int) else value
-
-
 def _need_line(row: DeviceBudget) -> str:
     parts = (
-        f"weights {_gib(row.weights)} + KV cache {_gib(row.kv_cache)} + activations "
-        f"{_gib(row.activations)} + overhead {_gib(row.overhead)} GiB"
+        f"weights {format_bytes(row.weights)} + KV cache {format_bytes(row.kv_cache)} + "
+        f"activations {format_bytes(row.activations)} + overhead {format_bytes(row.overhead)}"
     )
     verdict = "fits" if row.fits else f"{format_bytes(-row.headroom)} short"
-    budget = "unlimited" if row.budget >= _UNLIMITED else format_bytes(row.budget)
+    budget = "unlimited" if row.unlimited else format_bytes(row.budget)
     return (
         f"{row.device}: needs {format_bytes(row.total + row.margin)} ({parts}, plus a "
         f"{format_bytes(row.margin)} margin), has {budget}: {verdict}"
@@ -344,11 +330,10 @@ def _need_line(row: DeviceBudget) -> str:
 _NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
 
 
-def _map_summary(device_map: Mapping[str, int | str]) -> list[tuple[str, str]]:
+def _map_summary(device_map: Mapping[str, str]) -> list[tuple[str, str]]:
     """Consecutive entries per device, numbered layers folded into ranges (``layers.0-13``)."""
     groups: list[tuple[str, list[str]]] = []
-    for name, value in device_map.items():
-        device = _device_name(value)
+    for name, device in device_map.items():
         if not groups or groups[-1][0] != device:
             groups.append((device, []))
         groups[-1][1].append(name or "(whole model)")
@@ -392,19 +377,18 @@ class _Request:
     def gpus(self) -> tuple[Budget, ...]:
         return tuple(b for b in self.budgets if b.is_gpu)
 
-    def budget(self, key: int | str) -> Budget | None:
-        return next((b for b in self.budgets if b.key == key), None)
+    def budget(self, device: str) -> Budget | None:
+        return next((b for b in self.budgets if b.device == device), None)
 
 
 @dataclass(frozen=True)
 class _Attempt:
-    device_map: dict[str, int | str]
+    device_map: dict[str, str]
     rows: tuple[DeviceBudget, ...]
-    keys: tuple[int | str, ...]
-    usage: Mapping[int | str, DeviceUsage]
+    usage: Mapping[str, DeviceUsage]
 
-    def row(self, key: int | str) -> DeviceBudget:
-        return self.rows[self.keys.index(key)]
+    def row(self, device: str) -> DeviceBudget:
+        return next(row for row in self.rows if row.device == device)
 
     @property
     def fits(self) -> bool:
@@ -413,81 +397,60 @@ class _Attempt:
     @property
     def spills(self) -> bool:
         """Whether accelerate had to put modules on cpu or disk."""
-        return any(not isinstance(value, int) for value in self.device_map.values())
+        return any(value in OFFLOAD_TARGETS for value in self.device_map.values())
 
-    def excess(self) -> dict[int | str, int]:
-        return {
-            key: -row.headroom
-            for key, row in zip(self.keys, self.rows, strict=True)
-            if not row.fits
-        }
+    def excess(self) -> dict[str, int]:
+        return {row.device: -row.headroom for row in self.rows if not row.fits}
 
 
-def _locate(device_map: Mapping[str, int | str], name: str) -> int | str:
-    """The device of module ``name``: the entry of its longest prefix in the map."""
-    probe = name
-    while True:
-        if probe in device_map:
-            return device_map[probe]
-        if not probe:
-            msg = f"device_map places no prefix of {name!r}"
-            raise KeyError(msg)
-        probe = probe.rpartition(".")[0]
-
-
-def _evaluate(request: _Request, device_map: dict[str, int | str]) -> _Attempt:
+def _evaluate(request: _Request, device_map: dict[str, str]) -> _Attempt:
     """Weights, KV cache, activations, overhead and margin of every device under this map."""
     skeleton = request.skeleton
-    weights: dict[int | str, int] = {}
+    weights: dict[str, int] = {}
     for name, value in device_map.items():
         weights[value] = weights.get(value, 0) + skeleton.sizes.get(name, 0)
-    main = next((v for v in device_map.values() if isinstance(v, int)), "cpu")
-
-    def execution_device(name: str) -> int | str:
-        device = _locate(device_map, name)
-        return main if device in ("cpu", "disk") else device
-
+    placement = Placement.of(device_map)
     usage = estimate(
         skeleton.anatomy,
-        execution_device=execution_device,
+        execution_device=lambda name: placement.runs_on(name) or placement.main,
         load=request.workload,
         dtype=skeleton.dtype,
         attn_implementation=request.attn,
     )
-    streamed = max(
-        (
-            skeleton.sizes.get(n, 0)
-            for n, v in device_map.items()
-            if v != main and v in ("cpu", "disk")
-        ),
-        default=0,
+    # Offloaded weights are streamed to the main device, one entry at a time.
+    streamed = max((skeleton.sizes.get(name, 0) for name in placement.offloaded), default=0)
+    devices = [b.device for b in request.gpus]
+    devices += [d for d in OFFLOAD_TARGETS if d in weights or d in usage]
+    devices += [d for d in weights if d not in devices]  # spilled to an unbudgeted device
+    rows = tuple(
+        _row(
+            request,
+            device,
+            weights.get(device, 0),
+            usage.get(device, DeviceUsage()),
+            streamed if device == placement.main else 0,
+        )
+        for device in devices
     )
-    keys: list[int | str] = [b.key for b in request.budgets if b.is_gpu]
-    keys += [k for k in ("cpu", "disk") if k in weights or k in usage]
-    keys += [k for k in weights if k not in keys]  # accelerate spilled to an unbudgeted device
-    rows = []
-    for key in keys:
-        row_usage = usage.get(key, DeviceUsage())
-        extra = streamed if key == main else 0
-        rows.append(_row(request, key, weights.get(key, 0), row_usage, extra))
-    return _Attempt(device_map, tuple(rows), tuple(keys), usage)
+    return _Attempt(device_map, rows, usage)
 
 
 def _row(
-    request: _Request, key: int | str, weights: int, usage: DeviceUsage, streamed: int
+    request: _Request, device: str, weights: int, usage: DeviceUsage, streamed: int
 ) -> DeviceBudget:
     cal = CALIBRATION
-    budget = request.budget(key)
+    budget = request.budget(device)
+    gpu = device not in OFFLOAD_TARGETS
     used = weights > 0 or bool(usage.phases) or usage.kv_cache > 0
     activations = usage.activations + streamed
     overhead = 0
-    if used and isinstance(key, int):
+    if used and gpu:
         paid = budget is not None and budget.measured
         overhead = cal.workspace + (0 if paid else cal.cuda_context)
     margin = 0
-    if used and key != "disk":
+    if used and device != "disk":
         margin = int(cal.margin_bytes + cal.margin_fraction * (usage.kv_cache + activations))
-        if isinstance(key, int):
+        if gpu:
             # The caching allocator's fresh segments: for the largest transient blocks (see
             # CALIBRATION.fresh_blocks), or a share of eager activations when that is larger.
             eager = cal.eager_block_fraction * activations if request.attn == "eager" else 0
@@ -495,9 +458,9 @@ def _row(
     if budget is not None:
         size = budget.size
     else:  # accelerate's unbounded disk, where offload is allowed; nothing anywhere else
-        size = _UNLIMITED if key == "disk" and request.allow_offload else 0
+        size = UNLIMITED if device == "disk" and request.allow_offload else 0
     return DeviceBudget(
-        device=_device_name(key),
+        device=device,
         budget=size,
         weights=weights,
         kv_cache=usage.kv_cache,
@@ -514,10 +477,10 @@ def _row(
 
 
 def _single(request: _Request, budget: Budget) -> _Attempt:
-    return _evaluate(request, {"": budget.key})
+    return _evaluate(request, {"": budget.device})
 
 
-def _reservations(request: _Request, devices: Sequence[Budget]) -> dict[int | str, int]:
+def _reservations(request: _Request, devices: Sequence[Budget]) -> dict[str, int]:
     """First guess of what each device needs besides weights.
 
     No KV cache yet (it is added as the layers land); the language model's activations on every
@@ -525,7 +488,7 @@ def _reservations(request: _Request, devices: Sequence[Budget]) -> dict[int | st
     need holding the whole model).
     """
     first = devices[0]
-    usage = _evaluate(request, {"": first.key}).usage[first.key]
+    usage = _evaluate(request, {"": first.device}).usage[first.device]
     prefill = usage.phases.get("prefill", usage.kv_cache) - usage.kv_cache
     towers = max((v for k, v in usage.phases.items() if k in _TOWER_PHASES), default=0)
     gpus = any(d.is_gpu for d in devices)
@@ -538,9 +501,9 @@ def _reservations(request: _Request, devices: Sequence[Budget]) -> dict[int | st
             activations = prefill if device.is_gpu or not gpus else 0
             fresh = usage.blocks.get("prefill", 0) if device.is_gpu else 0
         probe = _row(
-            request, device.key, 1, DeviceUsage(phases={"": 0}, blocks={"": fresh}), activations
+            request, device.device, 1, DeviceUsage(phases={"": 0}, blocks={"": fresh}), activations
         )
-        reserve[device.key] = probe.overhead + probe.activations + probe.margin
+        reserve[device.device] = probe.overhead + probe.activations + probe.margin
     return reserve
 
 
@@ -554,15 +517,15 @@ def _fill(request: _Request, devices: Sequence[Budget]) -> _Attempt:
     from omnifix._skeleton import infer_device_map
 
     reserve = _reservations(request, devices)
-    limits = {d.key: max(0, d.size - reserve[d.key]) for d in devices}
+    limits = {d.device: max(0, d.size - reserve[d.device]) for d in devices}
     attempt = None
     for _ in range(4 + 3 * len(devices)):
         attempt = _evaluate(request, infer_device_map(request.skeleton, limits))
         excess = attempt.excess()
-        if not excess or any(key not in limits for key in excess):
+        if not excess or any(device not in limits for device in excess):
             break  # fits, or spilled where no budget can be adjusted
-        for key, short in excess.items():
-            limits[key] = max(0, min(limits[key], attempt.row(key).weights) - short)
+        for device, short in excess.items():
+            limits[device] = max(0, min(limits[device], attempt.row(device).weights) - short)
     assert attempt is not None  # noqa: S101 - the loop runs at least once
     return attempt
 
@@ -589,15 +552,15 @@ def _balance(request: _Request, split: _Attempt) -> _Attempt:
     from omnifix._skeleton import infer_device_map
 
     values = set(split.device_map.values())
-    used = [b for b in request.gpus if b.key in values]
+    used = [b for b in request.gpus if b.device in values]
     if len(used) < 2:  # noqa: PLR2004 - one GPU: nothing to balance
         return split
-    keys = [b.key for b in used]
+    keys = [b.device for b in used]
 
     def peak(attempt: _Attempt) -> float:
         return max(_utilisation(attempt.row(key)) for key in keys)
 
-    def need(attempt: _Attempt, key: int | str) -> int:
+    def need(attempt: _Attempt, key: str) -> int:
         row = attempt.row(key)
         return row.total + row.margin
 
@@ -617,13 +580,17 @@ def _balance(request: _Request, split: _Attempt) -> _Attempt:
     for _ in range(_BALANCE_STEPS):
         if high - low <= tolerance:
             break
-        limits: dict[int | str, int] = {
-            b.key: max(
-                0, int(latest.row(b.key).weights + (cap * b.size - need(latest, b.key)) / per_byte)
+        limits = {
+            b.device: max(
+                0,
+                int(
+                    latest.row(b.device).weights
+                    + (cap * b.size - need(latest, b.device)) / per_byte
+                ),
             )
             for b in used[:-1]
         }
-        limits[used[-1].key] = used[-1].size  # the last GPU takes the rest
+        limits[used[-1].device] = used[-1].size  # the last GPU takes the rest
         attempt = _evaluate(request, infer_device_map(skeleton, limits))
         ok = attempt.fits and not attempt.spills and set(attempt.device_map.values()) == values
         if ok:
@@ -641,11 +608,7 @@ def _balance(request: _Request, split: _Attempt) -> _Attempt:
 def _balance_summary(attempt: _Attempt) -> str:
     """``balanced to within 1.7 % predicted utilisation (52.3-54.0 % of each GPU's budget)``."""
     values = set(attempt.device_map.values())
-    shares = [
-        _utilisation(row)
-        for key, row in zip(attempt.keys, attempt.rows, strict=True)
-        if key in values
-    ]
+    shares = [_utilisation(row) for row in attempt.rows if row.device in values]
     lowest, highest = min(shares), max(shares)
     return (
         f"balanced to within {100 * (highest / lowest - 1):.1f} % predicted utilisation "
@@ -657,7 +620,7 @@ def _offload(request: _Request) -> _Attempt:
     """GPUs first, then the cpu (its budget, else the host memory free now), then the disk."""
     budgets = request.budgets
     if request.budget("cpu") is None:
-        budgets = (*budgets, Budget("cpu", "cpu", host_memory(), measured=True))
+        budgets = (*budgets, Budget("cpu", host_memory(), measured=True))
     with_cpu = replace(request, budgets=budgets)
     order = [b for b in budgets if b.is_gpu] + [b for b in budgets if not b.is_gpu]
     return _fill(with_cpu, order)
@@ -673,13 +636,13 @@ def _plan(request: _Request, *, balance: bool = True) -> tuple[Strategy, str, _A
     ``balance=False`` skips balancing a split (the verdict is the same; searches that only
     need the verdict save the time).
     """
-    gpus = sorted(request.gpus, key=lambda b: (-b.size, b.key))
+    gpus = sorted(request.gpus, key=lambda b: (-b.size, place_order(b.device)))
     if not gpus:
         return _plan_cpu(request)
     # The GPU with the most memory (the first of equals): if it cannot hold everything, no
     # other one can.
     largest = _single(request, gpus[0])
-    need = largest.row(gpus[0].key)
+    need = largest.row(gpus[0].device)
     if largest.fits:
         return "single", _single_reason(need), largest
     closest = largest
@@ -688,7 +651,7 @@ def _plan(request: _Request, *, balance: bool = True) -> tuple[Strategy, str, _A
         if split.fits and not split.spills:
             if balance:
                 split = _balance(request, split)
-            used = [_device_name(k) for k in dict.fromkeys(split.device_map.values())]
+            used = list(dict.fromkeys(split.device_map.values()))
             reason = (
                 f"no single GPU holds it ({format_bytes(need.total + need.margin)} needed, "
                 f"{need.device} has {format_bytes(need.budget)}); split into {len(used)} "
@@ -721,10 +684,10 @@ def _offload_or_refuse(
 def _shortfalls(request: _Request, attempt: _Attempt) -> str:
     """``cuda:0 1.2 GiB short, 3.4 GiB of weights fit on no GPU``."""
     parts = []
-    for key, row in zip(attempt.keys, attempt.rows, strict=True):
+    for row in attempt.rows:
         if row.fits:
             continue
-        if request.budget(key) is None:  # accelerate's overflow: cpu/disk nobody offered
+        if request.budget(row.device) is None:  # accelerate's overflow: cpu/disk nobody offered
             if row.weights:
                 parts.append(f"{format_bytes(row.weights)} of weights fit on no GPU")
             continue
@@ -761,12 +724,8 @@ def _single_reason(row: DeviceBudget) -> str:
 
 def _offloaded(attempt: _Attempt) -> str:
     """``9.5 GiB on cpu, copied to cuda:0 for every forward pass``."""
-    parked = {
-        row.device: row.weights
-        for row in attempt.rows
-        if row.device in ("cpu", "disk") and row.weights
-    }
-    gpu = next((row.device for row in attempt.rows if row.device.startswith("cuda")), "cpu")
+    parked = {row.device: row.weights for row in attempt.rows if row.device in OFFLOAD_TARGETS}
+    gpu = Placement.of(attempt.device_map).main
     where = " and ".join(
         f"{format_bytes(size)} of weights on {dev}" for dev, size in parked.items()
     )
@@ -792,7 +751,9 @@ def _fits(request: _Request, *, balance: bool = True) -> tuple[bool, _Attempt]:
 
 def _peak_summary(attempt: _Attempt) -> str:
     rows = [row for row in attempt.rows if row.weights]
-    peaks = ", ".join(f"{row.device} {_gib(row.total)} of {_gib(row.budget)} GiB" for row in rows)
+    peaks = ", ".join(
+        f"{row.device} {format_bytes(row.total)} of {format_bytes(row.budget)}" for row in rows
+    )
     return f"peaks {peaks}"
 
 
@@ -883,7 +844,7 @@ def _more_gpus_option(request: _Request) -> list[str]:
         return []
     size = max(b.size for b in gpus)
     for count in range(len(gpus) + 1, _MAX_GPUS + 1):
-        budgets = tuple(Budget(f"cuda:{i}", i, size) for i in range(count))
+        budgets = tuple(Budget(f"cuda:{i}", size) for i in range(count))
         ok, attempt = _fits(replace(request, budgets=budgets, allow_offload=False))
         if ok:
             return [f"{count} GPUs of {format_bytes(size)}: fits, {_peak_summary(attempt)}"]
@@ -930,7 +891,7 @@ def _cpu_option(request: _Request) -> list[str]:
 
     if not request.gpus:
         return []
-    cpu = request.budget("cpu") or Budget("cpu", "cpu", host_memory(), measured=True)
+    cpu = request.budget("cpu") or Budget("cpu", host_memory(), measured=True)
     skeleton = request.skeleton
     if skeleton.dtype != torch.float32 and skeleton.config is not None:
         skeleton = load_skeleton(
@@ -1092,8 +1053,8 @@ def plan_placement(
         >>> import omnifix
         >>> work = omnifix.Workload(text_tokens=2048, image_tokens=1280)
         >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "24GiB"}, workload=work)
-        >>> plan.strategy, plan.device_map, plan.fits
-        ('single', {'': 0}, True)
+        >>> plan.strategy, plan.device_map, plan.fits, plan.input_device
+        ('single', {'': 'cuda:0'}, True, device(type='cuda', index=0))
         >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "12GiB", 1: "12GiB"})
         >>> plan.strategy, plan.devices_used, plan.boundaries
         ('split', ('cuda:0', 'cuda:1'), 1)
@@ -1101,6 +1062,8 @@ def plan_placement(
         >>> plan.fits, plan.options[0].split(":")[0]
         (False, '3 GPUs of 8.0 GiB')
     """
+    import torch
+
     from omnifix._skeleton import load_skeleton
 
     workload = Workload() if workload is None else workload
@@ -1118,10 +1081,8 @@ def plan_placement(
     input_name = skeleton.anatomy.input_embeddings
     input_device = None
     if input_name is not None and strategy != "refuse":
-        located = _locate(attempt.device_map, input_name)
-        if located in ("cpu", "disk"):  # offloaded modules compute on the first GPU
-            located = next((v for v in attempt.device_map.values() if isinstance(v, int)), "cpu")
-        input_device = _device_name(located)
+        runs_on = Placement.of(attempt.device_map).runs_on(input_name)
+        input_device = None if runs_on is None else torch.device(runs_on)
     return PlacementPlan(
         model=skeleton.label,
         strategy=strategy,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from omnifix._device_map import spell
 from omnifix._estimate import Anatomy, describe
 from omnifix.errors import InvalidArgumentError, UnsupportedModelError
 
@@ -108,14 +109,18 @@ def no_split_modules(model: nn.Module) -> frozenset[str]:
     return frozenset(getattr(model, "_no_split_modules", None) or ())  # 5.x: at post_init
 
 
-def infer_device_map(
-    skeleton: Skeleton, max_memory: Mapping[int | str, int]
-) -> dict[str, int | str]:
+def infer_device_map(skeleton: Skeleton, max_memory: Mapping[str, int]) -> dict[str, str]:
     """The installed transformers' ``device_map="sequential"`` for these budgets, in module order.
 
-    Sequential (devices filled in order, the map of ``infer_auto_device_map``) rather than
-    ``"auto"``'s balanced split: the planner sets each device's budget itself, and sequential
-    filling gives contiguous blocks with the fewest device boundaries.
+    Sequential (devices filled in order) rather than ``"auto"``'s balanced split: the planner sets
+    each device's budget itself, and filling in order gives the fewest device boundaries.
+
+    Args:
+        skeleton: The model.
+        max_memory: Bytes per device, ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
+
+    Returns:
+        The map, its values spelled by :func:`omnifix._device_map.spell`.
     """
     from accelerate.utils.modeling import get_max_layer_size
 
@@ -129,7 +134,11 @@ def infer_device_map(
         from accelerate import infer_auto_device_map
 
         infer = infer_auto_device_map
-    budgets = dict(max_memory)
+    # accelerate's max_memory names GPUs by index.
+    budgets: dict[int | str, int] = {
+        int(device[5:]) if device.startswith("cuda:") else device: size
+        for device, size in max_memory.items()
+    }
     first = min((key for key in budgets if isinstance(key, int)), default=None)
     extra = 0
     if first is not None:
@@ -159,8 +168,10 @@ def infer_device_map(
             break
         extra = max(0, extra - over)
     order = skeleton.order
-    ordered = sorted(device_map, key=lambda name: order.get(name, len(order)))
-    return {name: device_map[name] for name in ordered}
+    return {
+        name: spell(device_map[name], index_type="cuda")
+        for name in sorted(device_map, key=lambda name: order.get(name, len(order)))
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) 
         preset, budgets=budgets, dtype=torch.bfloat16, attn_implementation=attn, workload=workload
     )
     assert plan.fits, plan.explain()
-    gpus = sorted({d for d in plan.device_map.values() if isinstance(d, int)})
+    gpus = sorted({torch.device(d).index for d in plan.device_map.values() if d.startswith("cuda")})
     gc.collect()
     torch.cuda.empty_cache()
     # Anything still allocated belongs to earlier tests, not to this case: measure above it.
