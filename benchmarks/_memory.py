@@ -58,13 +58,13 @@ def tiny_family(preset: str) -> str | None:
 def skeleton(preset: str, *, tiny: bool) -> nn.Module:
     """The whole model of ``preset`` on ``meta`` (tiny: its ``omnifix.testing`` stand-in, fp32)."""
     if not tiny:
-        from omnifix._presets import build_skeleton
+        from omnifix._plan.skeleton import build_skeleton
 
         return build_skeleton(preset)
     import torch
 
     import omnifix.testing as ot
-    from omnifix._skeleton import build_on_meta
+    from omnifix._plan.skeleton import build_on_meta
 
     family: Any = tiny_family(preset)
     return build_on_meta(ot.tiny_config(family), ot.model_class(family), torch.float32)

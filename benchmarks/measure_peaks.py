@@ -25,7 +25,7 @@ from _memory import set_attention
 
 import omnifix
 import omnifix.testing
-from omnifix._presets import build_skeleton
+from omnifix._plan.skeleton import build_skeleton
 
 GIB = 2**30
 

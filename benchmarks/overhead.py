@@ -140,7 +140,7 @@ def balanced_map(model: nn.Module, max_memory: dict[int | str, int] | None) -> d
         return dict(get_device_map(model, "auto", max_memory, None, **extra))
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
-    from omnifix._skeleton import no_split_modules
+    from omnifix._plan.skeleton import no_split_modules
 
     no_split = sorted(no_split_modules(model))
     try:
@@ -263,7 +263,7 @@ def _build(
             workload=workload,
         )
     else:
-        from omnifix._presets import build_skeleton
+        from omnifix._plan.skeleton import build_skeleton
 
         skeleton = build_skeleton(preset)
         model = getattr(skeleton, "thinker", skeleton)  # Omni: text generation is the thinker's

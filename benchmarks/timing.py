@@ -185,7 +185,7 @@ def _plan_cases(args: argparse.Namespace, record: _Recorder, workdir: Path) -> N
     import torch
 
     import omnifix
-    from omnifix import _skeleton
+    from omnifix._plan import skeleton as _skeleton
 
     if args.tiny:
         import omnifix.testing as ot
@@ -196,7 +196,7 @@ def _plan_cases(args: argparse.Namespace, record: _Recorder, workdir: Path) -> N
         targets = [(f"tiny {family}", str(path), name, "float32", ("24GiB",))]
         workload = {"text_tokens": 32, "max_new_tokens": 8}
     else:
-        from omnifix._presets import preset_model_class
+        from omnifix._plan.presets import preset_model_class
 
         targets = [
             (preset, preset, preset_model_class(preset).__name__, "bfloat16", PLAN_BUDGETS)
@@ -314,12 +314,12 @@ def _checks_skeleton(args: argparse.Namespace) -> nn.Module:
 
     if args.tiny:
         import omnifix.testing as ot
-        from omnifix._skeleton import build_on_meta
+        from omnifix._plan.skeleton import build_on_meta
 
         family = tiny_family(TINY_CHECKS)
         cls = ot.model_class(family)
         return build_on_meta(ot.tiny_config(family), cls, torch.float32)
-    from omnifix._presets import build_skeleton
+    from omnifix._plan.skeleton import build_skeleton
 
     model: nn.Module = build_skeleton("qwen2.5-omni-7b")
     return model
@@ -446,7 +446,8 @@ def _save_checkpoint(args: argparse.Namespace, workdir: Path) -> tuple[Path, typ
     if args.tiny:
         family = tiny_family(TINY_LOAD)
         return ot.save_tiny_model(family, workdir / "load"), ot.model_class(family)
-    from omnifix._presets import build_skeleton, preset_model_class
+    from omnifix._plan.presets import preset_model_class
+    from omnifix._plan.skeleton import build_skeleton
 
     path = workdir / LOAD_PRESET
     model = build_skeleton(LOAD_PRESET)

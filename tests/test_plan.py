@@ -27,12 +27,12 @@ from packaging.version import Version
 import omnifix
 import omnifix.testing as ot
 from omnifix import PlacementPlan, Workload, plan_placement
-from omnifix._budgets import resolve_budgets
 from omnifix._compat import transformers_version
-from omnifix._estimate import CALIBRATION, estimate
-from omnifix._plan import _Attempt, _evaluate, _fill, _Request
-from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class
-from omnifix._skeleton import load_skeleton
+from omnifix._plan.budgets import resolve_budgets
+from omnifix._plan.estimate import CALIBRATION, estimate
+from omnifix._plan.presets import PRESETS, preset_config, preset_model_class
+from omnifix._plan.skeleton import build_skeleton, load_skeleton
+from omnifix._plan.strategies import Attempt, Request, evaluate, fill
 from omnifix._units import format_bytes
 
 if TYPE_CHECKING:
@@ -423,7 +423,7 @@ def test_plan_from_a_config_a_class_or_a_meta_model() -> None:
         plan_placement(cls, budgets={0: "24GiB"})
     with pytest.raises(omnifix.UnsupportedModelError, match="Did you mean 'qwen2-vl-7b'"):
         plan_placement("qwen2-vl-7", budgets={0: "24GiB"})
-    with pytest.raises(omnifix.UnsupportedModelError, match="Cannot read a model config"):
+    with pytest.raises(omnifix.CheckpointError, match="Cannot read the config"):
         plan_placement("./no/such/checkpoint", budgets={0: "24GiB"})
     with pytest.raises(omnifix.UnsupportedModelError, match="cannot plan a int"):
         plan_placement(42, budgets={0: "24GiB"})
@@ -595,14 +595,14 @@ def _allowed_imbalance(preset: str, plan: PlacementPlan) -> float:
     return max(BALANCE, (_utilisation(low) + spread) / _utilisation(low))
 
 
-def _in_order(preset: str, budgets: Mapping[int, int | str], plan: PlacementPlan) -> _Attempt:
+def _in_order(preset: str, budgets: Mapping[int, int | str], plan: PlacementPlan) -> Attempt:
     """The in-order fill the balancing pass starts from (the split before this change)."""
     skeleton = load_skeleton(preset, model_class=None, dtype=plan.dtype)
     resolved = resolve_budgets(budgets, allow_offload=False)
-    request = _Request(
+    request = Request(
         skeleton, resolved, plan.attn_implementation, plan.workload, allow_offload=False
     )
-    return _fill(request, request.gpus)
+    return fill(request, request.gpus)
 
 
 def _has_towers_for(preset: str, work: Workload) -> bool:
@@ -832,10 +832,10 @@ def _attempt(
     attn: str,
     budget_gib: int,
     device_map: dict[str, str],
-) -> _Attempt:
+) -> Attempt:
     skeleton = load_skeleton(model, model_class=None, dtype=torch.bfloat16)
     budgets = resolve_budgets({0: f"{budget_gib}GiB", 1: f"{budget_gib}GiB"}, allow_offload=False)
-    return _evaluate(_Request(skeleton, budgets, attn, work, allow_offload=False), device_map)
+    return evaluate(Request(skeleton, budgets, attn, work, allow_offload=False), device_map)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -29,7 +29,8 @@ from packaging.version import Version
 
 from omnifix import UnsupportedModelError
 from omnifix._modules import find_input_embeddings
-from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class
+from omnifix._plan.presets import PRESETS, preset_config, preset_model_class
+from omnifix._plan.skeleton import build_skeleton
 
 if TYPE_CHECKING:
     from collections.abc import Callable

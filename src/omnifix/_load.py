@@ -532,8 +532,9 @@ def _budgets(
     """
     import torch
 
-    from omnifix._budgets import host_memory, parse_size
     from omnifix._devices import normalize_device
+    from omnifix._plan.budgets import host_memory
+    from omnifix._units import parse_size
 
     if _every_gpu(device) and max_memory is None:
         return None
@@ -898,8 +899,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     """
     from omnifix._attention import choose_dtype, dtype_keyword, gpu_capabilities
     from omnifix._meta import assert_no_meta
-    from omnifix._plan import plan_placement
-    from omnifix._workload import require_workload
+    from omnifix._plan import plan_placement, require_workload
 
     if hooks not in ("lean", "accelerate"):
         raise InvalidArgumentError(
@@ -1036,7 +1036,7 @@ def _record(
     dtype: torch.dtype,
     pinned: tuple[str, ...],
 ) -> _LoadRecord:
-    from omnifix._plan import UNLIMITED
+    from omnifix._plan.budgets import UNLIMITED
 
     if plan is None:
         places = sorted({str(value) for value in device_map.values()})

@@ -161,7 +161,7 @@ def install(
         >>> uninstall(), PreTrainedModel.__dict__["from_pretrained"] is plain
         (True, True)
     """
-    from omnifix._workload import require_workload
+    from omnifix._plan import require_workload
 
     require_workload(workload)
     patch = Patch(workload=workload, allow_offload=allow_offload, strict=strict)

@@ -48,7 +48,7 @@ def _outside_allocator(device: int) -> int:
 def _run(preset: str, attn: str, budgets: dict[int, str], work: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from omnifix._presets import build_skeleton
+    from omnifix._plan.skeleton import build_skeleton
 
     workload = omnifix.Workload(**work)
     plan = omnifix.plan_placement(

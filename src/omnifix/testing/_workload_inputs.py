@@ -9,8 +9,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from omnifix._plan import Workload
     from omnifix._types import DeviceLike
-    from omnifix._workload import Workload
 
 #: Mel frames per second of audio (the Whisper feature extractor of Qwen2-Audio and Omni).
 _FRAMES_PER_SECOND = 100

@@ -1,39 +1,44 @@
-"""What the planner plans: a model skeleton on ``meta`` and transformers' own placement tools.
+"""The model on ``meta``, built the way ``from_pretrained`` builds it, and transformers' placement.
 
-Turns whatever the user passed (a preset name, a checkpoint directory, a config, a built model)
-into a skeleton built the way ``from_pretrained`` builds it, and wraps the sizing and
-device-map functions that the installed transformers itself uses for ``device_map="auto"``:
-transformers 5.x ships its own ``compute_module_sizes``/``infer_auto_device_map``
-(``transformers.integrations.accelerate``), 4.x calls accelerate's, with the no-split classes
-from ``model._get_no_split_modules``.
+Turns what the user passed (a preset name, a checkpoint, a config, a built model) into a
+:class:`Skeleton`, and wraps the sizing and ``infer_auto_device_map`` that the installed
+transformers uses for ``device_map="auto"`` (its own in 5.x, accelerate's in 4.x).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import logging
 import os
 import threading
-import warnings
 from collections import OrderedDict, defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from omnifix._compat import dtype_keyword, no_init_weights, placement_module, quiet
+from omnifix._config import model_class_for, read_config
 from omnifix._device_map import spell
-from omnifix._estimate import Anatomy, describe
+from omnifix._plan.anatomy import Anatomy, describe
+from omnifix._plan.presets import find_preset, preset_config, preset_model_class
 from omnifix.errors import InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     import torch
     from torch import nn
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["Skeleton", "load_skeleton", "quantized_skeleton"]
+__all__ = [
+    "Skeleton",
+    "build_on_meta",
+    "build_skeleton",
+    "infer_device_map",
+    "load_skeleton",
+    "module_sizes",
+    "no_split_modules",
+    "quantized_skeleton",
+]
 
 _CACHE_SIZE: Final = 4
 _CACHE: OrderedDict[tuple[str, str, str], Skeleton] = OrderedDict()
@@ -61,38 +66,17 @@ class Skeleton:
     config: PretrainedConfig | None
 
 
-@contextmanager
-def quiet() -> Iterator[None]:
-    """Hold transformers' and accelerate's loggers at ERROR, and accelerate's warnings.
-
-    Simulated GPUs make them warn that the devices do not exist, and a planned offload that
-    offloaded buffers might not fit; the plan says what matters itself.
-    """
-    loggers = [logging.getLogger(name) for name in ("accelerate", "transformers")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+def _placement() -> Any | None:
+    """:func:`omnifix._compat.placement_module`; ``None`` where the module is missing (4.45)."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"accelerate\.")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-def _transformers_placement() -> Any | None:
-    """Transformers 5.x's own placement module, or ``None`` where accelerate's is used (4.x)."""
-    try:
-        module = importlib.import_module("transformers.integrations.accelerate")
-    except ImportError:  # pragma: no cover - every supported version has the module
+        return placement_module()
+    except ImportError:
         return None
-    return module if hasattr(module, "infer_auto_device_map") else None
 
 
 def module_sizes(model: nn.Module) -> dict[str, int]:
     """Bytes of every module, parameter and buffer, as the installed transformers counts them."""
-    placement = _transformers_placement()
+    placement = _placement()
     if placement is not None:
         sizes, _ = placement.compute_module_sizes(model, None, only_modules=False)
         return {name: int(size) for name, size in sizes.items()}
@@ -117,14 +101,14 @@ def infer_device_map(skeleton: Skeleton, max_memory: Mapping[str, int]) -> dict[
 
     Args:
         skeleton: The model.
-        max_memory: Bytes per device, ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
+        max_memory: Bytes per device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
 
     Returns:
         The map, its values spelled by :func:`omnifix._device_map.spell`.
     """
     from accelerate.utils.modeling import get_max_layer_size
 
-    placement = _transformers_placement()
+    placement = _placement()
     no_split = sorted(skeleton.no_split)
     kwargs: dict[str, Any] = {"no_split_module_classes": no_split}
     if placement is not None:
@@ -134,8 +118,7 @@ def infer_device_map(skeleton: Skeleton, max_memory: Mapping[str, int]) -> dict[
         from accelerate import infer_auto_device_map
 
         infer = infer_auto_device_map
-    # accelerate's max_memory names GPUs by index.
-    budgets: dict[int | str, int] = {
+    budgets: dict[int | str, int] = {  # accelerate names GPUs by index
         int(device[5:]) if device.startswith("cuda:") else device: size
         for device, size in max_memory.items()
     }
@@ -174,35 +157,51 @@ def infer_device_map(skeleton: Skeleton, max_memory: Mapping[str, int]) -> dict[
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Building
-# --------------------------------------------------------------------------------------------
-
-
 def build_on_meta(config: PretrainedConfig, model_class: type, dtype: torch.dtype) -> nn.Module:
-    """The skeleton ``from_pretrained`` builds before loading: every parameter on ``meta``.
+    """The model ``from_pretrained`` builds before loading: every parameter on ``meta``.
 
-    accelerate's documented recipe for an empty model: ``_from_config`` under
-    ``init_empty_weights``. Buffers stay real, as in ``from_pretrained``: ``include_buffers=True``
-    would run Omni's BigVGAN filter design through slow meta kernels (1.2 s instead of 0.3 s) to
-    save 8 MB. ``no_init_weights`` is what ``from_pretrained`` wraps the same construction in:
-    random init of meta tensors does nothing but costs most of the build time on 4.x. It also
-    skips the weight tying that ``init_weights`` does, so ``tie_weights()`` runs after, as
-    ``from_pretrained`` does.
+    ``_from_config`` under accelerate's ``init_empty_weights`` and ``no_init_weights`` (what
+    ``from_pretrained`` wraps it in: random init of meta tensors only costs time), then
+    ``tie_weights()``. Buffers stay real, as in ``from_pretrained`` (Omni's BigVGAN filters
+    would take 1.2 s instead of 0.3 s on meta, to save 8 MB).
     """
     from accelerate import init_empty_weights
 
-    from omnifix._attention import dtype_keyword
-    from omnifix._presets import _no_init_weights, _quiet_transformers
-
     builder: Any = model_class  # transformers leaves _from_config untyped
     # _from_config may write to the config (attention, dtype); the caller's stays untouched.
-    with _quiet_transformers(), _no_init_weights(), init_empty_weights():
+    with quiet(), no_init_weights(), init_empty_weights():
         model = builder._from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})  # noqa: SLF001
     model.tie_weights()
     model.eval()
     built: nn.Module = model
     return built
+
+
+def build_skeleton(name: str, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A preset's full model with every parameter on ``meta``: all the shapes, no weights.
+
+    Modules that transformers keeps in another precision keep it (Qwen2.5-Omni's token2wav is
+    float32 whatever ``dtype`` says); buffers computed at build time are real (under 8 MB).
+
+    Args:
+        name: As for :func:`omnifix._plan.presets.preset_config`.
+        dtype: Dtype of the floating-point parameters; ``None``: bfloat16, as published.
+
+    Raises:
+        UnsupportedModelError: As for :func:`omnifix._plan.presets.preset_config`.
+
+    Example:
+        >>> from omnifix._plan.skeleton import build_skeleton
+        >>> model = build_skeleton("qwen2-vl-7b")
+        >>> {p.device.type for p in model.parameters()}, round(model.num_parameters() / 1e9, 2)
+        ({'meta'}, 8.29)
+    """
+    import torch
+
+    model: Any = build_on_meta(
+        preset_config(name), preset_model_class(name), torch.bfloat16 if dtype is None else dtype
+    )
+    return model  # type: ignore[no-any-return]
 
 
 def _order(model: nn.Module) -> dict[str, int]:
@@ -216,18 +215,14 @@ def _order(model: nn.Module) -> dict[str, int]:
 
 
 def _skeleton(
-    label: str,
-    model: nn.Module,
-    dtype: torch.dtype,
-    config: PretrainedConfig | None,
+    label: str, model: nn.Module, dtype: torch.dtype, config: PretrainedConfig | None
 ) -> Skeleton:
-    no_split = no_split_modules(model)
     return Skeleton(
         label=label,
         model=model,
         model_class=type(model),
         dtype=dtype,
-        no_split=no_split,
+        no_split=no_split_modules(model),
         anatomy=describe(model),
         sizes=module_sizes(model),
         order=_order(model),
@@ -246,8 +241,7 @@ def _cached(
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
-            hit = _CACHE[key]
-            return replace(hit, label=label, config=config)
+            return replace(_CACHE[key], label=label, config=config)
     built = _skeleton(label, build_on_meta(config, model_class, dtype), dtype, config)
     with _CACHE_LOCK:
         _CACHE[key] = built
@@ -259,11 +253,12 @@ def _cached(
 def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
     """A fresh copy of ``skeleton`` whose linear weights are stored as bitsandbytes stores them.
 
-    Every ``nn.Linear`` weight in the skeleton's dtype becomes an int8 (8 bits) or packed uint8
-    (4 bits, with its absmax constants) tensor of the size bitsandbytes keeps, except the output
-    heads (``lm_head``), which transformers never quantises, and modules kept in float32. The
-    planner then sizes and places it like any model: an estimate of ``load_in_8bit``/
-    ``load_in_4bit``, not a load.
+    Every ``nn.Linear`` weight in the skeleton's dtype becomes int8 (8 bits) or packed uint8
+    with absmax constants (4 bits), except the output heads, which transformers never
+    quantises, and modules kept in float32: an estimate of ``load_in_8bit``/``load_in_4bit``.
+
+    Raises:
+        UnsupportedModelError: The skeleton has no config to rebuild it from.
     """
     import torch
     from torch import nn
@@ -274,10 +269,9 @@ def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
             "model. Pass its config (or checkpoint directory) to plan_placement instead."
         )
     model = build_on_meta(skeleton.config, skeleton.model_class, skeleton.dtype)
-    heads = {skeleton.anatomy.lm_head}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or weight is None or name in heads:
+        if not isinstance(module, nn.Linear) or weight is None or name == skeleton.anatomy.lm_head:
             continue
         if weight.dtype != skeleton.dtype or name.endswith(("lm_head", "codec_head")):
             continue
@@ -288,102 +282,13 @@ def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
     return _skeleton(f"{skeleton.label} ({bits}-bit)", model, skeleton.dtype, skeleton.config)
 
 
-# --------------------------------------------------------------------------------------------
-# What the user passed
-# --------------------------------------------------------------------------------------------
-
-
-def _class_named(architectures: object) -> type | None:
-    """The first class of a config's ``architectures`` that transformers has."""
-    import transformers
-
-    for architecture in architectures if isinstance(architectures, (list, tuple)) else ():
-        found = getattr(transformers, str(architecture), None)
-        if isinstance(found, type):
-            return found
-    return None
-
-
-def _class_for(config: PretrainedConfig) -> type:
-    """The class ``from_pretrained`` of this config's checkpoint would build."""
-    import transformers
-
-    named = _class_named(getattr(config, "architectures", None))
-    if named is not None:
-        return named
-    # No architectures in the config: the class the auto factories pick (the lookup their
-    # from_config does), most specific first.
-    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel"):
-        mapping = getattr(getattr(transformers, auto, None), "_model_mapping", None)
-        try:
-            return mapping[type(config)]  # type: ignore[no-any-return,index]
-        except (KeyError, TypeError):
-            continue
-    raise UnsupportedModelError(
-        f"Cannot tell which model class to build for a {type(config).__name__}: its "
-        "'architectures' field is empty and no transformers auto class knows it. Pass the class "
-        "as model_class=..."
-    )
-
-
-def _read_config(reader: Any, path: str) -> PretrainedConfig:
-    from transformers import AutoConfig, PretrainedConfig
-
-    try:
-        config: PretrainedConfig = reader.from_pretrained(path)
-    except ValueError:
-        named = _class_named(PretrainedConfig.get_config_dict(path)[0].get("architectures"))
-        if reader is not AutoConfig or named is None:
-            raise
-        config = named.config_class.from_pretrained(path)  # type: ignore[attr-defined]
-    return config
-
-
-def _config_from_path(path: str, model_class: type | None) -> PretrainedConfig:
-    """The config ``from_pretrained(path)`` would read.
-
-    The class's own config class when the class is known (as ``from_pretrained`` does), else
-    ``AutoConfig``, else the class named in ``config.json`` (sub-model types such as
-    ``qwen2_5_omni_thinker``, which 4.5x's AutoConfig does not register).
-    """
-    from transformers import AutoConfig
-
-    reader: Any = getattr(model_class, "config_class", None) or AutoConfig
-    try:
-        with quiet():  # the rope_scaling notices every load of these configs logs
-            config = _read_config(reader, path)
-    except (OSError, ValueError) as error:
-        where = "directory" if Path(path).is_dir() else "name"
-        raise UnsupportedModelError(
-            f"Cannot read a model config from the {where} {path!r}: {error}. Pass a built-in "
-            "preset name (omnifix._presets.PRESETS), a directory with a config.json, or a "
-            "transformers config."
-        ) from error
-    return config
-
-
-def _preset(name: str) -> tuple[PretrainedConfig, type] | None:
-    """The preset's config and class; ``None`` for a hub-style id that is no preset.
-
-    A bare name that is no preset raises the preset error, which suggests the closest one.
-    """
-    from omnifix._presets import _lookup, preset_config, preset_model_class
-
-    try:
-        _lookup(name)
-    except UnsupportedModelError:
-        if "/" in name or os.sep in name:
-            return None
-        raise
-    return preset_config(name), preset_model_class(name)
-
-
 def load_skeleton(model: object, *, model_class: type | None, dtype: torch.dtype) -> Skeleton:
     """The skeleton of whatever ``plan_placement`` was given, in ``dtype``.
 
     Raises:
-        UnsupportedModelError: Not a preset, directory, config or model; or the config cannot be
-            read, or no class is known for it.
+        UnsupportedModelError: Not a preset, directory, config or model; a preset or model type
+            the installed transformers lacks; no class known for the config.
+        CheckpointError: No readable config at a path.
         InvalidArgumentError: A model class passed as ``model`` (it needs a config).
     """
     from torch import nn
@@ -399,21 +304,23 @@ def load_skeleton(model: object, *, model_class: type | None, dtype: torch.dtype
         config = getattr(model, "config", None)
         own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if own == dtype or not isinstance(config, PretrainedConfig):
-            label = type(model).__name__
-            return _skeleton(label, model, own or dtype, config)
+            return _skeleton(type(model).__name__, model, own or dtype, config)
         # Another dtype than the model was built in: build it again, as from_pretrained would.
         return _cached(type(model).__name__, config, model_class or type(model), dtype)
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
-        preset = _preset(text) if isinstance(model, str) and not Path(text).is_dir() else None
-        if preset is not None:
-            config, cls = preset
-            return _cached(text, config, model_class or cls, dtype)
-        config = _config_from_path(text, model_class)
+        if isinstance(model, str) and not Path(text).is_dir():
+            # A name that is no preset: the preset error (with the closest name), unless it
+            # looks like a path or a hub id.
+            preset = find_preset(text, required="/" not in text and os.sep not in text)
+            if preset is not None:
+                cls = model_class or preset_model_class(preset)
+                return _cached(text, preset_config(preset), cls, dtype)
+        config = read_config(text, model_class=model_class)
         label = Path(text).resolve().name or text
-        return _cached(label, config, model_class or _class_for(config), dtype)
+        return _cached(label, config, model_class_for(config, model_class), dtype)
     if isinstance(model, PretrainedConfig):
-        cls = model_class or _class_for(model)
+        cls = model_class_for(model, model_class)
         return _cached(cls.__name__, model, cls, dtype)
     raise UnsupportedModelError(
         f"plan_placement cannot plan a {type(model).__name__}: pass a built-in preset name, a "

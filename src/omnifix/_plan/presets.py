@@ -21,7 +21,7 @@ the parameter counts in ``tests/test_presets.py`` against the hub's safetensors 
   Qwen2-Audio language model, the Omni text ``tie_word_embeddings``) the value the checkpoint was
   trained with is written out, with a comment.
 
->>> from omnifix._presets import PRESETS, preset_config
+>>> from omnifix._plan.presets import PRESETS, preset_config
 >>> "qwen2.5-omni-7b" in PRESETS
 True
 >>> preset_config("qwen2-vl-7b").vision_config.depth
@@ -32,19 +32,18 @@ from __future__ import annotations
 
 import copy
 import difflib
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
+from omnifix._compat import quiet
 from omnifix.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
-    import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["PRESETS", "PresetName", "build_skeleton", "preset_config", "preset_model_class"]
+__all__ = ["PRESETS", "PresetName", "find_preset", "preset_config", "preset_model_class"]
 
 PresetName = Literal[
     "qwen2-vl-7b",
@@ -416,11 +415,23 @@ def _normalise(name: str) -> str:
     return key.removesuffix("-instruct")
 
 
-def _lookup(name: str) -> tuple[PresetName, _Preset]:
+def find_preset(name: str, *, required: bool = True) -> PresetName | None:
+    """The preset ``name`` means (case and the hub's ``Qwen/`` and ``-Instruct`` ignored).
+
+    Raises:
+        UnsupportedModelError: ``required`` and ``name`` is no preset; the message lists the
+            presets and suggests the closest.
+
+    Example:
+        >>> from omnifix._plan.presets import find_preset
+        >>> find_preset("Qwen/Qwen2.5-Omni-7B"), find_preset("org/model", required=False)
+        ('qwen2.5-omni-7b', None)
+    """
     key = _normalise(name)
-    for preset_name, preset in _PRESETS.items():
-        if key == preset_name:
-            return preset_name, preset
+    if key in _PRESETS:
+        return key
+    if not required:
+        return None
     known = ", ".join(repr(p) for p in PRESETS)
     close = difflib.get_close_matches(key, PRESETS, n=1, cutoff=0.5)
     hint = f"Did you mean {close[0]!r}? " if close else ""
@@ -430,43 +441,10 @@ def _lookup(name: str) -> tuple[PresetName, _Preset]:
     )
 
 
-def _transformers_version() -> str:
-    import transformers
-
-    return str(transformers.__version__)
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hold transformers' logging at ERROR while a preset is built.
-
-    The published configs trip transformers' own checks (5.x: the talker's text-token ids lie
-    outside its codec vocabulary; 4.45: a rotary-embedding deprecation notice). Every
-    ``from_pretrained`` of these checkpoints logs the same lines; they say nothing about the
-    skeleton, so a planner call should not print them.
-    """
-    import logging
-
-    from transformers.utils import logging as transformers_logging
-
-    before = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(before)
-
-
-def _no_init_weights() -> AbstractContextManager[Any]:
-    """The switch ``from_pretrained`` uses to skip random initialisation (moved in 5.0)."""
-    import importlib
-
-    try:
-        module = importlib.import_module("transformers.initialization")  # 5.x
-    except ImportError:
-        module = importlib.import_module("transformers.modeling_utils")  # 4.x
-    context: AbstractContextManager[Any] = module.no_init_weights()
-    return context
+def _lookup(name: str) -> tuple[PresetName, _Preset]:
+    preset_name = find_preset(name)
+    assert preset_name is not None  # noqa: S101 - required=True raises instead
+    return preset_name, _PRESETS[preset_name]
 
 
 def _class(preset_name: PresetName, preset: _Preset, attribute: str) -> Any:
@@ -477,7 +455,7 @@ def _class(preset_name: PresetName, preset: _Preset, attribute: str) -> Any:
         needed = preset.min_transformers
         raise UnsupportedModelError(
             f"Preset {preset_name!r} ({preset.repo}) needs transformers>={needed}, but "
-            f"transformers {_transformers_version()} is installed and has no {attribute}. "
+            f"transformers {transformers.__version__} is installed and has no {attribute}. "
             f"Upgrade it: pip install 'transformers>={needed}'"
         )
     return cls
@@ -498,7 +476,7 @@ def preset_config(name: str) -> PretrainedConfig:
             or the installed transformers predates the model family.
 
     Example:
-        >>> from omnifix._presets import preset_config
+        >>> from omnifix._plan.presets import preset_config
         >>> config = preset_config("Qwen/Qwen2-Audio-7B-Instruct")
         >>> config.text_config.hidden_size, config.audio_config.encoder_layers
         (4096, 32)
@@ -507,7 +485,7 @@ def preset_config(name: str) -> PretrainedConfig:
     config_class = _class(preset_name, preset, preset.config_class)
     # from_dict is what from_pretrained does with the downloaded config.json, so each version's
     # own layout conversion applies. Config classes mutate nested dicts (rope_scaling): deepcopy.
-    with _quiet_transformers():
+    with quiet():
         config: PretrainedConfig = config_class.from_dict(copy.deepcopy(dict(preset.config)))
     return config
 
@@ -525,50 +503,10 @@ def preset_model_class(name: str) -> type[PreTrainedModel]:
         UnsupportedModelError: As for :func:`preset_config`.
 
     Example:
-        >>> from omnifix._presets import preset_model_class
+        >>> from omnifix._plan.presets import preset_model_class
         >>> preset_model_class("qwen2-vl-7b").__name__
         'Qwen2VLForConditionalGeneration'
     """
     preset_name, preset = _lookup(name)
     model_class: type[PreTrainedModel] = _class(preset_name, preset, preset.model_class)
     return model_class
-
-
-def build_skeleton(name: str, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The preset's full model with every parameter on ``meta``: all the shapes, no weights.
-
-    It is what ``from_pretrained`` builds before it loads the weights, so accelerate's sizing
-    utilities (``compute_module_sizes``, ``infer_auto_device_map``) see the real layout and
-    dtypes; modules that transformers keeps in another precision keep it here too (Qwen2.5-Omni's
-    token2wav is float32 whatever ``dtype`` says). Buffers the model computes while it is built
-    (rotary tables, the audio tower's sinusoid positions, BigVGAN filters) are real tensors, as in
-    ``from_pretrained``: under 8 MB for the largest preset.
-
-    Args:
-        name: As for :func:`preset_config`.
-        dtype: Dtype of the floating-point parameters; ``None`` means ``torch.bfloat16``, the
-            dtype every preset is published in.
-
-    Returns:
-        The model, in eval mode, with all parameters on the ``meta`` device.
-
-    Raises:
-        UnsupportedModelError: As for :func:`preset_config`.
-
-    Example:
-        >>> from omnifix._presets import build_skeleton
-        >>> model = build_skeleton("qwen2-vl-7b")
-        >>> {p.device.type for p in model.parameters()}
-        {'meta'}
-        >>> round(model.num_parameters() / 1e9, 2)
-        8.29
-    """
-    import torch
-
-    from omnifix._skeleton import build_on_meta
-
-    model = build_on_meta(
-        preset_config(name), preset_model_class(name), torch.bfloat16 if dtype is None else dtype
-    )
-    skeleton: PreTrainedModel = model  # type: ignore[assignment]
-    return skeleton

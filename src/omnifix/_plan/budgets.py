@@ -1,10 +1,9 @@
-"""Device budgets for the planner: measured free memory, or explicit (possibly simulated) sizes.
+"""Device budgets: the memory each device may use, and what a plan predicts it uses.
 
-A budget is the memory one device may use for this model: weights, KV cache, activations and,
-for a GPU, the CUDA context. Measured budgets (``torch.cuda.mem_get_info``) come after the context
-is created, so the planner does not charge it twice; explicit ones are whole cards or caps and do
-include it. Explicit GPU budgets are not checked against this machine's GPUs, so a laptop can plan
-for a server (simulated budgets).
+A budget is measured free memory (``torch.cuda.mem_get_info``, taken after the CUDA context
+exists, so the context is not charged twice) or an explicit size, a whole card or a cap that
+must hold the context too. Explicit GPU budgets are not checked against this machine, so a
+laptop can plan for a server (simulated GPUs).
 """
 
 from __future__ import annotations
@@ -15,14 +14,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from omnifix._device_map import place_order
+from omnifix._devices import parse_device
+from omnifix._units import parse_size
 from omnifix.errors import DeviceError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from omnifix._attention import Capability
 
-__all__ = ["Budget", "format_bytes", "host_memory", "parse_size", "resolve_budgets"]
+__all__ = [
+    "SIMULATED_CAPABILITY",
+    "UNLIMITED",
+    "Budget",
+    "DeviceBudget",
+    "host_memory",
+    "resolve_budgets",
+]
 
-GIB: Final = 2**30
+#: Budget of a ``"disk"`` nobody sized: accelerate puts no limit on it either.
+UNLIMITED: Final = 2**62
+#: Simulated GPUs (explicit budgets for GPUs this machine lacks) are assumed to be this recent.
+SIMULATED_CAPABILITY: Final[Capability] = (8, 0)
 _CUDA_ALIASES: Final = ("cuda", "gpu", "rocm", "hip")
 
 
@@ -31,11 +42,10 @@ class Budget:
     """The memory one device may use.
 
     Attributes:
-        device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``, as :func:`omnifix._device_map.spell`
-            spells them.
+        device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
         size: Bytes available.
-        measured: ``True`` when ``size`` is free memory measured now (the CUDA context is
-            already paid); ``False`` for an explicit size, which has to hold the context too.
+        measured: ``True`` for free memory measured now (the CUDA context is already paid);
+            ``False`` for an explicit size, which has to hold the context too.
         capability: The compute capability of a real GPU; ``None`` for simulated GPUs and the cpu.
     """
 
@@ -50,58 +60,46 @@ class Budget:
         return self.device.startswith("cuda:")
 
 
-def format_bytes(size: float) -> str:
-    """``25769803776`` -> ``"24.0 GiB"``; sizes under 0.1 GiB in MiB.
+@dataclass(frozen=True, kw_only=True)
+class DeviceBudget:
+    """One device's predicted use against its budget, in bytes."""
 
-    Example:
-        >>> from omnifix._budgets import format_bytes
-        >>> format_bytes(24 * 2**30), format_bytes(3 * 2**20)
-        ('24.0 GiB', '3.0 MiB')
-    """
-    if abs(size) >= GIB / 10:
-        return f"{size / GIB:.1f} GiB"
-    return f"{size / 2**20:.1f} MiB"
+    device: str
+    budget: int
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+    #: Kept free on top of the predicted peak (allocator fragmentation, estimate error).
+    margin: int = 0
+    #: The phase that sets the activation peak: ``"prefill"``, ``"logits"``, ``"logits copy"``
+    #: (the input GPU of a split, where the root hook copies the logits back), ``"vision"``,
+    #: ``"video"``, ``"audio"`` or ``"talker"``; ``""`` where nothing computes.
+    phase: str = ""
 
+    @property
+    def total(self) -> int:
+        """Predicted peak: weights + KV cache + activation peak + fixed overhead."""
+        return self.weights + self.kv_cache + self.activations + self.overhead
 
-def parse_size(value: object, *, what: str) -> int:
-    """Bytes from an int, a float or a size string such as ``"24GiB"`` or ``"80GB"``.
+    @property
+    def fits(self) -> bool:
+        """Whether the predicted peak plus the safety margin is within the budget."""
+        return self.total + self.margin <= self.budget
 
-    Strings are parsed by accelerate's ``convert_file_size_to_int`` (the parser of
-    ``max_memory``), so the same spellings work here and in ``from_pretrained``.
+    @property
+    def headroom(self) -> int:
+        """Budget left after the predicted peak and the margin (negative: short by that much)."""
+        return self.budget - self.total - self.margin
 
-    Raises:
-        InvalidArgumentError: Negative, not a number, or an unknown unit.
-
-    Example:
-        >>> from omnifix._budgets import parse_size
-        >>> parse_size("24GiB", what="budget"), parse_size("1.5GB", what="budget")
-        (25769803776, 1500000000)
-    """
-    from accelerate.utils import convert_file_size_to_int
-
-    size: int | None = None
-    if isinstance(value, str):
-        try:
-            size = int(convert_file_size_to_int(value.strip().replace(" ", "")))
-        except ValueError:
-            size = None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        size = int(value)
-    if size is None or size < 0:
-        raise InvalidArgumentError(
-            f"{what}={value!r} is not a memory size. Pass a number of bytes (>= 0) or a string "
-            "with a unit, such as '24GiB' or '80GB'."
-        )
-    return size
+    @property
+    def unlimited(self) -> bool:
+        """Whether nobody sized this budget (a disk that offload may fill)."""
+        return self.budget >= UNLIMITED
 
 
 def _device(key: object) -> str:
-    """The device a budget key names: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
-
-    Availability is deliberately not checked: explicit budgets may describe another machine.
-    """
-    from omnifix._devices import parse_device
-
+    """``"cuda:N"``, ``"cpu"`` or ``"disk"`` for a budget key (not checked against this machine)."""
     if isinstance(key, str) and key.strip().lower() == "disk":
         return "disk"
     kind, index = parse_device(key)  # spelling errors raise DeviceError with a suggestion
@@ -162,11 +160,10 @@ def resolve_budgets(
     """The budgets to plan with, GPUs first (by index), then ``cpu``, then ``disk``.
 
     Args:
-        budgets: ``None`` to measure: free memory of every visible GPU
-            (``torch.cuda.mem_get_info``), or the host's available memory on a machine without
-            one. Otherwise ``{device: size}`` with devices as :func:`omnifix.normalize_device`
-            spells them (``0``, ``"cuda:1"``, ``"gpu"``, ``"cpu"``) or ``"disk"``, and sizes as
-            :func:`parse_size` reads them. GPUs this machine lacks are allowed (simulated).
+        budgets: ``None`` to measure: the free memory of every visible GPU, or the host's
+            available memory on a machine without one. Otherwise ``{device: size}``, devices as
+            :func:`omnifix.normalize_device` spells them (``0``, ``"cuda:1"``, ``"gpu"``,
+            ``"cpu"``) or ``"disk"``, sizes as :func:`omnifix._units.parse_size` reads them.
         allow_offload: With measured budgets, add the host memory as a ``cpu`` budget.
 
     Raises:
@@ -174,9 +171,9 @@ def resolve_budgets(
         DeviceError: A key that is not a device, or one the planner cannot place on (``mps``).
 
     Example:
-        >>> from omnifix._budgets import resolve_budgets
-        >>> [(b.device, b.size) for b in resolve_budgets({"cuda:1": "1GiB", 0: 2**30},
-        ...                                              allow_offload=False)]
+        >>> from omnifix._plan.budgets import resolve_budgets
+        >>> budgets = resolve_budgets({"cuda:1": "1GiB", 0: 2**30}, allow_offload=False)
+        >>> [(b.device, b.size) for b in budgets]
         [('cuda:0', 1073741824), ('cuda:1', 1073741824)]
     """
     if budgets is None:

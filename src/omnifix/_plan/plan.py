@@ -1,0 +1,428 @@
+"""The planner's answer and its entry point: :func:`plan_placement` and :class:`PlacementPlan`.
+
+Config to skeleton (:mod:`~omnifix._plan.skeleton`), skeleton to anatomy and memory estimate
+(:mod:`~omnifix._plan.estimate`), estimate to placement (:mod:`~omnifix._plan.strategies`), and
+for a refusal the options that would fit (:mod:`~omnifix._plan.options`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+
+from omnifix._attention import IMPLEMENTATIONS, choose_attention, choose_dtype
+from omnifix._device_map import Placement
+from omnifix._plan.budgets import SIMULATED_CAPABILITY, DeviceBudget, resolve_budgets
+from omnifix._plan.estimate import CALIBRATION
+from omnifix._plan.options import options
+from omnifix._plan.skeleton import load_skeleton
+from omnifix._plan.strategies import Request, Strategy, choose
+from omnifix._plan.workload import Workload
+from omnifix._table import Block, Table, plain, rich
+from omnifix._units import format_bytes
+from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+
+    import torch
+    from rich.console import Group
+
+    from omnifix._plan.budgets import Budget
+    from omnifix._plan.skeleton import Skeleton
+
+__all__ = ["AttnImplementation", "PlacementPlan", "plan_placement"]
+
+#: Attention implementations the planner models (flash and flex attention materialise no
+#: scores, like sdpa).
+AttnImplementation = Literal[
+    "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementPlan:
+    """The planner's answer (see :func:`omnifix.plan_placement`).
+
+    Attributes:
+        model: What was planned (preset name, directory name or class name).
+        strategy: ``"single"``, ``"split"``, ``"offload"`` or ``"refuse"``.
+        reason: Why this strategy, in one sentence with the numbers.
+        device_map: For ``from_pretrained(device_map=...)``: ``"cuda:N"``, ``"cpu"``,
+            ``"disk"``, spelled as :func:`omnifix.resolve_device_map` spells them. For a
+            refusal, the closest attempt (do not load with it).
+        devices: Predicted use of every GPU in the budgets (used or not), and of ``cpu``/``disk``
+            where the map uses them.
+        dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
+        attn_implementation: Attention the numbers assume.
+        workload: The workload planned for.
+        options: For a refusal: each change that fits, checked by planning again.
+        input_device: Where ``input_ids`` go: the execution device of the input embeddings
+            (``None`` for a refusal, or a model without them).
+        notes: Assumptions behind the numbers.
+    """
+
+    model: str
+    strategy: Strategy
+    reason: str
+    device_map: dict[str, str]
+    devices: tuple[DeviceBudget, ...]
+    dtype: torch.dtype
+    attn_implementation: AttnImplementation
+    workload: Workload
+    options: tuple[str, ...] = field(default=())
+    input_device: torch.device | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def fits(self) -> bool:
+        """Whether every device's predicted peak is within its budget."""
+        return self.strategy != "refuse" and all(device.fits for device in self.devices)
+
+    @property
+    def devices_used(self) -> tuple[str, ...]:
+        """Devices that hold weights, in map order."""
+        return tuple(dict.fromkeys(self.device_map.values()))
+
+    @property
+    def boundaries(self) -> int:
+        """How often consecutive modules of the map change device (tensors cross devices)."""
+        values = list(self.device_map.values())
+        return sum(1 for before, after in itertools.pairwise(values) if before != after)
+
+    def device(self, name: str) -> DeviceBudget:
+        """The row of ``name`` (``"cuda:0"``, ``"cpu"``)."""
+        for row in self.devices:
+            if row.device == name:
+                return row
+        known = ", ".join(row.device for row in self.devices)
+        raise InvalidArgumentError(f"The plan has no device {name!r}. Ask for one of {known}.")
+
+    def explain(self) -> str:
+        """Why the plan fits; or what does not fit, by how much where, and what would fit.
+
+        For a refusal, the message of the :class:`omnifix.InsufficientMemoryError` that
+        :meth:`raise_if_refused` raises; it ends with the fix.
+        """
+        head = (
+            f"{self.model} ({_dtype_name(self.dtype)}, {self.attn_implementation}, {self.workload})"
+        )
+        if self.fits:
+            return f"{head} fits: {self.reason}."
+        lines = [f"{head} does not fit the memory it may use: {self.reason}."]
+        lines += [f"  {_need_line(row)}" for row in self.devices if row.weights or not row.fits]
+        return "\n".join([*lines, *self._options()])
+
+    def raise_if_refused(self) -> PlacementPlan:
+        """Return the plan if it fits, else raise :class:`omnifix.InsufficientMemoryError`.
+
+        Raises:
+            InsufficientMemoryError: With :meth:`explain` as the message and the plan as
+                ``error.plan``.
+        """
+        if not self.fits:
+            raise InsufficientMemoryError(self.explain(), plan=self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (bytes as ints, the dtype as its name)."""
+        return {
+            "model": self.model,
+            "strategy": self.strategy,
+            "fits": self.fits,
+            "reason": self.reason,
+            "dtype": _dtype_name(self.dtype),
+            "attn_implementation": self.attn_implementation,
+            "workload": asdict(self.workload),
+            "device_map": dict(self.device_map),
+            "input_device": None if self.input_device is None else str(self.input_device),
+            "devices": [
+                {**asdict(row), "total": row.total, "fits": row.fits} for row in self.devices
+            ],
+            "options": list(self.options),
+            "notes": list(self.notes),
+        }
+
+    def _options(self) -> list[str]:
+        """A refusal's options, each checked by planning again, and the fix."""
+        if self.fits:
+            return []
+        if not self.options:
+            return [
+                (
+                    "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can "
+                    "change (dtype, attention, workload, quantisation, offload, cpu) fits here."
+                )
+            ]
+        return [
+            "Options that fit (each checked by planning again):",
+            *(f"  - {option}" for option in self.options),
+            (
+                "Fix: apply one of these options (the first is the least invasive), or free "
+                "memory on the GPUs."
+            ),
+        ]
+
+    def _blocks(self) -> list[Block]:
+        """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
+        cells: dict[str, Callable[[DeviceBudget], str]] = {
+            "budget": lambda row: "unlimited" if row.unlimited else format_bytes(row.budget),
+            "weights": lambda row: format_bytes(row.weights),
+            "KV cache": lambda row: format_bytes(row.kv_cache),
+            "activations": lambda row: (
+                format_bytes(row.activations) + (f" ({row.phase})" if row.phase else "")
+            ),
+            "overhead": lambda row: format_bytes(row.overhead),
+            "total": lambda row: format_bytes(row.total),
+            "margin": lambda row: format_bytes(row.margin),
+            "fits": lambda row: "yes" if row.fits else f"NO ({format_bytes(-row.headroom)} short)",
+        }
+        devices = tuple(row.device for row in self.devices)
+        verdict = "fits" if self.fits else "does not fit"
+        return [
+            (
+                f"PlacementPlan for {self.model}: {self.strategy} "
+                f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - {verdict}"
+            ),
+            f"workload: {self.workload}",
+            f"why: {self.reason}",
+            Table(
+                ("", *devices),
+                tuple((name, *map(cell, self.devices)) for name, cell in cells.items()),
+                title="memory per device",
+                style=_verdict_style,
+                fold=frozenset(devices),
+            ),
+            Table(
+                ("device", "modules"),
+                tuple(_map_summary(self.device_map)),
+                title="device_map",
+                fold=frozenset({"modules"}),
+            ),
+            *self._options(),
+        ]
+
+    def __str__(self) -> str:
+        """The strategy and why, a table of the devices, the map as layer ranges, the options."""
+        return plain(self._blocks())
+
+    def __rich__(self) -> Group:
+        """The same as :meth:`__str__`, as rich tables (``rich.print(plan)``, ``omnifix plan``)."""
+        return rich(self._blocks())
+
+
+def _verdict_style(_device: str, text: str) -> str:
+    """Green for a device that fits, red for one that does not; numbers stay plain."""
+    return "green" if text == "yes" else "red" if text.startswith("NO (") else ""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _need_line(row: DeviceBudget) -> str:
+    parts = (
+        f"weights {format_bytes(row.weights)} + KV cache {format_bytes(row.kv_cache)} + "
+        f"activations {format_bytes(row.activations)} + overhead {format_bytes(row.overhead)}"
+    )
+    verdict = "fits" if row.fits else f"{format_bytes(-row.headroom)} short"
+    budget = "unlimited" if row.unlimited else format_bytes(row.budget)
+    return (
+        f"{row.device}: needs {format_bytes(row.total + row.margin)} ({parts}, plus a "
+        f"{format_bytes(row.margin)} margin), has {budget}: {verdict}"
+    )
+
+
+_NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
+
+
+def _map_summary(device_map: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Consecutive entries per device, numbered layers folded into ranges (``layers.0-13``)."""
+    groups: list[tuple[str, list[str]]] = []
+    for name, device in device_map.items():
+        if not groups or groups[-1][0] != device:
+            groups.append((device, []))
+        groups[-1][1].append(name or "(whole model)")
+    summary = []
+    for device, names in groups:
+        folded: list[str] = []
+        run: tuple[str, int, int] | None = None
+        for name in [*names, ""]:
+            match = _NUMBERED.match(name)
+            if match and run and run[0] == match["stem"] and run[2] + 1 == int(match["index"]):
+                run = (run[0], run[1], int(match["index"]))
+                continue
+            if run:
+                first, last = run[1], run[2]
+                folded.append(f"{run[0]}{first}" + (f"-{last}" if last != first else ""))
+                run = None
+            if match:
+                run = (match["stem"], int(match["index"]), int(match["index"]))
+            elif name:
+                folded.append(name)
+        summary.append((device, ", ".join(folded)))
+    return summary
+
+
+def _planned_dtype(dtype: torch.dtype | str, budgets: Iterable[Budget]) -> torch.dtype:
+    capabilities = [b.capability or SIMULATED_CAPABILITY for b in budgets if b.is_gpu]
+    return choose_dtype(dtype, capabilities=capabilities)
+
+
+def _planned_attention(
+    requested: str, dtype: torch.dtype, budgets: Iterable[Budget], model_class: type
+) -> AttnImplementation:
+    import torch
+
+    capabilities = [b.capability or SIMULATED_CAPABILITY for b in budgets if b.is_gpu]
+    if requested == "auto":
+        chosen = choose_attention(
+            "auto", dtype=dtype, capabilities=capabilities, model_class=model_class
+        )
+    else:
+        # Validation only: a plan may assume a backend this machine lacks (it plans for another).
+        chosen = choose_attention(
+            requested,
+            dtype=torch.bfloat16,
+            capabilities=[(9, 0)],
+            installed=frozenset(IMPLEMENTATIONS),
+        )
+    if chosen not in get_args(AttnImplementation):
+        return "sdpa"  # hub kernels and paged variants: modelled like sdpa
+    attn: AttnImplementation = chosen  # type: ignore[assignment]
+    return attn
+
+
+def _check_workload(skeleton: Skeleton, workload: Workload) -> None:
+    kinds = {tower.kind for tower in skeleton.anatomy.towers}
+    wanted = {
+        "vision": workload.image_tokens or workload.video_seconds,
+        "audio": workload.audio_seconds,
+    }
+    for kind, amount in wanted.items():
+        if amount and kind not in kinds:
+            field_names = "image_tokens/video_seconds" if kind == "vision" else "audio_seconds"
+            raise InvalidArgumentError(
+                f"The workload has {kind} input but {skeleton.label} has no {kind} tower. Set "
+                f"{field_names} to 0 for this model."
+            )
+
+
+def _notes(request: Request) -> tuple[str, ...]:
+    anatomy = request.skeleton.anatomy
+    notes = [
+        "logits: last token only (generate passes logits_to_keep=1)"
+        if anatomy.last_token_logits
+        else "logits: every prompt token (this model's forward takes no logits_to_keep)",
+        (
+            f"fixed per GPU: cuBLAS workspace {format_bytes(CALIBRATION.workspace)}, CUDA "
+            f"context {format_bytes(CALIBRATION.cuda_context)} where the budget is not measured "
+            "free memory"
+        ),
+    ]
+    if anatomy.text is None:
+        notes.append(
+            "no language model recognised (no stack of layers with a vocabulary): weights, "
+            "overhead and margin only; activations are not modelled"
+        )
+    if request.attn.startswith(("flash", "flex")):
+        notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
+    if any(d.role == "talker" for d in anatomy.decoders):
+        notes.append("talker: weights always; its KV cache and prefill only with audio_output=True")
+    return tuple(notes)
+
+
+def plan_placement(
+    model: object,
+    *,
+    model_class: type | None = None,
+    # Keys are DeviceLike or "disk"; Any because Mapping keys are invariant and
+    # {0: ..., "cpu": ...} is a dict[object, str] to a type checker.
+    budgets: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str = "auto",
+    attn_implementation: str = "auto",
+    workload: Workload | None = None,
+    allow_offload: bool = False,
+) -> PlacementPlan:
+    """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
+
+    Pure: builds a skeleton on ``meta`` (no weights read, no GPU needed), sizes it with the
+    installed transformers' own tools, predicts each device's peak (weights, KV cache,
+    activations of the prefill, the towers and the logits, CUDA context) and picks the first
+    strategy that fits: one GPU, a split over several GPUs, offload (only with
+    ``allow_offload=True``), else a refusal that lists what would fit.
+
+    Args:
+        model: A built-in preset name (``"qwen2.5-omni-7b"``; the hub id works too), a local
+            checkpoint directory (its ``config.json``), a transformers config, or a model built
+            on ``meta`` (its own dtype is used when it matches).
+        model_class: The class to build from a config or directory; default: the config's
+            ``architectures``.
+        budgets: ``{device: size}`` such as ``{0: "24GiB", 1: "24GiB"}`` or
+            ``{"cuda:0": 24 * 2**30, "cpu": "64GiB"}``; GPUs this machine lacks are fine
+            (simulated). ``None``: the free memory of each visible GPU now, or the host memory
+            on a machine without GPUs. ``cpu`` holds the model only when it is the sole budget or
+            with ``allow_offload=True``.
+        dtype: ``"auto"``: bfloat16 on GPUs of compute capability 8.0+ (simulated GPUs count as
+            such), float16 on older ones, float32 on the cpu. Or a dtype or its name.
+        attn_implementation: ``"auto"`` (flash_attention_2 when it can run here, else sdpa),
+            ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
+        workload: What the model will do; default :class:`Workload` ().
+        allow_offload: Let weights that fit no GPU go to cpu, then disk.
+
+    Returns:
+        The plan; ``plan.fits`` says whether to load with ``plan.device_map``.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not something the planner can build.
+        InvalidArgumentError: A bad budget, dtype, attention name or workload (media the model
+            has no tower for).
+        DeviceError: A budget key that is not a device.
+
+    Example:
+        >>> import omnifix
+        >>> work = omnifix.Workload(text_tokens=2048, image_tokens=1280)
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "24GiB"}, workload=work)
+        >>> plan.strategy, plan.device_map, plan.fits, plan.input_device
+        ('single', {'': 'cuda:0'}, True, device(type='cuda', index=0))
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "12GiB", 1: "12GiB"})
+        >>> plan.strategy, plan.devices_used, plan.boundaries
+        ('split', ('cuda:0', 'cuda:1'), 1)
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
+        >>> plan.fits, plan.options[0].split(":")[0]
+        (False, '3 GPUs of 8.0 GiB')
+    """
+    import torch
+
+    workload = Workload() if workload is None else workload
+    if not isinstance(workload, Workload):
+        raise InvalidArgumentError(
+            f"workload={workload!r} is not a Workload. Pass omnifix.Workload(text_tokens=..., ...)."
+        )
+    resolved = resolve_budgets(budgets, allow_offload=allow_offload)
+    planned_dtype = _planned_dtype(dtype, resolved)
+    skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype)
+    attn = _planned_attention(attn_implementation, skeleton.dtype, resolved, skeleton.model_class)
+    _check_workload(skeleton, workload)
+    request = Request(skeleton, resolved, attn, workload, allow_offload)
+    strategy, reason, attempt = choose(request)
+    input_name = skeleton.anatomy.input_embeddings
+    input_device = None
+    if input_name is not None and strategy != "refuse":
+        runs_on = Placement.of(attempt.device_map).runs_on(input_name)
+        input_device = None if runs_on is None else torch.device(runs_on)
+    return PlacementPlan(
+        model=skeleton.label,
+        strategy=strategy,
+        reason=reason,
+        device_map=attempt.device_map,
+        devices=attempt.rows,
+        dtype=skeleton.dtype,
+        attn_implementation=attn,
+        workload=workload,
+        options=options(request) if strategy == "refuse" else (),
+        input_device=input_device,
+        notes=_notes(request),
+    )
