@@ -1,11 +1,9 @@
 """The placement planner: where each module goes, and whether the workload fits, before loading.
 
-Data flows one way: what the user names (preset, checkpoint, config, model) becomes a skeleton
-on ``meta`` (:mod:`.skeleton`, :mod:`.presets`); its anatomy (:mod:`.anatomy`) and the workload
-(:mod:`.workload`) give each device's predicted peak under a map (:mod:`.estimate`) against its
-budget (:mod:`.budgets`); the strategies (:mod:`.strategies`) pick one GPU, a split or an
-offload, and a refusal lists the changes that would fit (:mod:`.options`). :mod:`.plan` holds
-the entry point and the answer. The memory model is explained in docs/loading.md.
+Data flows one way: what the user names becomes a skeleton on ``meta`` (``presets``,
+``skeleton``); its ``anatomy`` and the ``workload`` give each device's peak under a map
+(``estimate``) against its ``budgets``; the ``strategies`` pick one GPU, a split or an offload, a
+refusal lists the ``options`` that would fit, and ``plan`` holds the entry point and the answer.
 """
 
 from omnifix._plan.budgets import DeviceBudget

@@ -1,7 +1,7 @@
-"""The parts of a model the memory model needs, found on its ``meta`` skeleton.
+"""The parts of a model the memory model needs: decoders, towers, embeddings, lm_head.
 
-Decoders and towers are the stacks of identical blocks their owner's config counts; their
-widths come from those configs, their attention layout from the installed code's signatures.
+Found on the ``meta`` skeleton: stacks of identical blocks that their owner's config counts,
+their widths from those configs, their attention layout from the installed code's signatures.
 """
 
 from __future__ import annotations
@@ -106,20 +106,15 @@ def _intermediate(block: nn.Module, config: Any, width: int) -> tuple[int, int]:
 
 
 def _attention_module(block: nn.Module) -> nn.Module | None:
-    for name in ("attn", "self_attn", "attention"):
-        module = getattr(block, name, None)
-        if module is not None:
-            return module  # type: ignore[no-any-return]
-    return None
+    found = (getattr(block, name, None) for name in ("attn", "self_attn", "attention"))
+    return next((module for module in found if module is not None), None)
 
 
 def attention_layout(attention: nn.Module | None) -> Layout:
-    """How a tower's attention cuts its call: one segment at a time, or one block-diagonal mask.
+    """``"chunked"``, or ``"full_mask"`` where packed attention builds one mask over the call.
 
-    Packed attention (a ``forward`` that takes ``cu_seqlens``) runs segment by segment where
-    the installed transformers splits packed sequences and the forward takes no
-    ``attention_mask``; otherwise it builds one mask over the whole call. Attention that is not
-    packed runs per image or clip.
+    Packed attention (its ``forward`` takes ``cu_seqlens``) runs one segment at a time where the
+    installed transformers splits packed sequences and ``forward`` takes no ``attention_mask``.
     """
     if attention is None:
         return "chunked"
@@ -159,17 +154,11 @@ def _decoder(name: str, owner: nn.Module, blocks: Any) -> Decoder:
     heads = _config_int(config, "num_attention_heads", "n_head") or 1
     kv_heads = _config_int(config, "num_key_value_heads") or heads
     inner, buffers = _intermediate(blocks[0], config, hidden)
-    return Decoder(
-        "talker" if "talker" in name.split(".", maxsplit=1)[0] else "text",
-        tuple(f"{name}.{i}" for i in range(len(blocks))),
-        hidden,
-        inner,
-        buffers,
-        heads,
-        kv_heads,
-        _config_int(config, "head_dim") or hidden // heads,
-        _config_int(config, "vocab_size") or 0,
-    )
+    role: Literal["text", "talker"] = "talker" if "talker" in name.partition(".")[0] else "text"
+    layers = tuple(f"{name}.{i}" for i in range(len(blocks)))
+    head_dim = _config_int(config, "head_dim") or hidden // heads
+    vocab = _config_int(config, "vocab_size") or 0
+    return Decoder(role, layers, hidden, inner, buffers, heads, kv_heads, head_dim, vocab)
 
 
 def _block_lists(model: nn.Module) -> Iterator[tuple[str, nn.Module, Any]]:
@@ -200,7 +189,6 @@ def describe(model: nn.Module) -> Anatomy:
     (Omni's token2wav) count for their weights only.
 
     Example:
-        >>> import torch
         >>> from omnifix._plan.anatomy import describe
         >>> from omnifix._plan.skeleton import build_skeleton
         >>> anatomy = describe(build_skeleton("qwen2-vl-7b"))

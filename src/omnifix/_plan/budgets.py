@@ -1,9 +1,7 @@
 """Device budgets: the memory each device may use, and what a plan predicts it uses.
 
-A budget is measured free memory (``torch.cuda.mem_get_info``, taken after the CUDA context
-exists, so the context is not charged twice) or an explicit size, a whole card or a cap that
-must hold the context too. Explicit GPU budgets are not checked against this machine, so a
-laptop can plan for a server (simulated GPUs).
+Measured free memory already paid for the CUDA context; an explicit size (a card, a cap) must
+hold it too. Explicit GPUs are not checked against this machine: a laptop plans for a server.
 """
 
 from __future__ import annotations
@@ -21,14 +19,8 @@ from omnifix.errors import DeviceError, InvalidArgumentError
 if TYPE_CHECKING:
     from omnifix._attention import Capability
 
-__all__ = [
-    "SIMULATED_CAPABILITY",
-    "UNLIMITED",
-    "Budget",
-    "DeviceBudget",
-    "host_memory",
-    "resolve_budgets",
-]
+__all__ = ["SIMULATED_CAPABILITY", "UNLIMITED", "Budget", "DeviceBudget", "host_memory"]
+__all__ += ["resolve_budgets"]
 
 #: Budget of a ``"disk"`` nobody sized: accelerate puts no limit on it either.
 UNLIMITED: Final = 2**62
@@ -104,7 +96,11 @@ def _device(key: object) -> str:
         return "disk"
     kind, index = parse_device(key)  # spelling errors raise DeviceError with a suggestion
     if kind in _CUDA_ALIASES:
-        return f"cuda:{index if index is not None else _current_cuda_index()}"
+        if index is None:  # "cuda": the current device where there is one
+            import torch
+
+            index = int(torch.cuda.current_device()) if torch.cuda.is_available() else 0
+        return f"cuda:{index}"
     if kind == "cpu" and index in (None, 0):
         return "cpu"
     raise DeviceError(
@@ -112,12 +108,6 @@ def _device(key: object) -> str:
         "the cpu and (with allow_offload=True) the disk. Use keys such as 0, 'cuda:1', 'cpu' or "
         "'disk'."
     )
-
-
-def _current_cuda_index() -> int:
-    import torch
-
-    return int(torch.cuda.current_device()) if torch.cuda.is_available() else 0
 
 
 def host_memory() -> int:
@@ -160,10 +150,9 @@ def resolve_budgets(
     """The budgets to plan with, GPUs first (by index), then ``cpu``, then ``disk``.
 
     Args:
-        budgets: ``None`` to measure: the free memory of every visible GPU, or the host's
-            available memory on a machine without one. Otherwise ``{device: size}``, devices as
-            :func:`omnifix.normalize_device` spells them (``0``, ``"cuda:1"``, ``"gpu"``,
-            ``"cpu"``) or ``"disk"``, sizes as :func:`omnifix._units.parse_size` reads them.
+        budgets: ``{device: size}`` (devices as :func:`omnifix.normalize_device` takes them, or
+            ``"disk"``; sizes as :func:`omnifix._units.parse_size` reads them), or ``None``: the
+            free memory of every visible GPU, or the host's on a machine without one.
         allow_offload: With measured budgets, add the host memory as a ``cpu`` budget.
 
     Raises:

@@ -1,14 +1,12 @@
-"""The memory model: what a workload adds on top of the weights, device by device.
+"""The memory model: each device's KV cache, inputs and per-phase peaks above the weights.
 
-For a placement (where each module computes) it predicts each device's KV cache, inputs and the
-transient peak of every phase that runs there (prefill, logits, logits copy, towers), with the
-fresh blocks the CUDA caching allocator may need above each peak. docs/loading.md explains the
-model; :data:`CALIBRATION` holds its constants and the GPU measurements they were fitted to.
+docs/loading.md explains it; :data:`CALIBRATION` holds its constants and their measurements.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -44,15 +42,13 @@ class Figure:
 class Calibration:
     """Every fitted or assumed constant of the memory model, with the data behind it."""
 
-    #: Hidden-size values per token at the MLP peak besides the ``mlp_buffers`` intermediate
-    #: ones (residual, normed input, kept embeddings, rotary tables). Fitted: sdpa 8k-32k give
-    #: 4.07-4.12.
+    #: Hidden-size values per token at the MLP peak beside the ``mlp_buffers`` intermediate ones
+    #: (residual, normed input, embeddings, rotary tables). Fitted: sdpa 8k-32k, 4.07-4.12.
     lm_mlp_hidden: float
-    #: Hidden-size values per token around eager attention (residual, normed, q, rotated q, k/v
-    #: repeated). Fitted to eager 8k: 6.2; code reading: ~6.4.
+    #: Hidden-size values per token around eager attention. Fitted: eager 8k, 6.2 (code: ~6.4).
     lm_attn_hidden: float
-    #: Width-size values per patch at a vision block's peak (fp32 rotary copies of q and k count
-    #: double). Fitted to ViT sdpa, 1280 and 4096 image tokens: 17.4.
+    #: Width-size values per patch at a vision block's peak (fp32 rotary q and k count double).
+    #: Fitted: ViT sdpa, 1280 and 4096 image tokens, 17.4.
     vision_width: float
     #: The same for an audio encoder layer; not measured yet: code reading.
     audio_width: float
@@ -68,18 +64,17 @@ class Calibration:
     margin_bytes: int
     #: ... plus this share of the predicted KV cache + activations (the model's error bound).
     margin_fraction: float
-    #: Extra margin, a share of the activation peak, where eager attention runs: its multi-GiB
-    #: fp32 softmax copy may stay reserved in unusable pieces. Measured: Qwen2.5-VL-7B eager, a
-    #: 2560-token image on a 24 GiB cap: 21.19 GiB allocated, then an OOM asking 6.25 GiB more
-    #: with 6.25 GiB reserved but unallocated (H200, torch 2.11).
+    #: Extra margin, a share of the activation peak, where eager attention runs (its fp32 softmax
+    #: copy may stay reserved in unusable pieces). Measured: Qwen2.5-VL-7B eager, a 2560-token
+    #: image on 24 GiB: 21.19 GiB allocated, then an OOM asking 6.25 GiB with 6.25 GiB reserved
+    #: but unallocated (H200, torch 2.11).
     eager_block_fraction: float
-    #: Fresh segments kept free above a phase's peak, in units of its largest transient block (an
-    #: MLP intermediate, the input device's logits copy): cached segments are split by smaller
-    #: tensors, so such a block needs a new one. Measured (H200, torch 2.11, transformers 5.17,
-    #: benchmarks/accuracy.py): Qwen2.5-VL-7B text 32k split on 2 x 15 GiB, peak within 0.1 % of
-    #: the prediction, then an OOM asking 1.16 GiB (one 32768 x 18944 bf16 intermediate); the
-    #: logits copies of Qwen2-Audio-7B (8k, 2.38 GiB) and the Omni-7B thinker (32k, 9.28 GiB)
-    #: failed likewise. lm_head's own logits need none (allocated within 2.2 GB of the peak).
+    #: Fresh segments kept free above a phase's peak, in units of its largest transient block
+    #: (an MLP intermediate, the input device's logits copy). Measured (H200, torch 2.11,
+    #: transformers 5.17, benchmarks/accuracy.py): Qwen2.5-VL-7B text 32k on 2 x 15 GiB peaked
+    #: within 0.1 % of the prediction, then asked 1.16 GiB (one 32768 x 18944 bf16 intermediate);
+    #: the logits copies of Qwen2-Audio-7B (8k, 2.38 GiB) and the Omni-7B thinker (32k, 9.28 GiB)
+    #: failed likewise; lm_head's own logits did not (within 2.2 GB of the peak).
     fresh_blocks: int
     #: The same for eager's fp32 softmax output (``batch x heads x L^2 x 4``): the margin keeps
     #: ``max(eager_block_fraction x activations, eager_fresh_blocks x block)``. Measured:
@@ -181,89 +176,6 @@ def score_bytes(dtype: torch.dtype, *, cuda: bool, calibration: Calibration = CA
     return calibration.eager_score_bytes
 
 
-@dataclass(frozen=True)
-class _Context:
-    itemsize: int
-    dtype: torch.dtype
-    eager: bool
-    calibration: Calibration
-    include_inputs: bool
-
-    def scores(self, device: str) -> int:
-        return score_bytes(self.dtype, cuda=device.startswith("cuda"), calibration=self.calibration)
-
-    def fresh(self, device: str, block: float, scores: float = 0) -> float:
-        """Fresh memory for a phase whose largest blocks are ``block`` and fp32 ``scores``."""
-        if not device.startswith("cuda"):  # only the CUDA caching allocator needs it
-            return 0
-        cal = self.calibration
-        return max(cal.fresh_blocks * block, cal.eager_fresh_blocks * scores)
-
-
-def _prefill(decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: str) -> float:
-    """Peak of one decoder layer's forward over ``tokens`` prompt tokens (KV cache excluded)."""
-    cal, b, rows = ctx.calibration, ctx.itemsize, load.batch_size * tokens
-    mlp = (
-        rows * b * (decoder.mlp_buffers * decoder.intermediate + cal.lm_mlp_hidden * decoder.hidden)
-    )
-    attention = rows * b * cal.lm_attn_hidden * decoder.hidden
-    if ctx.eager:  # batch x heads x S^2 scores, and the batch x S^2 additive mask
-        square = load.batch_size * tokens * tokens
-        attention += square * (decoder.heads * ctx.scores(device) + b)
-    return max(mlp, attention)
-
-
-def _prefill_fresh(
-    decoder: Decoder, tokens: int, load: Workload, ctx: _Context, device: str
-) -> float:
-    """Fresh blocks of a decoder layer: its MLP intermediate, eager's fp32 softmax output."""
-    rows = load.batch_size * tokens
-    scores = load.batch_size * decoder.heads * tokens * tokens * _FP32 if ctx.eager else 0
-    return ctx.fresh(device, rows * decoder.intermediate * ctx.itemsize, scores)
-
-
-def _logits_rows(anatomy: Anatomy, tokens: int) -> int:
-    return 1 if anatomy.last_token_logits else tokens
-
-
-def _tower_call(tower: Tower, patches: int, segment: int, ctx: _Context, device: str) -> float:
-    """Peak of one tower call over ``patches`` positions, attention ``segment`` long."""
-    cal, b = ctx.calibration, ctx.itemsize
-    width = cal.vision_width if tower.kind == "vision" else cal.audio_width
-    per_position = max(
-        width * tower.width, tower.mlp_buffers * tower.intermediate + 2 * tower.width
-    )
-    linear = patches * b * per_position
-    if tower.kind == "vision" and ctx.include_inputs:
-        linear += patches * tower.input_width * b  # fp32 pixel_values cast to the model dtype
-    # Flash kernels build no mask, so they would need less; they are modelled as sdpa, the
-    # measured upper bound, until a flash-attn build can be measured (docs/benchmarks.md).
-    if tower.layout == "full_mask":  # a bool mask for the 4.45 vision sdpa, else model dtype
-        mask = patches * patches * (1 if tower.kind == "vision" and not ctx.eager else b)
-        scores = tower.heads * patches * patches * ctx.scores(device) if ctx.eager else 0
-        return linear + mask + scores
-    if not ctx.eager:
-        return linear
-    if tower.layout == "batched":  # padded clips in one batch, with their padding mask
-        clips = patches // segment
-        return linear + clips * segment * segment * (tower.heads * ctx.scores(device) + b)
-    return linear + segment * segment * tower.heads * ctx.scores(device)  # one segment at a time
-
-
-def _tower_fresh(tower: Tower, patches: int, segment: int, ctx: _Context, device: str) -> float:
-    """Fresh blocks of a tower layer: its MLP intermediate, eager's fp32 softmax output."""
-    mlp = patches * tower.intermediate * ctx.itemsize
-    if not ctx.eager:
-        return ctx.fresh(device, mlp)
-    if tower.layout == "full_mask":
-        square = patches * patches
-    elif tower.layout == "batched":  # the padded clips' scores are one tensor
-        square = (patches // segment) * segment * segment
-    else:
-        square = segment * segment
-    return ctx.fresh(device, mlp, tower.heads * square * _FP32)
-
-
 def _vision_calls(load: Workload) -> list[tuple[str, int, int]]:
     """``(phase, patches, segment)`` of each vision call: images, then videos."""
     calls = []
@@ -299,6 +211,127 @@ def _input_bytes(anatomy: Anatomy, load: Workload) -> int:
     return size
 
 
+def _square(tower: Tower, patches: int, segment: int) -> int:
+    """Scores per head of one tower call: one mask, padded clips in one batch, or a segment."""
+    if tower.layout == "full_mask":
+        return patches * patches
+    if tower.layout == "batched":
+        return (patches // segment) * segment * segment
+    return segment * segment
+
+
+@dataclass
+class _Estimate:
+    """One estimate in progress: the case, where each module runs, and the peaks so far."""
+
+    anatomy: Anatomy
+    runs_on: Callable[[str], str]
+    load: Workload
+    dtype: torch.dtype
+    itemsize: int
+    eager: bool
+    cal: Calibration
+    include_inputs: bool
+    usage: dict[str, PhasePeaks] = field(default_factory=dict)
+
+    def peaks(self, device: str) -> PhasePeaks:
+        return self.usage.setdefault(device, PhasePeaks())
+
+    def scores(self, device: str) -> int:
+        return score_bytes(self.dtype, cuda=device.startswith("cuda"), calibration=self.cal)
+
+    def fresh(self, device: str, block: float, scores: float = 0) -> float:
+        if not device.startswith("cuda"):  # only the CUDA caching allocator needs fresh blocks
+            return 0
+        return max(self.cal.fresh_blocks * block, self.cal.eager_fresh_blocks * scores)
+
+    def decoder(self, decoder: Decoder) -> None:
+        """KV cache per device of the decoder's layers, their prefill, and the logits."""
+        load, b, cal = self.load, self.itemsize, self.cal
+        # The talker reads the thinker's prompt and reply; its own codec tokens are not modelled.
+        tokens = load.prompt_tokens + (load.max_new_tokens if decoder.role == "talker" else 0)
+        per_layer = decoder.kv_bytes_per_token(b) * load.batch_size * (tokens + load.max_new_tokens)
+        layers = Counter(self.runs_on(layer) for layer in decoder.layers)
+        rows = load.batch_size * tokens
+        square = load.batch_size * tokens * tokens
+        inner = decoder.mlp_buffers * decoder.intermediate + cal.lm_mlp_hidden * decoder.hidden
+        mlp = rows * b * inner
+        for device, count in layers.items():
+            attention = rows * b * cal.lm_attn_hidden * decoder.hidden
+            softmax = 0
+            if self.eager:  # batch x heads x S^2 scores, and the batch x S^2 additive mask
+                attention += square * (decoder.heads * self.scores(device) + b)
+                softmax = load.batch_size * decoder.heads * tokens * tokens * _FP32
+            peaks = self.peaks(device)
+            peaks.kv_cache += count * per_layer
+            peaks.add_phase(
+                "prefill" if decoder.role == "text" else "talker",
+                max(mlp, attention),
+                self.fresh(device, rows * decoder.intermediate * b, softmax),
+            )
+        if decoder.role == "text" and self.anatomy.lm_head is not None:
+            rows_out = 1 if self.anatomy.last_token_logits else tokens
+            logits = load.batch_size * rows_out * decoder.vocab
+            upcast = _FP32 if self.anatomy.logits_upcast else 0
+            hidden_states = 2 * load.batch_size * tokens * decoder.hidden * b
+            self.peaks(self.runs_on(self.anatomy.lm_head)).add_phase(
+                "logits", logits * (b + upcast) + hidden_states
+            )
+
+    def logits_copy(self) -> None:
+        """The logits copied back to the input device when ``lm_head`` computes elsewhere.
+
+        The root hook moves the outputs to the device of the inputs (accelerate's
+        ``io_same_device``, omnifix's lean root hook), so such a split holds the logits twice.
+        """
+        anatomy, decoder = self.anatomy, self.anatomy.text
+        if decoder is None or anatomy.lm_head is None or anatomy.input_embeddings is None:
+            return
+        device = self.runs_on(anatomy.input_embeddings)
+        if self.runs_on(anatomy.lm_head) == device:
+            return
+        tokens = 1 if anatomy.last_token_logits else self.load.prompt_tokens
+        rows = self.load.batch_size * tokens
+        copy = rows * decoder.vocab * (_FP32 if anatomy.logits_upcast else self.itemsize)
+        self.peaks(device).add_phase("logits copy", copy, self.fresh(device, copy))
+
+    def tower(self, tower: Tower) -> None:
+        """The tower's calls, on every device that holds some of its blocks (no KV cache yet)."""
+        if tower.kind == "vision":
+            calls = _vision_calls(self.load)
+        elif self.load.audio_seconds:
+            calls = [("audio", *_audio_call(tower, self.load))]
+        else:
+            return
+        b = self.itemsize
+        width = self.cal.vision_width if tower.kind == "vision" else self.cal.audio_width
+        per_position = max(
+            width * tower.width, tower.mlp_buffers * tower.intermediate + 2 * tower.width
+        )
+        for device in {self.runs_on(block) for block in tower.blocks}:
+            peaks = self.peaks(device)
+            for phase, patches, segment in calls:
+                linear = patches * b * per_position
+                if tower.kind == "vision" and self.include_inputs:
+                    linear += patches * tower.input_width * b  # fp32 pixel_values, cast
+                square = _square(tower, patches, segment)
+                # Flash kernels build no mask, so they would need less; they are modelled as
+                # sdpa, the measured upper bound, until flash-attn can be measured.
+                if tower.layout == "full_mask":  # a bool mask for 4.45's vision sdpa
+                    mask = square * (1 if tower.kind == "vision" and not self.eager else b)
+                    scores = tower.heads * square * self.scores(device) if self.eager else 0
+                    peak = linear + mask + scores
+                elif not self.eager:
+                    peak = linear
+                elif tower.layout == "batched":  # padded clips in one batch, with their mask
+                    peak = linear + square * (tower.heads * self.scores(device) + b)
+                else:  # one segment at a time
+                    peak = linear + square * tower.heads * self.scores(device)
+                softmax = tower.heads * square * _FP32 if self.eager else 0
+                mlp = patches * tower.intermediate * b
+                peaks.add_phase(phase, peak, self.fresh(device, mlp, softmax))
+
+
 def estimate(
     anatomy: Anatomy,
     *,
@@ -324,101 +357,20 @@ def estimate(
     Returns:
         ``{device: peaks}``, for every device where something computes.
     """
-    import torch
-
-    itemsize = torch.empty((), dtype=dtype, device="meta").element_size()
-    ctx = _Context(itemsize, dtype, attn_implementation == "eager", calibration, include_inputs)
-    usage: dict[str, PhasePeaks] = {}
+    eager = attn_implementation == "eager"
+    run = _Estimate(
+        anatomy, execution_device, load, dtype, dtype.itemsize, eager, calibration, include_inputs
+    )
     for decoder in anatomy.decoders:
         if decoder.role == "text" or load.audio_output:
-            _decoder_usage(usage, decoder, anatomy, execution_device, load, ctx)
-    _copy_usage(usage, anatomy, execution_device, load, ctx)
-    for peaks in usage.values():
+            run.decoder(decoder)
+    run.logits_copy()
+    for peaks in run.usage.values():
         for phase in _LM_PHASES:
             if phase in peaks.phases:
                 peaks.phases[phase] += peaks.kv_cache
     for tower in anatomy.towers:
-        _tower_usage(usage, tower, execution_device, load, ctx)
+        run.tower(tower)
     if include_inputs and anatomy.input_embeddings is not None:
-        device = execution_device(anatomy.input_embeddings)
-        usage.setdefault(device, PhasePeaks()).inputs += _input_bytes(anatomy, load)
-    return usage
-
-
-def _decoder_usage(  # noqa: PLR0917 - private, called once
-    usage: dict[str, PhasePeaks],
-    decoder: Decoder,
-    anatomy: Anatomy,
-    execution_device: Callable[[str], str],
-    load: Workload,
-    ctx: _Context,
-) -> None:
-    """KV cache per device of the decoder's layers, their prefill, and the logits."""
-    # The talker reads the thinker's prompt and reply; its own codec tokens are not modelled.
-    tokens = load.prompt_tokens + (load.max_new_tokens if decoder.role == "talker" else 0)
-    per_layer = decoder.kv_bytes_per_token(ctx.itemsize) * load.batch_size
-    per_layer *= tokens + load.max_new_tokens
-    layers: dict[str, int] = {}
-    for layer in decoder.layers:
-        device = execution_device(layer)
-        layers[device] = layers.get(device, 0) + 1
-    phase = "prefill" if decoder.role == "text" else "talker"
-    for device, count in layers.items():
-        peaks = usage.setdefault(device, PhasePeaks())
-        peaks.kv_cache += count * per_layer
-        peaks.add_phase(
-            phase,
-            _prefill(decoder, tokens, load, ctx, device),
-            _prefill_fresh(decoder, tokens, load, ctx, device),
-        )
-    if decoder.role == "text" and anatomy.lm_head is not None:
-        rows_out = load.batch_size * _logits_rows(anatomy, tokens)
-        per_logit = ctx.itemsize + (_FP32 if anatomy.logits_upcast else 0)
-        hidden_states = 2 * load.batch_size * tokens * decoder.hidden * ctx.itemsize
-        peaks = usage.setdefault(execution_device(anatomy.lm_head), PhasePeaks())
-        peaks.add_phase("logits", rows_out * decoder.vocab * per_logit + hidden_states)
-
-
-def _copy_usage(
-    usage: dict[str, PhasePeaks],
-    anatomy: Anatomy,
-    execution_device: Callable[[str], str],
-    load: Workload,
-    ctx: _Context,
-) -> None:
-    """The logits copied back to the input device when ``lm_head`` computes elsewhere.
-
-    The root hook moves the outputs to the device of the inputs (accelerate's
-    ``io_same_device``, omnifix's lean root hook), so such a split holds the logits twice.
-    """
-    decoder = anatomy.text
-    if decoder is None or anatomy.lm_head is None or anatomy.input_embeddings is None:
-        return
-    device = execution_device(anatomy.input_embeddings)
-    if execution_device(anatomy.lm_head) == device:
-        return
-    per_logit = _FP32 if anatomy.logits_upcast else ctx.itemsize
-    rows = load.batch_size * _logits_rows(anatomy, load.prompt_tokens)
-    copy = rows * decoder.vocab * per_logit
-    usage.setdefault(device, PhasePeaks()).add_phase("logits copy", copy, ctx.fresh(device, copy))
-
-
-def _tower_usage(
-    usage: dict[str, PhasePeaks],
-    tower: Tower,
-    execution_device: Callable[[str], str],
-    load: Workload,
-    ctx: _Context,
-) -> None:
-    """The tower's calls, on every device that holds some of its blocks (no KV cache yet)."""
-    if tower.kind == "vision":
-        calls = _vision_calls(load)
-    elif load.audio_seconds:
-        calls = [("audio", *_audio_call(tower, load))]
-    else:
-        return
-    for device in {execution_device(block) for block in tower.blocks}:
-        peaks = usage.setdefault(device, PhasePeaks())
-        for phase, positions, segment in calls:
-            peak = _tower_call(tower, positions, segment, ctx, device)
-            peaks.add_phase(phase, peak, _tower_fresh(tower, positions, segment, ctx, device))
+        run.peaks(execution_device(anatomy.input_embeddings)).inputs += _input_bytes(anatomy, load)
+    return run.usage

@@ -22,17 +22,17 @@ _MAX_GPUS: Final = 8
 _SEARCH_STEPS: Final = 7
 
 
-def _fits(request: Request, *, balanced: bool = True) -> tuple[bool, Attempt]:
+def _replan(request: Request, *, balanced: bool = True) -> Attempt | None:
+    """The plan of ``request`` when it fits, else ``None``."""
     strategy, _, attempt = choose(request, balanced=balanced)
-    return strategy != "refuse", attempt
+    return None if strategy == "refuse" else attempt
 
 
-def _peak_summary(attempt: Attempt) -> str:
+def _peaks(attempt: Attempt) -> str:
     rows = [row for row in attempt.rows if row.weights]
-    peaks = ", ".join(
+    return "peaks " + ", ".join(
         f"{row.device} {format_bytes(row.total)} of {format_bytes(row.budget)}" for row in rows
     )
-    return f"peaks {peaks}"
 
 
 def _largest(lowest: int, current: int, fits: Callable[[int], bool]) -> int | None:
@@ -58,10 +58,9 @@ def _largest(lowest: int, current: int, fits: Callable[[int], bool]) -> int | No
     return good
 
 
-def _workload_options(request: Request) -> list[str]:
+def _workload(request: Request) -> list[str]:
     """The largest of each workload dimension that fits, the others unchanged."""
-    work = request.workload
-    found = []
+    work, found = request.workload, []
     searches = (
         ("text_tokens", work.text_tokens, 0, "text tokens"),
         ("batch_size", work.batch_size, 1, "samples per batch"),
@@ -76,7 +75,8 @@ def _workload_options(request: Request) -> list[str]:
         def fits(n: int, name: str = name) -> bool:
             changes: dict[str, Any] = {name: float(n) if name.endswith("_seconds") else n}
             changed = replace(work, **changes)
-            return _fits(replace(request, workload=changed), balanced=False)[0]
+            # Unbalanced: the verdict is the same, and the search plans many times.
+            return _replan(replace(request, workload=changed), balanced=False) is not None
 
         best = _largest(lowest, current, fits)
         if best is not None:
@@ -84,81 +84,64 @@ def _workload_options(request: Request) -> list[str]:
     return found
 
 
-def _dtype_option(request: Request) -> list[str]:
+def _dtype(request: Request) -> list[str]:
     import torch
 
-    if request.skeleton.dtype != torch.float32 or not request.gpus:
-        return []
-    if request.skeleton.config is None:  # a built model without a config: cannot rebuild
-        return []
+    skeleton = request.skeleton
+    if skeleton.dtype != torch.float32 or not request.gpus or skeleton.config is None:
+        return []  # already half, the cpu, or a built model that cannot be rebuilt
     capabilities = [b.capability or SIMULATED_CAPABILITY for b in request.gpus]
     half = torch.bfloat16 if min(capabilities) >= (8, 0) else torch.float16
-    skeleton = load_skeleton(
-        request.skeleton.config, model_class=request.skeleton.model_class, dtype=half
+    halved = load_skeleton(skeleton.config, model_class=skeleton.model_class, dtype=half)
+    attempt = _replan(replace(request, skeleton=halved))
+    return (
+        []
+        if attempt is None
+        else [f"dtype={half} (half the weight memory): fits, {_peaks(attempt)}"]
     )
-    ok, attempt = _fits(replace(request, skeleton=skeleton))
-    return [f"dtype={half} (half the weight memory): fits, {_peak_summary(attempt)}"] if ok else []
 
 
-def _attention_option(request: Request) -> list[str]:
-    if request.attn != "eager":
+def _attention(request: Request) -> list[str]:
+    attempt = _replan(replace(request, attn="sdpa")) if request.attn == "eager" else None
+    if attempt is None:
         return []
-    ok, attempt = _fits(replace(request, attn="sdpa"))
-    if not ok:
-        return []
-    return [
-        (
-            "attn_implementation='sdpa' or 'flash_attention_2' (no attention scores in memory): "
-            f"fits, {_peak_summary(attempt)}"
-        )
-    ]
+    sdpa = "attn_implementation='sdpa' or 'flash_attention_2' (no attention scores in memory)"
+    return [f"{sdpa}: fits, {_peaks(attempt)}"]
 
 
-def _more_gpus_option(request: Request) -> list[str]:
-    gpus = request.gpus
-    if not gpus:
-        return []
-    size = max(b.size for b in gpus)
-    for count in range(len(gpus) + 1, _MAX_GPUS + 1):
+def _more_gpus(request: Request) -> list[str]:
+    size = max((b.size for b in request.gpus), default=0)
+    for count in range(len(request.gpus) + 1, _MAX_GPUS + 1) if request.gpus else ():
         budgets = tuple(Budget(f"cuda:{i}", size) for i in range(count))
-        ok, attempt = _fits(replace(request, budgets=budgets, allow_offload=False))
-        if ok:
-            return [f"{count} GPUs of {format_bytes(size)}: fits, {_peak_summary(attempt)}"]
+        attempt = _replan(replace(request, budgets=budgets, allow_offload=False))
+        if attempt is not None:
+            return [f"{count} GPUs of {format_bytes(size)}: fits, {_peaks(attempt)}"]
     return []
 
 
-def _quantisation_options(request: Request) -> list[str]:
+def _quantised(request: Request) -> list[str]:
     import torch
 
-    if (
-        request.skeleton.dtype not in (torch.bfloat16, torch.float16)
-        or request.skeleton.config is None
-    ):
+    skeleton = request.skeleton
+    if skeleton.dtype not in (torch.bfloat16, torch.float16) or skeleton.config is None:
         return []
     for bits in (8, 4):
-        quantised = quantized_skeleton(request.skeleton, bits)
-        ok, attempt = _fits(replace(request, skeleton=quantised))
-        if ok:
-            flag = f"load_in_{bits}bit=True"
-            return [
-                (
-                    f"quantisation_config=BitsAndBytesConfig({flag}) (estimated: weights "
-                    f"{format_bytes(quantised.sizes[''])}): fits, {_peak_summary(attempt)}"
-                )
-            ]
+        quantised = quantized_skeleton(skeleton, bits)
+        attempt = _replan(replace(request, skeleton=quantised))
+        if attempt is not None:
+            weights = format_bytes(quantised.sizes[""])
+            config = f"quantisation_config=BitsAndBytesConfig(load_in_{bits}bit=True)"
+            return [f"{config} (estimated: weights {weights}): fits, {_peaks(attempt)}"]
     return []
 
 
-def _offload_option(request: Request) -> list[str]:
-    if request.allow_offload or not request.gpus:
-        return []
-    ok, attempt = _fits(replace(request, allow_offload=True))
-    if not ok:
-        return []
-    return [f"allow_offload=True (slow): fits with {offloaded(attempt)}"]
+def _offload(request: Request) -> list[str]:
+    offload = not request.allow_offload and request.gpus
+    attempt = _replan(replace(request, allow_offload=True)) if offload else None
+    return [] if attempt is None else [f"allow_offload=True (slow): fits with {offloaded(attempt)}"]
 
 
-def _cpu_option(request: Request) -> list[str]:
+def _cpu(request: Request) -> list[str]:
     import torch
 
     if not request.gpus:
@@ -169,16 +152,12 @@ def _cpu_option(request: Request) -> list[str]:
         skeleton = load_skeleton(
             skeleton.config, model_class=skeleton.model_class, dtype=torch.float32
         )
-    ok, attempt = _fits(replace(request, skeleton=skeleton, budgets=(cpu,), allow_offload=False))
-    if not ok:
+    attempt = _replan(replace(request, skeleton=skeleton, budgets=(cpu,), allow_offload=False))
+    if attempt is None:
         return []
-    row = attempt.rows[0]
-    return [
-        (
-            f"device='cpu' ({str(skeleton.dtype).removeprefix('torch.')}, slow): fits, needs "
-            f"{format_bytes(row.total + row.margin)} of {format_bytes(row.budget)} host memory"
-        )
-    ]
+    row, dtype = attempt.rows[0], str(skeleton.dtype).removeprefix("torch.")
+    need = f"{format_bytes(row.total + row.margin)} of {format_bytes(row.budget)} host memory"
+    return [f"device='cpu' ({dtype}, slow): fits, needs {need}"]
 
 
 def options(request: Request) -> tuple[str, ...]:
@@ -187,15 +166,5 @@ def options(request: Request) -> tuple[str, ...]:
     Each is checked by planning again with that change: a half-precision dtype, sdpa instead of
     eager, the largest workload that fits, more GPUs, 8- or 4-bit weights, offload, the cpu.
     """
-    found: list[str] = []
-    for option in (
-        _dtype_option,
-        _attention_option,
-        _workload_options,
-        _more_gpus_option,
-        _quantisation_options,
-        _offload_option,
-        _cpu_option,
-    ):
-        found += option(request)
-    return tuple(found)
+    changes = (_dtype, _attention, _workload, _more_gpus, _quantised, _offload, _cpu)
+    return tuple(option for change in changes for option in change(request))

@@ -1,9 +1,4 @@
-"""The planner's answer and its entry point: :func:`plan_placement` and :class:`PlacementPlan`.
-
-Config to skeleton (:mod:`~omnifix._plan.skeleton`), skeleton to anatomy and memory estimate
-(:mod:`~omnifix._plan.estimate`), estimate to placement (:mod:`~omnifix._plan.strategies`), and
-for a refusal the options that would fit (:mod:`~omnifix._plan.options`).
-"""
+"""The planner's entry point and answer: :func:`plan_placement` and :class:`PlacementPlan`."""
 
 from __future__ import annotations
 
@@ -19,18 +14,18 @@ from omnifix._plan.estimate import CALIBRATION
 from omnifix._plan.options import options
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose
-from omnifix._plan.workload import Workload
+from omnifix._plan.workload import Workload, require_workload
 from omnifix._table import Block, Table, plain, rich
 from omnifix._units import format_bytes
 from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Mapping
 
     import torch
     from rich.console import Group
 
-    from omnifix._plan.budgets import Budget
+    from omnifix._attention import Capability
     from omnifix._plan.skeleton import Skeleton
 
 __all__ = ["AttnImplementation", "PlacementPlan", "plan_placement"]
@@ -50,17 +45,14 @@ class PlacementPlan:
         model: What was planned (preset name, directory name or class name).
         strategy: ``"single"``, ``"split"``, ``"offload"`` or ``"refuse"``.
         reason: Why this strategy, in one sentence with the numbers.
-        device_map: For ``from_pretrained(device_map=...)``: ``"cuda:N"``, ``"cpu"``,
-            ``"disk"``, spelled as :func:`omnifix.resolve_device_map` spells them. For a
-            refusal, the closest attempt (do not load with it).
-        devices: Predicted use of every GPU in the budgets (used or not), and of ``cpu``/``disk``
-            where the map uses them.
+        device_map: For ``from_pretrained(device_map=...)``: ``"cuda:N"``, ``"cpu"``, ``"disk"``
+            (as :func:`omnifix.resolve_device_map` spells them); for a refusal, the closest try.
+        devices: Predicted use of every budgeted GPU, and of ``cpu``/``disk`` where mapped.
         dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
         attn_implementation: Attention the numbers assume.
         workload: The workload planned for.
         options: For a refusal: each change that fits, checked by planning again.
-        input_device: Where ``input_ids`` go: the execution device of the input embeddings
-            (``None`` for a refusal, or a model without them).
+        input_device: Where ``input_ids`` go: where the input embeddings run (``None``: refused).
         notes: Assumptions behind the numbers.
     """
 
@@ -89,14 +81,14 @@ class PlacementPlan:
     @property
     def boundaries(self) -> int:
         """How often consecutive modules of the map change device (tensors cross devices)."""
-        values = list(self.device_map.values())
-        return sum(1 for before, after in itertools.pairwise(values) if before != after)
+        pairs = itertools.pairwise(self.device_map.values())
+        return sum(1 for before, after in pairs if before != after)
 
     def device(self, name: str) -> DeviceBudget:
         """The row of ``name`` (``"cuda:0"``, ``"cpu"``)."""
-        for row in self.devices:
-            if row.device == name:
-                return row
+        found = next((row for row in self.devices if row.device == name), None)
+        if found is not None:
+            return found
         known = ", ".join(row.device for row in self.devices)
         raise InvalidArgumentError(f"The plan has no device {name!r}. Ask for one of {known}.")
 
@@ -150,20 +142,9 @@ class PlacementPlan:
         if self.fits:
             return []
         if not self.options:
-            return [
-                (
-                    "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can "
-                    "change (dtype, attention, workload, quantisation, offload, cpu) fits here."
-                )
-            ]
-        return [
-            "Options that fit (each checked by planning again):",
-            *(f"  - {option}" for option in self.options),
-            (
-                "Fix: apply one of these options (the first is the least invasive), or free "
-                "memory on the GPUs."
-            ),
-        ]
+            return [_NOTHING_FITS]
+        options = [f"  - {option}" for option in self.options]
+        return ["Options that fit (each checked by planning again):", *options, _APPLY_ONE]
 
     def _blocks(self) -> list[Block]:
         """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
@@ -213,8 +194,7 @@ class PlacementPlan:
         return rich(self._blocks())
 
 
-def _verdict_style(_device: str, text: str) -> str:
-    """Green for a device that fits, red for one that does not; numbers stay plain."""
+def _verdict_style(_device: str, text: str) -> str:  # green: fits, red: does not; else plain
     return "green" if text == "yes" else "red" if text.startswith("NO (") else ""
 
 
@@ -235,59 +215,51 @@ def _need_line(row: DeviceBudget) -> str:
     )
 
 
+_APPLY_ONE: Final = (
+    "Fix: apply one of these options (the first is the least invasive), or free memory on the GPUs."
+)
+_NOTHING_FITS: Final = (
+    "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can change (dtype, "
+    "attention, workload, quantisation, offload, cpu) fits here."
+)
 _NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
 
 
 def _map_summary(device_map: Mapping[str, str]) -> list[tuple[str, str]]:
     """Consecutive entries per device, numbered layers folded into ranges (``layers.0-13``)."""
-    groups: list[tuple[str, list[str]]] = []
-    for name, device in device_map.items():
-        if not groups or groups[-1][0] != device:
-            groups.append((device, []))
-        groups[-1][1].append(name or "(whole model)")
     summary = []
-    for device, names in groups:
-        folded: list[str] = []
-        run: tuple[str, int, int] | None = None
-        for name in [*names, ""]:
+    for device, entries in itertools.groupby(device_map, key=device_map.__getitem__):
+        runs: list[tuple[str, int, int]] = []  # (stem, first, last); (name, -1, -1) unnumbered
+        for name in entries:
             match = _NUMBERED.match(name)
-            if match and run and run[0] == match["stem"] and run[2] + 1 == int(match["index"]):
-                run = (run[0], run[1], int(match["index"]))
-                continue
-            if run:
-                first, last = run[1], run[2]
-                folded.append(f"{run[0]}{first}" + (f"-{last}" if last != first else ""))
-                run = None
-            if match:
-                run = (match["stem"], int(match["index"]), int(match["index"]))
-            elif name:
-                folded.append(name)
-        summary.append((device, ", ".join(folded)))
+            index = int(match["index"]) if match else -1
+            if match and runs and runs[-1][0] == match["stem"] and runs[-1][2] + 1 == index:
+                runs[-1] = (runs[-1][0], runs[-1][1], index)
+            else:
+                runs.append((match["stem"], index, index) if match else (name, -1, -1))
+        names = (
+            (stem or "(whole model)")
+            if first < 0
+            else f"{stem}{first}" + (f"-{last}" if last > first else "")
+            for stem, first, last in runs
+        )
+        summary.append((device, ", ".join(names)))
     return summary
 
 
-def _planned_dtype(dtype: torch.dtype | str, budgets: Iterable[Budget]) -> torch.dtype:
-    capabilities = [b.capability or SIMULATED_CAPABILITY for b in budgets if b.is_gpu]
-    return choose_dtype(dtype, capabilities=capabilities)
-
-
 def _planned_attention(
-    requested: str, dtype: torch.dtype, budgets: Iterable[Budget], model_class: type
+    requested: str, dtype: torch.dtype, capabilities: list[Capability], model_class: type
 ) -> AttnImplementation:
     import torch
 
-    capabilities = [b.capability or SIMULATED_CAPABILITY for b in budgets if b.is_gpu]
     if requested == "auto":
         chosen = choose_attention(
             "auto", dtype=dtype, capabilities=capabilities, model_class=model_class
         )
-    else:
-        # Validation only: a plan may assume a backend this machine lacks (it plans for another).
+    else:  # validation only: a plan may assume a backend this machine lacks (it plans for another)
+        every = frozenset(IMPLEMENTATIONS)
         chosen = choose_attention(
-            requested,
-            dtype=torch.bfloat16,
-            capabilities=[(9, 0)],
-            installed=frozenset(IMPLEMENTATIONS),
+            requested, dtype=torch.bfloat16, capabilities=[(9, 0)], installed=every
         )
     if chosen not in get_args(AttnImplementation):
         return "sdpa"  # hub kernels and paged variants: modelled like sdpa
@@ -348,24 +320,21 @@ def plan_placement(
 ) -> PlacementPlan:
     """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
 
-    Pure: builds a skeleton on ``meta`` (no weights read, no GPU needed), sizes it with the
-    installed transformers' own tools, predicts each device's peak (weights, KV cache,
-    activations of the prefill, the towers and the logits, CUDA context) and picks the first
-    strategy that fits: one GPU, a split over several GPUs, offload (only with
-    ``allow_offload=True``), else a refusal that lists what would fit.
+    Pure: a skeleton on ``meta`` (no weights, no GPU needed) is sized, each device's peak
+    predicted, and the first strategy that fits chosen: one GPU, a split over several, an offload
+    (only with ``allow_offload=True``), else a refusal that lists what would fit
+    (docs/loading.md explains how).
 
     Args:
         model: A built-in preset name (``"qwen2.5-omni-7b"``; the hub id works too), a local
             checkpoint directory (its ``config.json``), a transformers config, or a model built
             on ``meta`` (its own dtype is used when it matches).
-        model_class: The class to build from a config or directory; default: the config's
-            ``architectures``.
-        budgets: ``{device: size}`` such as ``{0: "24GiB", 1: "24GiB"}`` or
-            ``{"cuda:0": 24 * 2**30, "cpu": "64GiB"}``; GPUs this machine lacks are fine
-            (simulated). ``None``: the free memory of each visible GPU now, or the host memory
-            on a machine without GPUs. ``cpu`` holds the model only when it is the sole budget or
-            with ``allow_offload=True``.
-        dtype: ``"auto"``: bfloat16 on GPUs of compute capability 8.0+ (simulated GPUs count as
+        model_class: The class to build; default: the one the config's ``architectures`` names.
+        budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
+            lacks are simulated. ``None``: the free memory of each visible GPU now, or the host
+            memory on a machine without GPUs. ``cpu`` holds the model only when it is the sole
+            budget or with ``allow_offload=True``.
+        dtype: ``"auto"``: bfloat16 on GPUs of compute capability 8.0+ (simulated ones count as
             such), float16 on older ones, float32 on the cpu. Or a dtype or its name.
         attn_implementation: ``"auto"`` (flash_attention_2 when it can run here, else sdpa),
             ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
@@ -377,9 +346,9 @@ def plan_placement(
 
     Raises:
         UnsupportedModelError: ``model`` is not something the planner can build.
+        CheckpointError: No readable config at a path.
         InvalidArgumentError: A bad budget, dtype, attention name or workload (media the model
-            has no tower for).
-        DeviceError: A budget key that is not a device.
+            has no tower for); a :class:`DeviceError` for a budget key that is not a device.
 
     Example:
         >>> import omnifix
@@ -396,15 +365,15 @@ def plan_placement(
     """
     import torch
 
-    workload = Workload() if workload is None else workload
-    if not isinstance(workload, Workload):
-        raise InvalidArgumentError(
-            f"workload={workload!r} is not a Workload. Pass omnifix.Workload(text_tokens=..., ...)."
-        )
+    require_workload(workload)
+    workload = workload or Workload()
     resolved = resolve_budgets(budgets, allow_offload=allow_offload)
-    planned_dtype = _planned_dtype(dtype, resolved)
+    capabilities = [b.capability or SIMULATED_CAPABILITY for b in resolved if b.is_gpu]
+    planned_dtype = choose_dtype(dtype, capabilities=capabilities)
     skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype)
-    attn = _planned_attention(attn_implementation, skeleton.dtype, resolved, skeleton.model_class)
+    attn = _planned_attention(
+        attn_implementation, skeleton.dtype, capabilities, skeleton.model_class
+    )
     _check_workload(skeleton, workload)
     request = Request(skeleton, resolved, attn, workload, allow_offload)
     strategy, reason, attempt = choose(request)

@@ -1,12 +1,8 @@
 """Built-in presets: the published configs of the Qwen multimodal checkpoints, offline.
 
 Each preset is a data file, ``presets/<name>.json`` (its README says what the fields hold and
-where the values come from). The installed transformers parses the config with its own config
-class, as ``from_pretrained`` does with a downloaded ``config.json``.
-
->>> from omnifix._plan.presets import PRESETS, preset_config
->>> "qwen2.5-omni-7b" in PRESETS, preset_config("qwen2-vl-7b").vision_config.depth
-(True, 32)
+where the values come from), parsed by the installed transformers' own config class as
+``from_pretrained`` parses a downloaded ``config.json``.
 """
 
 from __future__ import annotations
@@ -53,13 +49,6 @@ def _data(name: str) -> tuple[PresetName, dict[str, Any]]:
     return preset, _read(preset)
 
 
-def _normalise(name: str) -> str:
-    """``"Qwen/Qwen2.5-Omni-7B"`` -> ``"qwen2.5-omni-7b"``; the instruct suffix is dropped too."""
-    key = name.strip().lower()
-    key = key.removeprefix("qwen/")
-    return key.removesuffix("-instruct")
-
-
 def find_preset(name: str, *, required: bool = True) -> PresetName | None:
     """The preset ``name`` means (case and the hub's ``Qwen/`` and ``-Instruct`` ignored).
 
@@ -72,7 +61,7 @@ def find_preset(name: str, *, required: bool = True) -> PresetName | None:
         >>> find_preset("Qwen/Qwen2.5-Omni-7B"), find_preset("org/model", required=False)
         ('qwen2.5-omni-7b', None)
     """
-    key = _normalise(name)
+    key = name.strip().lower().removeprefix("qwen/").removesuffix("-instruct")
     for preset in PRESETS:
         if key == preset:
             return preset
@@ -104,14 +93,7 @@ def _class(name: str, field: str) -> Any:
 
 
 def preset_config(name: str) -> PretrainedConfig:
-    """The config of a built-in preset, built by the installed transformers' own config class.
-
-    Args:
-        name: One of :data:`PRESETS`, case-insensitive; the hub repository id (e.g.
-            ``"Qwen/Qwen2.5-Omni-7B"``, with or without ``-Instruct``) is accepted too.
-
-    Returns:
-        A fresh config (safe to modify) with the checkpoint's published dimensions.
+    """A fresh config of the preset ``name`` (see :func:`find_preset`), parsed by transformers.
 
     Raises:
         UnsupportedModelError: ``name`` is not a preset (the message suggests the closest one),
@@ -134,12 +116,6 @@ def preset_config(name: str) -> PretrainedConfig:
 
 def preset_model_class(name: str) -> type[PreTrainedModel]:
     """The transformers class that loads the preset's checkpoint (the class of the full model).
-
-    Args:
-        name: As for :func:`preset_config`.
-
-    Returns:
-        For example ``Qwen2_5OmniForConditionalGeneration`` for ``"qwen2.5-omni-7b"``.
 
     Raises:
         UnsupportedModelError: As for :func:`preset_config`.

@@ -1,8 +1,8 @@
-"""The model on ``meta``, built the way ``from_pretrained`` builds it, and transformers' placement.
+"""The model on ``meta``, built as ``from_pretrained`` builds it, and transformers' placement.
 
-Turns what the user passed (a preset name, a checkpoint, a config, a built model) into a
-:class:`Skeleton`, and wraps the sizing and ``infer_auto_device_map`` that the installed
-transformers uses for ``device_map="auto"`` (its own in 5.x, accelerate's in 4.x).
+What the user names (a preset, a checkpoint, a config, a built model) becomes a
+:class:`Skeleton`; its sizes and maps come from the sizing and ``infer_auto_device_map`` that the
+installed transformers uses for ``device_map="auto"`` (its own in 5.x, accelerate's in 4.x).
 """
 
 from __future__ import annotations
@@ -94,17 +94,10 @@ def no_split_modules(model: nn.Module) -> frozenset[str]:
 
 
 def infer_device_map(skeleton: Skeleton, max_memory: Mapping[str, int]) -> dict[str, str]:
-    """The installed transformers' ``device_map="sequential"`` for these budgets, in module order.
+    """The installed transformers' ``device_map="sequential"`` for ``max_memory``, in module order.
 
-    Sequential (devices filled in order) rather than ``"auto"``'s balanced split: the planner sets
-    each device's budget itself, and filling in order gives the fewest device boundaries.
-
-    Args:
-        skeleton: The model.
-        max_memory: Bytes per device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
-
-    Returns:
-        The map, its values spelled by :func:`omnifix._device_map.spell`.
+    Devices (``"cuda:N"``, ``"cpu"``, ``"disk"``) are filled in order, with the fewest boundaries;
+    the map's values are spelled by :func:`omnifix._device_map.spell`.
     """
     from accelerate.utils.modeling import get_max_layer_size
 
@@ -172,20 +165,15 @@ def build_on_meta(config: PretrainedConfig, model_class: type, dtype: torch.dtyp
     with quiet(), no_init_weights(), init_empty_weights():
         model = builder._from_config(copy.deepcopy(config), **{dtype_keyword(): dtype})  # noqa: SLF001
     model.tie_weights()
-    model.eval()
-    built: nn.Module = model
+    built: nn.Module = model.eval()
     return built
 
 
 def build_skeleton(name: str, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A preset's full model with every parameter on ``meta``: all the shapes, no weights.
 
-    Modules that transformers keeps in another precision keep it (Qwen2.5-Omni's token2wav is
-    float32 whatever ``dtype`` says); buffers computed at build time are real (under 8 MB).
-
-    Args:
-        name: As for :func:`omnifix._plan.presets.preset_config`.
-        dtype: Dtype of the floating-point parameters; ``None``: bfloat16, as published.
+    Floating parameters in ``dtype`` (default bfloat16, as published) unless transformers keeps
+    a module in another (Qwen2.5-Omni's token2wav stays float32); built buffers are real.
 
     Raises:
         UnsupportedModelError: As for :func:`omnifix._plan.presets.preset_config`.
@@ -217,27 +205,17 @@ def _order(model: nn.Module) -> dict[str, int]:
 def _skeleton(
     label: str, model: nn.Module, dtype: torch.dtype, config: PretrainedConfig | None
 ) -> Skeleton:
+    no_split, anatomy, sizes = no_split_modules(model), describe(model), module_sizes(model)
     return Skeleton(
-        label=label,
-        model=model,
-        model_class=type(model),
-        dtype=dtype,
-        no_split=no_split_modules(model),
-        anatomy=describe(model),
-        sizes=module_sizes(model),
-        order=_order(model),
-        config=config,
+        label, model, type(model), dtype, no_split, anatomy, sizes, _order(model), config
     )
 
 
 def _cached(
     label: str, config: PretrainedConfig, model_class: type, dtype: torch.dtype
 ) -> Skeleton:
-    key = (
-        f"{model_class.__module__}.{model_class.__qualname__}",
-        config.to_json_string(),
-        str(dtype),
-    )
+    name = f"{model_class.__module__}.{model_class.__qualname__}"
+    key = (name, config.to_json_string(), str(dtype))
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
@@ -310,8 +288,7 @@ def load_skeleton(model: object, *, model_class: type | None, dtype: torch.dtype
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
         if isinstance(model, str) and not Path(text).is_dir():
-            # A name that is no preset: the preset error (with the closest name), unless it
-            # looks like a path or a hub id.
+            # A bare name that is no preset raises the preset error (it names the closest).
             preset = find_preset(text, required="/" not in text and os.sep not in text)
             if preset is not None:
                 cls = model_class or preset_model_class(preset)

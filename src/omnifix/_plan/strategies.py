@@ -1,9 +1,6 @@
-"""The strategies: evaluate a placement, and pick the first of single, split, offload that fits.
+"""The strategies: evaluate a map, and choose one GPU, a split or an offload, else refuse.
 
-A :class:`Request` holds everything one plan depends on; :func:`evaluate` predicts each
-device's peak under a map; :func:`choose` tries one GPU, then a split filled in order by
-transformers' own ``infer_auto_device_map`` and balanced by predicted utilisation, then an
-explicit offload, else returns the closest refused attempt.
+How each strategy builds its map is explained in docs/loading.md ("How the planner decides").
 """
 
 from __future__ import annotations
@@ -25,18 +22,8 @@ if TYPE_CHECKING:
     from omnifix._plan.skeleton import Skeleton
     from omnifix._plan.workload import Workload
 
-__all__ = [
-    "Attempt",
-    "Request",
-    "Strategy",
-    "balance",
-    "choose",
-    "evaluate",
-    "fill",
-    "offload",
-    "offloaded",
-    "single",
-]
+__all__ = ["Attempt", "Request", "Strategy", "balance", "choose", "evaluate", "fill"]
+__all__ += ["offload", "offloaded", "single"]
 
 #: How a plan places the model.
 Strategy = Literal["single", "split", "offload", "refuse"]
@@ -112,18 +99,13 @@ def evaluate(request: Request, device_map: dict[str, str]) -> Attempt:
     )
     # Offloaded weights are streamed to the main device, one entry at a time.
     streamed = max((skeleton.sizes.get(name, 0) for name in placement.offloaded), default=0)
+    extra = {placement.main: streamed}
     devices = [b.device for b in request.gpus]
     devices += [d for d in OFFLOAD_TARGETS if d in weights or d in usage]
     devices += [d for d in weights if d not in devices]  # spilled to an unbudgeted device
     rows = tuple(
-        _row(
-            request,
-            device,
-            weights.get(device, 0),
-            usage.get(device, PhasePeaks()),
-            streamed if device == placement.main else 0,
-        )
-        for device in devices
+        _row(request, d, weights.get(d, 0), usage.get(d, PhasePeaks()), extra.get(d, 0))
+        for d in devices
     )
     return Attempt(device_map, rows, usage)
 
@@ -170,11 +152,10 @@ def single(request: Request, budget: Budget) -> Attempt:
 
 
 def _reservations(request: Request, devices: Sequence[Budget]) -> dict[str, int]:
-    """First guess of what each device needs besides weights.
+    """First guess of what each device needs besides weights (the KV cache comes with layers).
 
-    No KV cache yet (it is added as the layers land); the language model's activations on every
-    device that computes, and on the first one the towers and the inputs too (what it would
-    need holding the whole model).
+    The language model's activations where layers compute; on the first device the towers and
+    the inputs too (what it would need holding the whole model).
     """
     first = devices[0]
     usage = evaluate(request, {"": first.device}).usage[first.device]
@@ -199,9 +180,8 @@ def _reservations(request: Request, devices: Sequence[Budget]) -> dict[str, int]
 def fill(request: Request, devices: Sequence[Budget]) -> Attempt:
     """Fill ``devices`` in order with transformers' ``infer_auto_device_map``.
 
-    Each device's ``max_memory`` starts at its budget less its reservation; while a device is
-    over budget, its ``max_memory`` drops to the weights it got less its excess, so it sheds
-    layers (and their KV cache) to the next device. Limits only shrink, so this ends.
+    Each device's ``max_memory`` is its budget less its reservation, then, while it is over
+    budget, the weights it got less its excess: limits only shrink, so this ends.
     """
     reserve = _reservations(request, devices)
     limits = {d.device: max(0, d.size - reserve[d.device]) for d in devices}
@@ -223,18 +203,11 @@ def _utilisation(row: DeviceBudget) -> float:
 
 
 def balance(request: Request, split: Attempt) -> Attempt:
-    """``split`` re-filled so that the highest predicted utilisation of its GPUs is minimal.
+    """``split`` re-filled on the same GPUs so that their highest predicted utilisation is least.
 
-    The in-order fill gives each GPU all it can hold before the next one gets anything. This
-    pass fills the same GPUs (only those: the device count stays) again under a common cap ``t``
-    on the utilisation (peak + margin over budget). Every GPU but the last gets as
-    ``max_memory`` its weights in the latest fitting map plus the gap between its need there and
-    ``t`` over what each byte of layers brings (the byte, its KV cache, their margin); the last
-    takes the rest. ``t`` starts at the perfect balance (total need over summed budgets), rises
-    by at most one layer per boundary while the map misses it, then is bisected down to a
-    quarter of a layer. Each probe is one ``infer_auto_device_map`` call (contiguous blocks in
-    module order) judged by :func:`evaluate`; only a map that fits, spills nothing, uses the
-    same GPUs and lowers the highest utilisation replaces ``split``.
+    A bisection over a common cap on utilisation (peak + margin over budget), one
+    ``infer_auto_device_map`` call per probe; only a map that fits, spills nothing, uses the same
+    GPUs and lowers the highest utilisation replaces ``split`` (docs/loading.md).
     """
     values = set(split.device_map.values())
     used = [b for b in request.gpus if b.device in values]
@@ -311,10 +284,6 @@ def offload(request: Request) -> Attempt:
     return fill(with_cpu, order)
 
 
-def _total_need(attempt: Attempt) -> int:
-    return sum(row.total + row.margin for row in attempt.rows)
-
-
 def choose(request: Request, *, balanced: bool = True) -> tuple[Strategy, str, Attempt]:
     """The first strategy that fits (with its reason), or the closest refused attempt.
 
@@ -347,12 +316,9 @@ def choose(request: Request, *, balanced: bool = True) -> tuple[Strategy, str, A
                 reason += f", then {_balance_summary(split)}"
             return "split", reason, split
         closest = split
-    return _offload_or_refuse(
-        request,
-        closest,
-        f"it needs {format_bytes(_total_need(closest))} in all and no placement on these GPUs "
-        f"fits ({_shortfalls(request, closest)})",
-    )
+    total = format_bytes(sum(row.total + row.margin for row in closest.rows))
+    why = f"it needs {total} in all and no placement on these GPUs fits"
+    return _offload_or_refuse(request, closest, f"{why} ({_shortfalls(request, closest)})")
 
 
 def _offload_or_refuse(
@@ -362,21 +328,20 @@ def _offload_or_refuse(
     if request.allow_offload:
         offloading = offload(request)
         if offloading.fits:
-            return "offload", _offload_reason(offloading), offloading
+            where = offloaded(offloading)
+            reason = f"the GPUs cannot hold it; allow_offload=True puts {where} (much slower than "
+            return "offload", reason + "a GPU-only placement)", offloading
     return "refuse", why + ("" if request.allow_offload else "; offload is off"), closest
 
 
 def _shortfalls(request: Request, attempt: Attempt) -> str:
     """``cuda:0 1.2 GiB short, 3.4 GiB of weights fit on no GPU``."""
     parts = []
-    for row in attempt.rows:
-        if row.fits:
-            continue
-        if request.budget(row.device) is None:  # accelerate's overflow: cpu/disk nobody offered
-            if row.weights:
-                parts.append(f"{format_bytes(row.weights)} of weights fit on no GPU")
-            continue
-        parts.append(f"{row.device} {format_bytes(-row.headroom)} short")
+    for row in (row for row in attempt.rows if not row.fits):
+        if request.budget(row.device) is not None:
+            parts.append(f"{row.device} {format_bytes(-row.headroom)} short")
+        elif row.weights:  # accelerate's overflow: a cpu or disk nobody offered
+            parts.append(f"{format_bytes(row.weights)} of weights fit on no GPU")
     return ", ".join(parts)
 
 
@@ -409,20 +374,9 @@ def _single_reason(row: DeviceBudget) -> str:
 
 def offloaded(attempt: Attempt) -> str:
     """``9.5 GiB on cpu, copied to cuda:0 for every forward pass``."""
-    parked = {
-        row.device: row.weights
+    where = " and ".join(
+        f"{format_bytes(row.weights)} of weights on {row.device}"
         for row in attempt.rows
         if row.device in OFFLOAD_TARGETS and row.weights
-    }
-    gpu = Placement.of(attempt.device_map).main
-    where = " and ".join(
-        f"{format_bytes(size)} of weights on {dev}" for dev, size in parked.items()
     )
-    return f"{where}, copied to {gpu} for every forward pass"
-
-
-def _offload_reason(attempt: Attempt) -> str:
-    return (
-        f"the GPUs cannot hold it; allow_offload=True puts {offloaded(attempt)} (much slower "
-        "than a GPU-only placement)"
-    )
+    return f"{where}, copied to {Placement.of(attempt.device_map).main} for every forward pass"
