@@ -13,6 +13,7 @@ What the numbers are checked against:
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -393,6 +394,21 @@ def test_plan_a_tiny_checkpoint_directory_on_cpu_and_split_over_gpus(
 def build_like(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A bf16 skeleton of the same class and config (what the GPU plans size)."""
     return build_on_meta(model.config, type(model), dtype)
+
+
+def test_a_config_naming_an_unknown_architecture_asks_for_the_class(
+    tiny_lm_dir: Path, tmp_path: Path
+) -> None:
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_lm_dir, renamed)
+    config = json.loads((renamed / "config.json").read_text())
+    config["architectures"] = ["Qwen2ForSomethingElse"]
+    (renamed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(omnifix.UnsupportedModelError, match="Qwen2ForSomethingElse") as caught:
+        plan_placement(renamed, budgets={0: "4GiB"})
+    assert "model_class=" in str(caught.value)
+    plan = plan_placement(renamed, model_class=ot.model_class("qwen2"), budgets={0: "4GiB"})
+    assert plan.fits
 
 
 def test_plain_text_model_directory(tiny_lm_dir: Path) -> None:

@@ -14,7 +14,7 @@ import importlib.resources
 import json
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
-from omnifix._compat import quiet
+from omnifix._compat import installed_version, quiet
 from omnifix.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -86,7 +86,8 @@ def _class(name: str, field: str) -> Any:
         needed = data["min_transformers"]
         raise UnsupportedModelError(
             f"Preset {preset!r} ({data['repo']}) needs transformers>={needed}, but "
-            f"transformers {transformers.__version__} is installed and has no {data[field]}. "
+            f"transformers {installed_version('transformers')} is installed and has no "
+            f"{data[field]}. "
             f"Upgrade it: pip install 'transformers>={needed}'"
         )
     return cls
