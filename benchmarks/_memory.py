@@ -21,8 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from _models import workload_inputs
+from _models import gpu_index, workload_inputs
 from _results import error_status
+
+from omnifix._device_map import locate as find_entry
+from omnifix._device_map import spell
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -61,13 +64,13 @@ def tiny_family(preset: str) -> str | None:
 def skeleton(preset: str, *, tiny: bool) -> nn.Module:
     """The whole model of ``preset`` on ``meta`` (tiny: its ``omnifix.testing`` stand-in, fp32)."""
     if not tiny:
-        from omnifix._presets import build_skeleton
+        from omnifix._plan.skeleton import build_skeleton
 
         return build_skeleton(preset)
     import torch
 
     import omnifix.testing as ot
-    from omnifix._skeleton import build_on_meta
+    from omnifix._plan.skeleton import build_on_meta
 
     family: Any = tiny_family(preset)
     return build_on_meta(ot.tiny_config(family), ot.model_class(family), torch.float32)
@@ -88,17 +91,18 @@ def set_attention(model: nn.Module, attn: str) -> None:
 def on_cpu(device_map: Mapping[str, int | str]) -> dict[str, int | str]:
     """``device_map`` with every GPU replaced by the cpu (``--tiny`` runs the maps on the cpu)."""
     return {
-        name: "cpu" if isinstance(device, int) else device for name, device in device_map.items()
+        name: "cpu" if gpu_index(device) is not None else device
+        for name, device in device_map.items()
     }
 
 
 def locate(device_map: Mapping[str, int | str], name: str) -> int | str:
     """The device ``device_map`` gives tensor/module ``name``: its longest matching prefix."""
-    keys = [key for key in device_map if key in {"", name} or name.startswith(key + ".")]
-    if not keys:
+    found = find_entry(device_map, name)
+    if found is None:
         msg = f"device_map places nothing that holds {name!r}"
         raise KeyError(msg)
-    return device_map[max(keys, key=len)]
+    return found[1]
 
 
 def weights_by_device(model: nn.Module, device_map: Mapping[str, int | str]) -> dict[str, int]:
@@ -166,13 +170,13 @@ def kv_by_device(
 
 
 def device_name(device: int | str) -> str:
-    """``0`` -> ``"cuda:0"``; strings unchanged."""
-    return f"cuda:{device}" if isinstance(device, int) else str(device)
+    """``0`` -> ``"cuda:0"``; names spelled as omnifix spells them."""
+    return spell(device, index_type="cuda")
 
 
 def gpus_of(device_map: Mapping[str, int | str]) -> list[int]:
-    """The GPU indices a map uses, sorted."""
-    return sorted({d for d in device_map.values() if isinstance(d, int)})
+    """The GPU indices a map uses (``0`` or ``"cuda:0"``), sorted."""
+    return sorted({i for i in map(gpu_index, device_map.values()) if i is not None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +424,7 @@ def predict_phases(
     """Predicted peak above the weights of each phase, with the whole model on one GPU.
 
     The numbers ``benchmarks/measure_peaks.py`` measures, for comparing the memory model with
-    GPU measurements and re-fitting ``omnifix._estimate.CALIBRATION``: ``"prefill"`` and
+    GPU measurements and re-fitting ``omnifix._plan.estimate.CALIBRATION``: ``"prefill"`` and
     ``"logits"`` include the KV cache (the language-model peak is the larger of the two),
     ``"vision"``/``"video"``/``"audio"`` are the tower calls (no KV cache yet). Fixed costs (CUDA
     context, cuBLAS workspace) and the margin's fresh blocks are not included; nor is the
@@ -445,8 +449,8 @@ def predict_phases(
     import torch
 
     from omnifix._attention import parse_dtype
-    from omnifix._estimate import estimate
-    from omnifix._skeleton import load_skeleton
+    from omnifix._plan.estimate import estimate
+    from omnifix._plan.skeleton import load_skeleton
 
     skeleton = load_skeleton(model, model_class=None, dtype=parse_dtype(dtype) or torch.bfloat16)
     usage = estimate(

@@ -16,6 +16,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from omnifix._device_map import locate
+from omnifix.errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -41,16 +44,22 @@ _D = TypeVar("_D")
 # ----------------------------------------------------------------------------------------------
 
 
-def _device_of(device_map: Mapping[str, int | str], name: str) -> int | str:
-    keys = [key for key in device_map if key in {"", name} or name.startswith(key + ".")]
-    if not keys:
-        from omnifix.errors import InvalidArgumentError
+def gpu_index(value: object) -> int | None:
+    """The GPU index of a device_map value (``0`` or ``"cuda:0"``); ``None`` for cpu, disk, ..."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    kind, _, index = str(value).partition(":")
+    return int(index) if kind == "cuda" and index.isdigit() else None
 
+
+def _device_of(device_map: Mapping[str, int | str], name: str) -> int | str:
+    found = locate(device_map, name)
+    if found is None:
         raise InvalidArgumentError(
             f"device_map places no module that holds {name!r}. "
             "Pass a device_map that covers every parameter, such as PlacementPlan.device_map."
         )
-    return device_map[max(keys, key=len)]
+    return found[1]
 
 
 def materialize(

@@ -11,6 +11,10 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from _models import gpu_index
+
+from omnifix._device_map import spell
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -135,7 +139,7 @@ def devices_of(device_map: Iterable[object]) -> list[str]:
     """The distinct devices of a map's values, in first-seen order, as strings."""
     seen: list[str] = []
     for value in device_map:
-        text = f"cuda:{value}" if isinstance(value, int) else str(value)
+        text = spell(value, index_type="cuda")
         if text not in seen:
             seen.append(text)
     return seen
@@ -145,6 +149,5 @@ def device_of(value: int | str, devices: Sequence[torch.device]) -> torch.device
     """A map value (GPU index or name) as a device, GPU ``i`` meaning ``devices[i]``."""
     import torch
 
-    if isinstance(value, int):
-        return devices[value]
-    return torch.device(value)
+    index = gpu_index(value)
+    return torch.device(str(value)) if index is None else devices[index]

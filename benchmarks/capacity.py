@@ -191,7 +191,7 @@ def word_map(
     import transformers.modeling_utils
     from accelerate import infer_auto_device_map
 
-    from omnifix._skeleton import no_split_modules
+    from omnifix._plan.skeleton import no_split_modules
 
     try:
         from transformers.integrations.accelerate import _get_device_map

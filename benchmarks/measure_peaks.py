@@ -25,7 +25,7 @@ from _memory import set_attention
 from _models import workload_inputs
 
 import omnifix
-from omnifix._presets import build_skeleton
+from omnifix._plan.skeleton import build_skeleton
 
 GIB = 2**30
 

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from _memory import free_memory, set_attention
-from _models import materialize, workload_inputs
+from _models import gpu_index, materialize, workload_inputs
 from _results import error_status, write_results
 from _timing import (
     place,
@@ -141,7 +141,7 @@ def balanced_map(model: nn.Module, max_memory: dict[int | str, int] | None) -> d
         return dict(get_device_map(model, "auto", max_memory, None, **extra))
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
-    from omnifix._skeleton import no_split_modules
+    from omnifix._plan.skeleton import no_split_modules
 
     no_split = sorted(no_split_modules(model))
     try:
@@ -164,7 +164,7 @@ def balanced_map(model: nn.Module, max_memory: dict[int | str, int] | None) -> d
 def _real(device_map: dict[str, Any], devices: list[Any]) -> dict[str, Any]:
     """Map values as devices of this run: GPU index ``i`` -> ``devices[i]`` (``"cpu"`` in tiny)."""
     return {
-        name: devices[value] if isinstance(value, int) else value
+        name: value if gpu_index(value) is None else devices[gpu_index(value)]
         for name, value in device_map.items()
     }
 
@@ -264,7 +264,7 @@ def _build(
             workload=workload,
         )
     else:
-        from omnifix._presets import build_skeleton
+        from omnifix._plan.skeleton import build_skeleton
 
         skeleton = build_skeleton(preset)
         model = getattr(skeleton, "thinker", skeleton)  # Omni: text generation is the thinker's

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from _memory import free_memory
-from _models import materialize
+from _models import gpu_index, materialize
 from _results import error_status, write_results
 from _timing import place, print_case, spread, timed, tiny_threads
 
@@ -186,7 +186,7 @@ def _plan_cases(args: argparse.Namespace, record: _Recorder, workdir: Path) -> N
     import torch
 
     import omnifix
-    from omnifix import _skeleton
+    from omnifix._plan import skeleton as _skeleton
 
     if args.tiny:
         import omnifix.testing as ot
@@ -197,7 +197,7 @@ def _plan_cases(args: argparse.Namespace, record: _Recorder, workdir: Path) -> N
         targets = [(f"tiny {family}", str(path), name, "float32", ("24GiB",))]
         workload = {"text_tokens": 32, "max_new_tokens": 8}
     else:
-        from omnifix._presets import preset_model_class
+        from omnifix._plan.presets import preset_model_class
 
         targets = [
             (preset, preset, preset_model_class(preset).__name__, "bfloat16", PLAN_BUDGETS)
@@ -315,12 +315,12 @@ def _checks_skeleton(args: argparse.Namespace) -> nn.Module:
 
     if args.tiny:
         import omnifix.testing as ot
-        from omnifix._skeleton import build_on_meta
+        from omnifix._plan.skeleton import build_on_meta
 
         family = tiny_family(TINY_CHECKS)
         cls = ot.model_class(family)
         return build_on_meta(ot.tiny_config(family), cls, torch.float32)
-    from omnifix._presets import build_skeleton
+    from omnifix._plan.skeleton import build_skeleton
 
     model: nn.Module = build_skeleton("qwen2.5-omni-7b")
     return model
@@ -407,7 +407,7 @@ def _split_checks(
             workload=omnifix.Workload(text_tokens=1024, max_new_tokens=64),
         )
     device_map = {
-        name: "cpu" if args.tiny and isinstance(value, int) else value
+        name: "cpu" if args.tiny and gpu_index(value) is not None else value
         for name, value in plan.device_map.items()
     }
     case.update(strategy=plan.strategy, devices=sorted({str(v) for v in device_map.values()}))
@@ -447,7 +447,8 @@ def _save_checkpoint(args: argparse.Namespace, workdir: Path) -> tuple[Path, typ
     if args.tiny:
         family = tiny_family(TINY_LOAD)
         return ot.save_tiny_model(family, workdir / "load"), ot.model_class(family)
-    from omnifix._presets import build_skeleton, preset_model_class
+    from omnifix._plan.presets import preset_model_class
+    from omnifix._plan.skeleton import build_skeleton
 
     path = workdir / LOAD_PRESET
     model = build_skeleton(LOAD_PRESET)

@@ -100,7 +100,7 @@ def created_models(monkeypatch: pytest.MonkeyPatch) -> Created:
 def _offload_cap(path: Path) -> int:
     """A cpu budget that the planner answers with an offload to disk (too small for the whole
     model, enough for part of it), found by asking the planner."""
-    from omnifix._plan import plan_placement
+    from omnifix import plan_placement
 
     alone = plan_placement(path, budgets={"cpu": 2**40})
     row = alone.device("cpu")
@@ -214,7 +214,7 @@ def test_unknown_architecture_needs_model_class(qwen2_dir: Path, tmp_path: Path)
 def test_refusal_states_numbers_and_loads_nothing(
     qwen2_dir: Path, spy_from_pretrained: list[dict[str, Any]], created_models: Created
 ) -> None:
-    from omnifix._plan import plan_placement
+    from omnifix import plan_placement
 
     with pytest.raises(omnifix.InsufficientMemoryError) as raised:
         load_safely(qwen2_dir, max_memory={"cpu": "1KiB"})
@@ -230,6 +230,10 @@ def test_refusal_states_numbers_and_loads_nothing(
     )
     assert not plan.fits
     assert str(raised.value) == plan.explain()
+    refused = raised.value.plan  # the plan load_safely refused, for callers to inspect
+    assert refused is not None
+    assert not refused.fits
+    assert refused.explain() == plan.explain()
     assert "cpu: needs" in str(raised.value)
     assert "short" in str(raised.value)
     assert spy_from_pretrained == []  # refused before from_pretrained

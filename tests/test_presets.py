@@ -16,6 +16,8 @@ The expected numbers are published facts, not outputs of omnifix:
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import time
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,8 @@ from packaging.version import Version
 
 from omnifix import UnsupportedModelError
 from omnifix._modules import find_input_embeddings
-from omnifix._presets import PRESETS, build_skeleton, preset_config, preset_model_class
+from omnifix._plan.presets import PRESETS, preset_config, preset_model_class
+from omnifix._plan.skeleton import build_skeleton
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -117,6 +120,18 @@ def parameters_of(model: nn.Module, class_name: str) -> int:
 
 def test_every_listed_checkpoint_is_a_preset() -> None:
     assert set(PRESETS) == set(PUBLISHED_PARAMETERS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_is_a_data_file_that_says_where_it_comes_from(name: str) -> None:
+    path = importlib.resources.files("omnifix._plan") / "presets" / f"{name}.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["repo"].lower().removeprefix("qwen/").removesuffix("-instruct") == name
+    assert data["model_class"] == MODEL_CLASS[name]
+    assert data["min_transformers"] == FIRST_RELEASE[name]
+    assert data["notes"]
+    assert all(isinstance(note, str) and note for note in data["notes"])
+    assert data["config"]["architectures"]
 
 
 @pytest.mark.parametrize("name", buildable(*PRESETS))

@@ -92,16 +92,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     elif args.plain:
         print(plan)
-        print()
-        print(plan.explain())
     else:
         from rich.console import Console
-        from rich.markup import escape
 
-        console = Console()
-        console.print(plan)
-        console.print()
-        console.print(escape(plan.explain()), soft_wrap=True)  # sentences: the terminal wraps
+        Console().print(plan)
     return 0 if plan.fits else 1
 
 

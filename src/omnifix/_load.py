@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 from omnifix._attention import choose_attention_for, choose_dtype, gpu_capabilities
-from omnifix._budgets import host_memory
 from omnifix._compat import dtype_keyword
 from omnifix._config import HUB_KWARGS, model_class_for, read_config
 from omnifix._device_map import Placement
@@ -36,6 +35,7 @@ from omnifix._embeddings import pin_embeddings
 from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
 from omnifix._plan import plan_placement, require_workload
+from omnifix._plan.budgets import host_memory
 from omnifix._report import LoadRecord, remember
 from omnifix._units import parse_size
 from omnifix.errors import (

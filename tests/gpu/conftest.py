@@ -127,7 +127,7 @@ def _save_medium_qwen2(path: Path) -> Path:
 
 def _split_cap(path: Path, dtype: torch.dtype, attention: str) -> int:
     """An equal per-GPU budget at which one GPU is too small and two are enough."""
-    from omnifix._plan import plan_placement
+    from omnifix import plan_placement
 
     huge = {"cuda:0": 2**40, "cuda:1": 2**40}
     alone = plan_placement(path, budgets=huge, dtype=dtype, attn_implementation=attention)

@@ -74,7 +74,8 @@ def test_auto_runs_gpu0_out_of_memory_where_load_safely_fits(
     import torch
 
     from omnifix._compat import dtype_keyword
-    from omnifix._presets import build_skeleton, preset_model_class
+    from omnifix._plan.presets import preset_model_class
+    from omnifix._plan.skeleton import build_skeleton
 
     if "qwen2.5-vl" not in omnifix.testing.available_families():
         pytest.skip("this transformers has no Qwen2.5-VL")

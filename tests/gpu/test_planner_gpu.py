@@ -56,14 +56,14 @@ def _run(
 ) -> dict[str, Any]:
     import torch
 
-    from omnifix._presets import build_skeleton
+    from omnifix._plan.skeleton import build_skeleton
 
     workload = omnifix.Workload(**work)
     plan = omnifix.plan_placement(
         preset, budgets=budgets, dtype=torch.bfloat16, attn_implementation=attn, workload=workload
     )
     assert plan.fits, plan.explain()
-    gpus = sorted({d for d in plan.device_map.values() if isinstance(d, int)})
+    gpus = sorted({torch.device(d).index for d in plan.device_map.values() if d.startswith("cuda")})
     gc.collect()
     torch.cuda.empty_cache()
     # Anything still allocated belongs to earlier tests, not to this case: measure above it.

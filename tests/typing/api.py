@@ -93,7 +93,9 @@ def planning_and_loading(path: str) -> None:
         "qwen2.5-vl-7b", budgets={0: "24GiB", 1: "24GiB"}, workload=work
     )
     fits: bool = plan.fits
-    device_map: dict[str, int | str] = plan.device_map
+    device_map: dict[str, str] = plan.device_map
+    inputs_on: torch.device | None = plan.input_device
+    unlimited: bool = plan.devices[0].unlimited
     rows: tuple[omnifix.types.DeviceBudget, ...] = plan.devices
     peak: int = rows[0].total
     explicit = omnifix.plan_placement(path, dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -102,4 +104,4 @@ def planning_and_loading(path: str) -> None:
     report: omnifix.PlacementReport = omnifix.placement_report(typed)
     hooks: str = report.hooks
     kept = omnifix.load_safely(path, hooks="accelerate")
-    del fits, device_map, peak, explicit, report, hooks, kept
+    del fits, device_map, inputs_on, unlimited, peak, explicit, report, hooks, kept

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Final
 
 from omnifix.errors import InvalidArgumentError
@@ -46,15 +46,7 @@ class Workload:
 
     def __post_init__(self) -> None:
         """Refuse counts that cannot be."""
-        for name in (
-            "batch_size",
-            "text_tokens",
-            "image_tokens",
-            "video_seconds",
-            "audio_seconds",
-            "max_new_tokens",
-            "video_tokens_per_second",
-        ):
+        for name in (field.name for field in fields(self) if field.name != "audio_output"):
             value = getattr(self, name)
             lowest = 1 if name in ("batch_size", "video_tokens_per_second") else 0
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lowest:

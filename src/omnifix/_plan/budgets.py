@@ -1,0 +1,186 @@
+"""Device budgets: the memory each device may use, and what a plan predicts it uses.
+
+Measured free memory already paid for the CUDA context; an explicit size (a card, a cap) must
+hold it too. Explicit GPUs are not checked against this machine: a laptop plans for a server.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from omnifix._device_map import place_order
+from omnifix._devices import parse_device
+from omnifix._units import parse_size
+from omnifix.errors import DeviceError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from omnifix._attention import Capability
+
+__all__ = ["SIMULATED_CAPABILITY", "UNLIMITED", "Budget", "DeviceBudget", "host_memory"]
+__all__ += ["resolve_budgets"]
+
+#: Budget of a ``"disk"`` nobody sized: accelerate puts no limit on it either.
+UNLIMITED: Final = 2**62
+#: Simulated GPUs (explicit budgets for GPUs this machine lacks) are assumed to be this recent.
+SIMULATED_CAPABILITY: Final[Capability] = (8, 0)
+_CUDA_ALIASES: Final = ("cuda", "gpu", "rocm", "hip")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory one device may use.
+
+    Attributes:
+        device: ``"cuda:N"``, ``"cpu"`` or ``"disk"``.
+        size: Bytes available.
+        measured: ``True`` for free memory measured now (the CUDA context is already paid);
+            ``False`` for an explicit size, which has to hold the context too.
+        capability: The compute capability of a real GPU; ``None`` for simulated GPUs and the cpu.
+    """
+
+    device: str
+    size: int
+    measured: bool = False
+    capability: Capability | None = None
+
+    @property
+    def is_gpu(self) -> bool:
+        """Whether this is a CUDA GPU (real or simulated)."""
+        return self.device.startswith("cuda:")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceBudget:
+    """One device's predicted use against its budget, in bytes."""
+
+    device: str
+    budget: int
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+    #: Kept free on top of the predicted peak (allocator fragmentation, estimate error).
+    margin: int = 0
+    #: The phase that sets the activation peak: ``"prefill"``, ``"logits"``, ``"logits copy"``
+    #: (the input GPU of a split, where the root hook copies the logits back), ``"vision"``,
+    #: ``"video"``, ``"audio"`` or ``"talker"``; ``""`` where nothing computes.
+    phase: str = ""
+
+    @property
+    def total(self) -> int:
+        """Predicted peak: weights + KV cache + activation peak + fixed overhead."""
+        return self.weights + self.kv_cache + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        """Whether the predicted peak plus the safety margin is within the budget."""
+        return self.total + self.margin <= self.budget
+
+    @property
+    def headroom(self) -> int:
+        """Budget left after the predicted peak and the margin (negative: short by that much)."""
+        return self.budget - self.total - self.margin
+
+    @property
+    def unlimited(self) -> bool:
+        """Whether nobody sized this budget (a disk that offload may fill)."""
+        return self.budget >= UNLIMITED
+
+
+def _device(key: object) -> str:
+    """``"cuda:N"``, ``"cpu"`` or ``"disk"`` for a budget key (not checked against this machine)."""
+    if isinstance(key, str) and key.strip().lower() == "disk":
+        return "disk"
+    kind, index = parse_device(key)  # spelling errors raise DeviceError with a suggestion
+    if kind in _CUDA_ALIASES:
+        if index is None:  # "cuda": the current device where there is one
+            import torch
+
+            index = int(torch.cuda.current_device()) if torch.cuda.is_available() else 0
+        return f"cuda:{index}"
+    if kind == "cpu" and index in (None, 0):
+        return "cpu"
+    raise DeviceError(
+        f"Budget key {key!r} names a {kind!r} device; the planner places models on CUDA GPUs, "
+        "the cpu and (with allow_offload=True) the disk. Use keys such as 0, 'cuda:1', 'cpu' or "
+        "'disk'."
+    )
+
+
+def host_memory() -> int:
+    """Bytes of host memory available now (psutil, which accelerate depends on)."""
+    psutil: Any = importlib.import_module("psutil")  # untyped; a dependency of accelerate
+    return int(psutil.virtual_memory().available)
+
+
+def _capability(index: int) -> Capability | None:
+    import torch
+
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return int(major), int(minor)
+
+
+def _measured(*, allow_offload: bool) -> tuple[Budget, ...]:
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return (Budget("cpu", host_memory(), measured=True),)
+    budgets = [
+        Budget(
+            f"cuda:{index}",
+            int(torch.cuda.mem_get_info(index)[0]),
+            measured=True,
+            capability=_capability(index),
+        )
+        for index in range(torch.cuda.device_count())
+    ]
+    if allow_offload:
+        budgets.append(Budget("cpu", host_memory(), measured=True))
+    return tuple(budgets)
+
+
+def resolve_budgets(
+    budgets: Mapping[Any, object] | None, *, allow_offload: bool
+) -> tuple[Budget, ...]:
+    """The budgets to plan with, GPUs first (by index), then ``cpu``, then ``disk``.
+
+    Args:
+        budgets: ``{device: size}`` (devices as :func:`omnifix.normalize_device` takes them, or
+            ``"disk"``; sizes as :func:`omnifix._units.parse_size` reads them), or ``None``: the
+            free memory of every visible GPU, or the host's on a machine without one.
+        allow_offload: With measured budgets, add the host memory as a ``cpu`` budget.
+
+    Raises:
+        InvalidArgumentError: An empty mapping, a size that is not one, or a device named twice.
+        DeviceError: A key that is not a device, or one the planner cannot place on (``mps``).
+
+    Example:
+        >>> from omnifix._plan.budgets import resolve_budgets
+        >>> budgets = resolve_budgets({"cuda:1": "1GiB", 0: 2**30}, allow_offload=False)
+        >>> [(b.device, b.size) for b in budgets]
+        [('cuda:0', 1073741824), ('cuda:1', 1073741824)]
+    """
+    if budgets is None:
+        return _measured(allow_offload=allow_offload)
+    if not isinstance(cast("object", budgets), Mapping) or not budgets:
+        raise InvalidArgumentError(
+            f"budgets={budgets!r} gives no device: pass a mapping such as "
+            "{0: '24GiB', 1: '24GiB'} (or {'cpu': '64GiB'}), or None to measure this machine."
+        )
+    parsed: dict[str, Budget] = {}
+    for key, value in budgets.items():
+        device = _device(key)
+        if device in parsed:
+            raise InvalidArgumentError(
+                f"budgets name {device!r} twice (as {key!r} too). Give each device once."
+            )
+        index = device.partition(":")[2]
+        capability = _capability(int(index)) if index else None
+        size = parse_size(value, what=f"budgets[{key!r}]")
+        parsed[device] = Budget(device, size, capability=capability)
+    return tuple(sorted(parsed.values(), key=lambda b: place_order(b.device)))

@@ -1,0 +1,376 @@
+"""The memory model: each device's KV cache, inputs and per-phase peaks above the weights.
+
+docs/loading.md explains it; :data:`CALIBRATION` holds its constants and their measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Literal
+
+from omnifix._units import MIB
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from omnifix._plan.anatomy import Anatomy, Decoder, Tower
+    from omnifix._plan.workload import Workload
+
+__all__ = ["CALIBRATION", "Calibration", "Figure", "PhasePeaks", "estimate", "score_bytes"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured peak above the weights (bytes of ``max_memory_allocated``, batch 1)."""
+
+    preset: str
+    attn: str
+    text_tokens: int
+    image_tokens: int
+    #: ``"prefill"``: the language-model phase (KV cache included); ``"vision"``: the tower call.
+    phase: Literal["prefill", "vision"]
+    gib: float
+    #: The run's first case: it also holds the one-time cuBLAS workspaces.
+    first_case: bool = False
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every fitted or assumed constant of the memory model, with the data behind it."""
+
+    #: Hidden-size values per token at the MLP peak beside the ``mlp_buffers`` intermediate ones
+    #: (residual, normed input, embeddings, rotary tables). Fitted: sdpa 8k-32k, 4.07-4.12.
+    lm_mlp_hidden: float
+    #: Hidden-size values per token around eager attention. Fitted: eager 8k, 6.2 (code: ~6.4).
+    lm_attn_hidden: float
+    #: Width-size values per patch at a vision block's peak (fp32 rotary q and k count double).
+    #: Fitted: ViT sdpa, 1280 and 4096 image tokens, 17.4.
+    vision_width: float
+    #: The same for an audio encoder layer; not measured yet: code reading.
+    audio_width: float
+    #: Bytes per eager score in bf16 (or cpu fp16): the scores, softmax's fp32 copy and output.
+    eager_score_bytes: int
+    #: Bytes per score where the softmax needs no copy (fp32, or fp16 on CUDA's fused kernel).
+    eager_score_bytes_fused: int
+    #: cuBLAS/cuBLASLt workspaces of the first matmul on a GPU (the 2k case: 59 MiB above linear).
+    workspace: int
+    #: What the CUDA context takes from ``mem_get_info`` (typical for torch 2.x on an H100).
+    cuda_context: int
+    #: Kept free on every device for allocator rounding and fragmentation ...
+    margin_bytes: int
+    #: ... plus this share of the predicted KV cache + activations (the model's error bound).
+    margin_fraction: float
+    #: Extra margin, a share of the activation peak, where eager attention runs (its fp32 softmax
+    #: copy may stay reserved in unusable pieces). Measured: Qwen2.5-VL-7B eager, a 2560-token
+    #: image on 24 GiB: 21.19 GiB allocated, then an OOM asking 6.25 GiB with 6.25 GiB reserved
+    #: but unallocated (H200, torch 2.11).
+    eager_block_fraction: float
+    #: Fresh segments kept free above a phase's peak, in units of its largest transient block
+    #: (an MLP intermediate, the input device's logits copy). Measured (H200, torch 2.11,
+    #: transformers 5.17, benchmarks/accuracy.py): Qwen2.5-VL-7B text 32k on 2 x 15 GiB peaked
+    #: within 0.1 % of the prediction, then asked 1.16 GiB (one 32768 x 18944 bf16 intermediate);
+    #: the logits copies of Qwen2-Audio-7B (8k, 2.38 GiB) and the Omni-7B thinker (32k, 9.28 GiB)
+    #: failed likewise; lm_head's own logits did not (within 2.2 GB of the peak).
+    fresh_blocks: int
+    #: The same for eager's fp32 softmax output (``batch x heads x L^2 x 4``): the margin keeps
+    #: ``max(eager_block_fraction x activations, eager_fresh_blocks x block)``. Measured:
+    #: Qwen2.5-VL-7B text 8k eager split on 2 x 37 GiB, peak within 0.3 %, then an OOM asking
+    #: 7.00 GiB (28 x 8192^2 x 4 B) with 7 GiB reserved but unusable.
+    eager_fresh_blocks: int
+    #: The measurements the coefficients were fitted to.
+    figures: tuple[Figure, ...] = field(default=())
+    #: Where the figures come from.
+    source: str = ""
+
+
+#: The constants of the memory model. Re-fit here when new GPU measurements come in.
+CALIBRATION: Final = Calibration(
+    lm_mlp_hidden=4.1,
+    lm_attn_hidden=6.0,
+    vision_width=17.4,
+    audio_width=8.0,
+    eager_score_bytes=10,
+    eager_score_bytes_fused=8,
+    workspace=64 * MIB,
+    cuda_context=512 * MIB,
+    margin_bytes=256 * MIB,
+    margin_fraction=0.10,
+    eager_block_fraction=0.40,
+    fresh_blocks=1,
+    eager_fresh_blocks=2,
+    figures=(
+        Figure("qwen2.5-vl-7b", "sdpa", 2048, 0, "prefill", 0.44, first_case=True),
+        Figure("qwen2.5-vl-7b", "sdpa", 8192, 0, "prefill", 1.53),
+        Figure("qwen2.5-vl-7b", "sdpa", 16384, 0, "prefill", 3.06),
+        Figure("qwen2.5-vl-7b", "sdpa", 32768, 0, "prefill", 6.11),
+        Figure("qwen2.5-vl-7b", "eager", 8192, 0, "prefill", 18.4),
+        Figure("qwen2.5-vl-7b", "sdpa", 0, 1280, "vision", 0.21),
+        Figure("qwen2.5-vl-7b", "eager", 0, 1280, "vision", 4.0),
+        Figure("qwen2.5-vl-7b", "sdpa", 0, 4096, "vision", 0.68),
+        Figure("qwen2.5-vl-7b", "eager", 0, 4096, "vision", 40.3),
+    ),
+    source=(
+        "Qwen2.5-VL-7B architecture, random bf16 weights, transformers 5.17, one H100, batch 1, "
+        "generate(max_new_tokens=1); peak above the weights from max_memory_allocated "
+        "(benchmarks/measure_peaks.py)"
+    ),
+)
+
+#: Audio-encoder positions per second (100 mel frames/s, stride-2 conv), before the pooling.
+_AUDIO_POSITIONS_PER_SECOND: Final = 50
+_MEL_FRAMES_PER_SECOND: Final = 100
+#: Patches per merged vision token (2x2 spatial merge).
+_PATCHES_PER_TOKEN: Final = 4
+#: Bytes per input id, attention-mask entry and position id (int64), x3 for M-RoPE positions.
+_INPUT_BYTES_PER_TOKEN: Final = 8 * 5
+_FP32: Final = 4
+#: Language-model phases: they run with the device's whole KV cache alive.
+_LM_PHASES: Final = ("prefill", "talker", "logits", "logits copy")
+
+
+@dataclass
+class PhasePeaks:
+    """One device's predicted use above its weights, per phase (bytes)."""
+
+    kv_cache: int = 0
+    inputs: int = 0
+    #: Peak above weights + inputs of each phase that runs here (KV cache included where alive).
+    phases: dict[str, int] = field(default_factory=dict)
+    #: Fresh memory each phase may need above its peak (GPU phases only).
+    blocks: dict[str, int] = field(default_factory=dict)
+
+    def add_phase(self, phase: str, size: float, block: float = 0) -> None:
+        """Keep the largest estimate of ``phase`` and of its fresh blocks."""
+        self.phases[phase] = max(self.phases.get(phase, 0), int(size))
+        if block:
+            self.blocks[phase] = max(self.blocks.get(phase, 0), int(block))
+
+    @property
+    def fresh(self) -> int:
+        """What the highest phase peak + its fresh blocks needs above the highest peak."""
+        peak = max(self.phases.values(), default=0)
+        need = max((size + self.blocks.get(p, 0) for p, size in self.phases.items()), default=0)
+        return max(0, need - peak)
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase with the highest peak (``""`` when nothing runs here)."""
+        return max(self.phases, key=lambda p: self.phases[p]) if self.phases else ""
+
+    @property
+    def activations(self) -> int:
+        """The transient peak on top of weights + KV cache (inputs included)."""
+        return max(0, max(self.phases.values(), default=0) - self.kv_cache) + self.inputs
+
+
+def score_bytes(dtype: torch.dtype, *, cuda: bool, calibration: Calibration = CALIBRATION) -> int:
+    """Bytes per eager attention score (see :class:`Calibration`)."""
+    import torch
+
+    if dtype == torch.float32 or (cuda and dtype == torch.float16):
+        return calibration.eager_score_bytes_fused
+    return calibration.eager_score_bytes
+
+
+def _vision_calls(load: Workload) -> list[tuple[str, int, int]]:
+    """``(phase, patches, segment)`` of each vision call: images, then videos."""
+    calls = []
+    if load.image_tokens:
+        per_image = _PATCHES_PER_TOKEN * load.image_tokens
+        calls.append(("vision", load.batch_size * per_image, per_image))
+    if load.video_tokens:
+        frame = _PATCHES_PER_TOKEN * max(1, load.video_tokens_per_second)
+        calls.append(("video", load.batch_size * _PATCHES_PER_TOKEN * load.video_tokens, frame))
+    return calls
+
+
+def _audio_call(tower: Tower, load: Workload) -> tuple[int, int]:
+    """``(positions, segment)`` of the audio call."""
+    if tower.layout == "batched":  # every clip padded to whole 30 s chunks
+        chunks = math.ceil(load.audio_seconds / (tower.segment / _AUDIO_POSITIONS_PER_SECOND))
+        return load.batch_size * chunks * tower.segment, tower.segment
+    positions = load.batch_size * math.ceil(load.audio_seconds * _AUDIO_POSITIONS_PER_SECOND)
+    return positions, max(1, tower.segment)
+
+
+def _input_bytes(anatomy: Anatomy, load: Workload) -> int:
+    """Inputs as processors return them (fp32 pixels and features), alive through generate."""
+    size = load.batch_size * load.prompt_tokens * _INPUT_BYTES_PER_TOKEN
+    for tower in anatomy.towers:
+        if tower.kind == "vision":
+            patches = _PATCHES_PER_TOKEN * (load.image_tokens + load.video_tokens)
+            size += load.batch_size * patches * tower.input_width * _FP32
+        elif load.audio_seconds:
+            positions, _ = _audio_call(tower, load)
+            frames = positions * _MEL_FRAMES_PER_SECOND // _AUDIO_POSITIONS_PER_SECOND
+            size += frames * (tower.input_width * _FP32 + 8)
+    return size
+
+
+def _square(tower: Tower, patches: int, segment: int) -> int:
+    """Scores per head of one tower call: one mask, padded clips in one batch, or a segment."""
+    if tower.layout == "full_mask":
+        return patches * patches
+    if tower.layout == "batched":
+        return (patches // segment) * segment * segment
+    return segment * segment
+
+
+@dataclass
+class _Estimate:
+    """One estimate in progress: the case, where each module runs, and the peaks so far."""
+
+    anatomy: Anatomy
+    runs_on: Callable[[str], str]
+    load: Workload
+    dtype: torch.dtype
+    itemsize: int
+    eager: bool
+    cal: Calibration
+    include_inputs: bool
+    usage: dict[str, PhasePeaks] = field(default_factory=dict)
+
+    def peaks(self, device: str) -> PhasePeaks:
+        return self.usage.setdefault(device, PhasePeaks())
+
+    def scores(self, device: str) -> int:
+        return score_bytes(self.dtype, cuda=device.startswith("cuda"), calibration=self.cal)
+
+    def fresh(self, device: str, block: float, scores: float = 0) -> float:
+        if not device.startswith("cuda"):  # only the CUDA caching allocator needs fresh blocks
+            return 0
+        return max(self.cal.fresh_blocks * block, self.cal.eager_fresh_blocks * scores)
+
+    def decoder(self, decoder: Decoder) -> None:
+        """KV cache per device of the decoder's layers, their prefill, and the logits."""
+        load, b, cal = self.load, self.itemsize, self.cal
+        # The talker reads the thinker's prompt and reply; its own codec tokens are not modelled.
+        tokens = load.prompt_tokens + (load.max_new_tokens if decoder.role == "talker" else 0)
+        per_layer = decoder.kv_bytes_per_token(b) * load.batch_size * (tokens + load.max_new_tokens)
+        layers = Counter(self.runs_on(layer) for layer in decoder.layers)
+        rows = load.batch_size * tokens
+        square = load.batch_size * tokens * tokens
+        inner = decoder.mlp_buffers * decoder.intermediate + cal.lm_mlp_hidden * decoder.hidden
+        mlp = rows * b * inner
+        for device, count in layers.items():
+            attention = rows * b * cal.lm_attn_hidden * decoder.hidden
+            softmax = 0
+            if self.eager:  # batch x heads x S^2 scores, and the batch x S^2 additive mask
+                attention += square * (decoder.heads * self.scores(device) + b)
+                softmax = load.batch_size * decoder.heads * tokens * tokens * _FP32
+            peaks = self.peaks(device)
+            peaks.kv_cache += count * per_layer
+            peaks.add_phase(
+                "prefill" if decoder.role == "text" else "talker",
+                max(mlp, attention),
+                self.fresh(device, rows * decoder.intermediate * b, softmax),
+            )
+        if decoder.role == "text" and self.anatomy.lm_head is not None:
+            rows_out = 1 if self.anatomy.last_token_logits else tokens
+            logits = load.batch_size * rows_out * decoder.vocab
+            upcast = _FP32 if self.anatomy.logits_upcast else 0
+            hidden_states = 2 * load.batch_size * tokens * decoder.hidden * b
+            self.peaks(self.runs_on(self.anatomy.lm_head)).add_phase(
+                "logits", logits * (b + upcast) + hidden_states
+            )
+
+    def logits_copy(self) -> None:
+        """The logits copied back to the input device when ``lm_head`` computes elsewhere.
+
+        The root hook moves the outputs to the device of the inputs (accelerate's
+        ``io_same_device``, omnifix's lean root hook), so such a split holds the logits twice.
+        """
+        anatomy, decoder = self.anatomy, self.anatomy.text
+        if decoder is None or anatomy.lm_head is None or anatomy.input_embeddings is None:
+            return
+        device = self.runs_on(anatomy.input_embeddings)
+        if self.runs_on(anatomy.lm_head) == device:
+            return
+        tokens = 1 if anatomy.last_token_logits else self.load.prompt_tokens
+        rows = self.load.batch_size * tokens
+        copy = rows * decoder.vocab * (_FP32 if anatomy.logits_upcast else self.itemsize)
+        self.peaks(device).add_phase("logits copy", copy, self.fresh(device, copy))
+
+    def tower(self, tower: Tower) -> None:
+        """The tower's calls, on every device that holds some of its blocks (no KV cache yet)."""
+        if tower.kind == "vision":
+            calls = _vision_calls(self.load)
+        elif self.load.audio_seconds:
+            calls = [("audio", *_audio_call(tower, self.load))]
+        else:
+            return
+        b = self.itemsize
+        width = self.cal.vision_width if tower.kind == "vision" else self.cal.audio_width
+        per_position = max(
+            width * tower.width, tower.mlp_buffers * tower.intermediate + 2 * tower.width
+        )
+        for device in {self.runs_on(block) for block in tower.blocks}:
+            peaks = self.peaks(device)
+            for phase, patches, segment in calls:
+                linear = patches * b * per_position
+                if tower.kind == "vision" and self.include_inputs:
+                    linear += patches * tower.input_width * b  # fp32 pixel_values, cast
+                square = _square(tower, patches, segment)
+                # Flash kernels build no mask, so they would need less; they are modelled as
+                # sdpa, the measured upper bound, until flash-attn can be measured.
+                if tower.layout == "full_mask":  # a bool mask for 4.45's vision sdpa
+                    mask = square * (1 if tower.kind == "vision" and not self.eager else b)
+                    scores = tower.heads * square * self.scores(device) if self.eager else 0
+                    peak = linear + mask + scores
+                elif not self.eager:
+                    peak = linear
+                elif tower.layout == "batched":  # padded clips in one batch, with their mask
+                    peak = linear + square * (tower.heads * self.scores(device) + b)
+                else:  # one segment at a time
+                    peak = linear + square * tower.heads * self.scores(device)
+                softmax = tower.heads * square * _FP32 if self.eager else 0
+                mlp = patches * tower.intermediate * b
+                peaks.add_phase(phase, peak, self.fresh(device, mlp, softmax))
+
+
+def estimate(
+    anatomy: Anatomy,
+    *,
+    execution_device: Callable[[str], str],
+    load: Workload,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    calibration: Calibration = CALIBRATION,
+    include_inputs: bool = True,
+) -> dict[str, PhasePeaks]:
+    """KV cache, inputs and per-phase activation peaks on each device that computes.
+
+    Args:
+        anatomy: From :func:`omnifix._plan.anatomy.describe`.
+        execution_device: Where the module of a given name computes.
+        load: The workload.
+        dtype: Dtype of the activations and the KV cache.
+        attn_implementation: ``"eager"`` materialises attention scores; any other (flash
+            kernels included) is modelled as sdpa.
+        calibration: The constants.
+        include_inputs: Count the input tensors (the calibration figures exclude them).
+
+    Returns:
+        ``{device: peaks}``, for every device where something computes.
+    """
+    eager = attn_implementation == "eager"
+    run = _Estimate(
+        anatomy, execution_device, load, dtype, dtype.itemsize, eager, calibration, include_inputs
+    )
+    for decoder in anatomy.decoders:
+        if decoder.role == "text" or load.audio_output:
+            run.decoder(decoder)
+    run.logits_copy()
+    for peaks in run.usage.values():
+        for phase in _LM_PHASES:
+            if phase in peaks.phases:
+                peaks.phases[phase] += peaks.kv_cache
+    for tower in anatomy.towers:
+        run.tower(tower)
+    if include_inputs and anatomy.input_embeddings is not None:
+        run.peaks(execution_device(anatomy.input_embeddings)).inputs += _input_bytes(anatomy, load)
+    return run.usage

@@ -1,0 +1,397 @@
+"""The planner's entry point and answer: :func:`plan_placement` and :class:`PlacementPlan`."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+
+from omnifix._attention import IMPLEMENTATIONS, choose_attention, choose_dtype
+from omnifix._device_map import Placement
+from omnifix._plan.budgets import SIMULATED_CAPABILITY, DeviceBudget, resolve_budgets
+from omnifix._plan.estimate import CALIBRATION
+from omnifix._plan.options import options
+from omnifix._plan.skeleton import load_skeleton
+from omnifix._plan.strategies import Request, Strategy, choose
+from omnifix._plan.workload import Workload, require_workload
+from omnifix._table import Block, Table, plain, rich
+from omnifix._units import format_bytes
+from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    import torch
+    from rich.console import Group
+
+    from omnifix._attention import Capability
+    from omnifix._plan.skeleton import Skeleton
+
+__all__ = ["AttnImplementation", "PlacementPlan", "plan_placement"]
+
+#: Attention implementations the planner models (flash and flex attention materialise no
+#: scores, like sdpa).
+AttnImplementation = Literal[
+    "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementPlan:
+    """The planner's answer (see :func:`omnifix.plan_placement`).
+
+    Attributes:
+        model: What was planned (preset name, directory name or class name).
+        strategy: ``"single"``, ``"split"``, ``"offload"`` or ``"refuse"``.
+        reason: Why this strategy, in one sentence with the numbers.
+        device_map: For ``from_pretrained(device_map=...)``: ``"cuda:N"``, ``"cpu"``, ``"disk"``
+            (as :func:`omnifix.resolve_device_map` spells them); for a refusal, the closest try.
+        devices: Predicted use of every budgeted GPU, and of ``cpu``/``disk`` where mapped.
+        dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
+        attn_implementation: Attention the numbers assume.
+        workload: The workload planned for.
+        options: For a refusal: each change that fits, checked by planning again.
+        input_device: Where ``input_ids`` go: where the input embeddings run (``None``: refused).
+        notes: Assumptions behind the numbers.
+    """
+
+    model: str
+    strategy: Strategy
+    reason: str
+    device_map: dict[str, str]
+    devices: tuple[DeviceBudget, ...]
+    dtype: torch.dtype
+    attn_implementation: AttnImplementation
+    workload: Workload
+    options: tuple[str, ...] = field(default=())
+    input_device: torch.device | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def fits(self) -> bool:
+        """Whether every device's predicted peak is within its budget."""
+        return self.strategy != "refuse" and all(device.fits for device in self.devices)
+
+    @property
+    def devices_used(self) -> tuple[str, ...]:
+        """Devices that hold weights, in map order."""
+        return tuple(dict.fromkeys(self.device_map.values()))
+
+    @property
+    def boundaries(self) -> int:
+        """How often consecutive modules of the map change device (tensors cross devices)."""
+        pairs = itertools.pairwise(self.device_map.values())
+        return sum(1 for before, after in pairs if before != after)
+
+    def device(self, name: str) -> DeviceBudget:
+        """The row of ``name`` (``"cuda:0"``, ``"cpu"``)."""
+        found = next((row for row in self.devices if row.device == name), None)
+        if found is not None:
+            return found
+        known = ", ".join(row.device for row in self.devices)
+        raise InvalidArgumentError(f"The plan has no device {name!r}. Ask for one of {known}.")
+
+    def explain(self) -> str:
+        """Why the plan fits; or what does not fit, by how much where, and what would fit.
+
+        For a refusal, the message of the :class:`omnifix.InsufficientMemoryError` that
+        :meth:`raise_if_refused` raises; it ends with the fix.
+        """
+        head = (
+            f"{self.model} ({_dtype_name(self.dtype)}, {self.attn_implementation}, {self.workload})"
+        )
+        if self.fits:
+            return f"{head} fits: {self.reason}."
+        lines = [f"{head} does not fit the memory it may use: {self.reason}."]
+        lines += [f"  {_need_line(row)}" for row in self.devices if row.weights or not row.fits]
+        return "\n".join([*lines, *self._options()])
+
+    def raise_if_refused(self) -> PlacementPlan:
+        """Return the plan if it fits, else raise :class:`omnifix.InsufficientMemoryError`.
+
+        Raises:
+            InsufficientMemoryError: With :meth:`explain` as the message and the plan as
+                ``error.plan``.
+        """
+        if not self.fits:
+            raise InsufficientMemoryError(self.explain(), plan=self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (bytes as ints, the dtype as its name)."""
+        return {
+            "model": self.model,
+            "strategy": self.strategy,
+            "fits": self.fits,
+            "reason": self.reason,
+            "dtype": _dtype_name(self.dtype),
+            "attn_implementation": self.attn_implementation,
+            "workload": asdict(self.workload),
+            "device_map": dict(self.device_map),
+            "input_device": None if self.input_device is None else str(self.input_device),
+            "devices": [
+                {**asdict(row), "total": row.total, "fits": row.fits} for row in self.devices
+            ],
+            "options": list(self.options),
+            "notes": list(self.notes),
+        }
+
+    def _options(self) -> list[str]:
+        """A refusal's options, each checked by planning again, and the fix."""
+        if self.fits:
+            return []
+        if not self.options:
+            return [_NOTHING_FITS]
+        options = [f"  - {option}" for option in self.options]
+        return ["Options that fit (each checked by planning again):", *options, _APPLY_ONE]
+
+    def _blocks(self) -> list[Block]:
+        """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
+        cells: dict[str, Callable[[DeviceBudget], str]] = {
+            "budget": lambda row: "unlimited" if row.unlimited else format_bytes(row.budget),
+            "weights": lambda row: format_bytes(row.weights),
+            "KV cache": lambda row: format_bytes(row.kv_cache),
+            "activations": lambda row: (
+                format_bytes(row.activations) + (f" ({row.phase})" if row.phase else "")
+            ),
+            "overhead": lambda row: format_bytes(row.overhead),
+            "total": lambda row: format_bytes(row.total),
+            "margin": lambda row: format_bytes(row.margin),
+            "fits": lambda row: "yes" if row.fits else f"NO ({format_bytes(-row.headroom)} short)",
+        }
+        devices = tuple(row.device for row in self.devices)
+        verdict = "fits" if self.fits else "does not fit"
+        return [
+            (
+                f"PlacementPlan for {self.model}: {self.strategy} "
+                f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - {verdict}"
+            ),
+            f"workload: {self.workload}",
+            f"why: {self.reason}",
+            Table(
+                ("", *devices),
+                tuple((name, *map(cell, self.devices)) for name, cell in cells.items()),
+                title="memory per device",
+                style=_verdict_style,
+                fold=frozenset(devices),
+            ),
+            Table(
+                ("device", "modules"),
+                tuple(_map_summary(self.device_map)),
+                title="device_map",
+                fold=frozenset({"modules"}),
+            ),
+            *self._options(),
+        ]
+
+    def __str__(self) -> str:
+        """The strategy and why, a table of the devices, the map as layer ranges, the options."""
+        return plain(self._blocks())
+
+    def __rich__(self) -> Group:
+        """The same as :meth:`__str__`, as rich tables (``rich.print(plan)``, ``omnifix plan``)."""
+        return rich(self._blocks())
+
+
+def _verdict_style(_device: str, text: str) -> str:  # green: fits, red: does not; else plain
+    return "green" if text == "yes" else "red" if text.startswith("NO (") else ""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _need_line(row: DeviceBudget) -> str:
+    parts = (
+        f"weights {format_bytes(row.weights)} + KV cache {format_bytes(row.kv_cache)} + "
+        f"activations {format_bytes(row.activations)} + overhead {format_bytes(row.overhead)}"
+    )
+    verdict = "fits" if row.fits else f"{format_bytes(-row.headroom)} short"
+    budget = "unlimited" if row.unlimited else format_bytes(row.budget)
+    return (
+        f"{row.device}: needs {format_bytes(row.total + row.margin)} ({parts}, plus a "
+        f"{format_bytes(row.margin)} margin), has {budget}: {verdict}"
+    )
+
+
+_APPLY_ONE: Final = (
+    "Fix: apply one of these options (the first is the least invasive), or free memory on the GPUs."
+)
+_NOTHING_FITS: Final = (
+    "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can change (dtype, "
+    "attention, workload, quantisation, offload, cpu) fits here."
+)
+_NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
+
+
+def _map_summary(device_map: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Consecutive entries per device, numbered layers folded into ranges (``layers.0-13``)."""
+    summary = []
+    for device, entries in itertools.groupby(device_map, key=device_map.__getitem__):
+        runs: list[tuple[str, int, int]] = []  # (stem, first, last); (name, -1, -1) unnumbered
+        for name in entries:
+            match = _NUMBERED.match(name)
+            index = int(match["index"]) if match else -1
+            if match and runs and runs[-1][0] == match["stem"] and runs[-1][2] + 1 == index:
+                runs[-1] = (runs[-1][0], runs[-1][1], index)
+            else:
+                runs.append((match["stem"], index, index) if match else (name, -1, -1))
+        names = (
+            (stem or "(whole model)")
+            if first < 0
+            else f"{stem}{first}" + (f"-{last}" if last > first else "")
+            for stem, first, last in runs
+        )
+        summary.append((device, ", ".join(names)))
+    return summary
+
+
+def _planned_attention(
+    requested: str, dtype: torch.dtype, capabilities: list[Capability], model_class: type
+) -> AttnImplementation:
+    import torch
+
+    if requested == "auto":
+        chosen = choose_attention(
+            "auto", dtype=dtype, capabilities=capabilities, model_class=model_class
+        )
+    else:  # validation only: a plan may assume a backend this machine lacks (it plans for another)
+        every = frozenset(IMPLEMENTATIONS)
+        chosen = choose_attention(
+            requested, dtype=torch.bfloat16, capabilities=[(9, 0)], installed=every
+        )
+    if chosen not in get_args(AttnImplementation):
+        return "sdpa"  # hub kernels and paged variants: modelled like sdpa
+    attn: AttnImplementation = chosen  # type: ignore[assignment]
+    return attn
+
+
+def _check_workload(skeleton: Skeleton, workload: Workload) -> None:
+    kinds = {tower.kind for tower in skeleton.anatomy.towers}
+    wanted = {
+        "vision": workload.image_tokens or workload.video_seconds,
+        "audio": workload.audio_seconds,
+    }
+    for kind, amount in wanted.items():
+        if amount and kind not in kinds:
+            field_names = "image_tokens/video_seconds" if kind == "vision" else "audio_seconds"
+            raise InvalidArgumentError(
+                f"The workload has {kind} input but {skeleton.label} has no {kind} tower. Set "
+                f"{field_names} to 0 for this model."
+            )
+
+
+def _notes(request: Request) -> tuple[str, ...]:
+    anatomy = request.skeleton.anatomy
+    notes = [
+        "logits: last token only (generate passes logits_to_keep=1)"
+        if anatomy.last_token_logits
+        else "logits: every prompt token (this model's forward takes no logits_to_keep)",
+        (
+            f"fixed per GPU: cuBLAS workspace {format_bytes(CALIBRATION.workspace)}, CUDA "
+            f"context {format_bytes(CALIBRATION.cuda_context)} where the budget is not measured "
+            "free memory"
+        ),
+    ]
+    if anatomy.text is None:
+        notes.append(
+            "no language model recognised (no stack of layers with a vocabulary): weights, "
+            "overhead and margin only; activations are not modelled"
+        )
+    if request.attn.startswith(("flash", "flex")):
+        notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
+    if any(d.role == "talker" for d in anatomy.decoders):
+        notes.append("talker: weights always; its KV cache and prefill only with audio_output=True")
+    return tuple(notes)
+
+
+def plan_placement(
+    model: object,
+    *,
+    model_class: type | None = None,
+    # Keys are DeviceLike or "disk"; Any because Mapping keys are invariant and
+    # {0: ..., "cpu": ...} is a dict[object, str] to a type checker.
+    budgets: Mapping[Any, int | str] | None = None,
+    dtype: torch.dtype | str = "auto",
+    attn_implementation: str = "auto",
+    workload: Workload | None = None,
+    allow_offload: bool = False,
+) -> PlacementPlan:
+    """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
+
+    Pure: a skeleton on ``meta`` (no weights, no GPU needed) is sized, each device's peak
+    predicted, and the first strategy that fits chosen: one GPU, a split over several, an offload
+    (only with ``allow_offload=True``), else a refusal that lists what would fit
+    (docs/loading.md explains how).
+
+    Args:
+        model: A built-in preset name (``"qwen2.5-omni-7b"``; the hub id works too), a local
+            checkpoint directory (its ``config.json``), a transformers config, or a model built
+            on ``meta`` (its own dtype is used when it matches).
+        model_class: The class to build; default: the one the config's ``architectures`` names.
+        budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
+            lacks are simulated. ``None``: the free memory of each visible GPU now, or the host
+            memory on a machine without GPUs. ``cpu`` holds the model only when it is the sole
+            budget or with ``allow_offload=True``.
+        dtype: ``"auto"``: bfloat16 on GPUs of compute capability 8.0+ (simulated ones count as
+            such), float16 on older ones, float32 on the cpu. Or a dtype or its name.
+        attn_implementation: ``"auto"`` (flash_attention_2 when it can run here, else sdpa),
+            ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
+        workload: What the model will do; default :class:`Workload` ().
+        allow_offload: Let weights that fit no GPU go to cpu, then disk.
+
+    Returns:
+        The plan; ``plan.fits`` says whether to load with ``plan.device_map``.
+
+    Raises:
+        UnsupportedModelError: ``model`` is not something the planner can build.
+        CheckpointError: No readable config at a path.
+        InvalidArgumentError: A bad budget, dtype, attention name or workload (media the model
+            has no tower for); a :class:`DeviceError` for a budget key that is not a device.
+
+    Example:
+        >>> import omnifix
+        >>> work = omnifix.Workload(text_tokens=2048, image_tokens=1280)
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "24GiB"}, workload=work)
+        >>> plan.strategy, plan.device_map, plan.fits, plan.input_device
+        ('single', {'': 'cuda:0'}, True, device(type='cuda', index=0))
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "12GiB", 1: "12GiB"})
+        >>> plan.strategy, plan.devices_used, plan.boundaries
+        ('split', ('cuda:0', 'cuda:1'), 1)
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
+        >>> plan.fits, plan.options[0].split(":")[0]
+        (False, '3 GPUs of 8.0 GiB')
+    """
+    import torch
+
+    require_workload(workload)
+    workload = workload or Workload()
+    resolved = resolve_budgets(budgets, allow_offload=allow_offload)
+    capabilities = [b.capability or SIMULATED_CAPABILITY for b in resolved if b.is_gpu]
+    planned_dtype = choose_dtype(dtype, capabilities=capabilities)
+    skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype)
+    attn = _planned_attention(
+        attn_implementation, skeleton.dtype, capabilities, skeleton.model_class
+    )
+    _check_workload(skeleton, workload)
+    request = Request(skeleton, resolved, attn, workload, allow_offload)
+    strategy, reason, attempt = choose(request)
+    input_name = skeleton.anatomy.input_embeddings
+    input_device = None
+    if input_name is not None and strategy != "refuse":
+        runs_on = Placement.of(attempt.device_map).runs_on(input_name)
+        input_device = None if runs_on is None else torch.device(runs_on)
+    return PlacementPlan(
+        model=skeleton.label,
+        strategy=strategy,
+        reason=reason,
+        device_map=attempt.device_map,
+        devices=attempt.rows,
+        dtype=skeleton.dtype,
+        attn_implementation=attn,
+        workload=workload,
+        options=options(request) if strategy == "refuse" else (),
+        input_device=input_device,
+        notes=_notes(request),
+    )
