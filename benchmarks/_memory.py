@@ -455,13 +455,13 @@ def predict_phases(
     skeleton = load_skeleton(model, model_class=None, dtype=parse_dtype(dtype) or torch.bfloat16)
     usage = estimate(
         skeleton.anatomy,
-        execution_device=lambda _: 0,
+        execution_device=lambda _: "cuda:0",
         load=workload,
         dtype=skeleton.dtype,
         attn_implementation=attn_implementation,
         include_inputs=include_inputs,
     )
-    phases = dict(usage[0].phases)
+    phases = dict(usage["cuda:0"].phases)
     if include_inputs:
-        phases = {phase: size + usage[0].inputs for phase, size in phases.items()}
+        phases = {phase: size + usage["cuda:0"].inputs for phase, size in phases.items()}
     return phases
