@@ -1,12 +1,11 @@
-"""Input embeddings, accelerate hooks and execution devices, found by asking and walking a model.
-
-No module path is hard-coded: the Qwen layouts differ between transformers 4.45-4.51, 4.52+, 5.x.
-"""
+"""Input embeddings, accelerate hooks and execution devices, found without hard-coded paths."""
 
 from __future__ import annotations
 
 from itertools import chain
 from typing import TYPE_CHECKING, Any
+
+from omnifix.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -20,25 +19,26 @@ __all__ = [
     "find_input_embeddings",
     "hook_execution_device",
     "iter_hooks",
+    "require_module",
 ]
 
 
-def _try_get_input_embeddings(module: nn.Module) -> object:
-    getter = getattr(module, "get_input_embeddings", None)
-    try:
-        return getter() if callable(getter) else None
-    # transformers raises NotImplementedError for composite models (the full Qwen2.5-Omni
-    # class in 5.x), AttributeError where a sub-model lacks the expected attribute, and some
-    # remote-code models raise anything at all: every such failure just means "not here".
-    except Exception:  # noqa: BLE001
-        return None
+def require_module(model: object, caller: str) -> None:
+    """Refuse anything but a :class:`torch.nn.Module`, naming the ``caller`` that needs one."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"{caller} needs a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "itself (e.g. the result of from_pretrained)."
+        )
 
 
 def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
     """Every token-input embedding of ``model`` as ``(qualified_name, module)``, primary first.
 
-    The primary one receives the caller's ``input_ids`` (Qwen2.5-Omni's thinker's; its talker's
-    comes next). Only :class:`torch.nn.Embedding` counts: audio and vision towers sometimes answer
+    The primary one receives ``input_ids`` (Qwen2.5-Omni's thinker's; its talker's comes next).
+    Only :class:`torch.nn.Embedding` counts: audio and vision towers sometimes answer
     ``get_input_embeddings`` with a convolution, which takes features, not token ids.
     """
     from torch import nn
@@ -51,7 +51,14 @@ def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
             found.setdefault(id(candidate), (names[id(candidate)], candidate))
 
     for module in model.modules():  # the model itself first
-        add(_try_get_input_embeddings(module))
+        getter = getattr(module, "get_input_embeddings", None)
+        try:
+            add(getter() if callable(getter) else None)
+        # transformers raises NotImplementedError for composite models (the full Qwen2.5-Omni
+        # class in 5.x), AttributeError where a sub-model lacks the expected attribute, and some
+        # remote-code models raise anything at all: every such failure just means "not here".
+        except Exception:  # noqa: BLE001, S112
+            continue
     if not found:
         # Last resort for models whose getters are all broken: the conventional attribute name.
         for name, module in model.named_modules():
@@ -62,14 +69,13 @@ def find_input_embeddings(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
 
 def iter_hooks(module: nn.Module) -> Iterator[Any]:
     """The accelerate hooks attached to ``module`` (a ``SequentialHook`` is flattened)."""
-    hook = getattr(module, "_hf_hook", None)
-    stack = [] if hook is None else [hook]
+    stack = [getattr(module, "_hf_hook", None)]
     while stack:
         current = stack.pop(0)
         inner = getattr(current, "hooks", None)
         if isinstance(inner, (list, tuple)):
             stack[:0] = list(inner)
-        else:
+        elif current is not None:
             yield current
 
 
@@ -89,20 +95,13 @@ def hook_execution_device(module: nn.Module) -> torch.device | None:
 
 
 def execution_device(module: nn.Module) -> torch.device | None:
-    """Where ``module`` computes: its hook's execution device, else its first real tensor's.
-
-    ``None`` when every tensor of the module is on ``meta`` and no hook says where it runs.
-    """
+    """Where ``module`` computes: its hook's device, else its first non-meta tensor's, else None."""
     hooked = hook_execution_device(module)
     if hooked is not None:
         return hooked
-    own_then_all = chain(
-        module.parameters(recurse=False),
-        module.buffers(recurse=False),
-        module.parameters(),
-        module.buffers(),
-    )
-    return next((tensor.device for tensor in own_then_all if not tensor.is_meta), None)
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    tensors = chain(own, module.parameters(), module.buffers())
+    return next((tensor.device for tensor in tensors if not tensor.is_meta), None)
 
 
 def execution_devices(model: nn.Module) -> set[str]:
