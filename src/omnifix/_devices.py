@@ -1,15 +1,4 @@
-"""Devices: what users write, the machine's real devices, and the device_map/input-device seam.
-
-* :func:`normalize_device` turns ``"auto"``, ``"gpu"``, ``"rocm"``, ``1`` or ``"cuda"`` into the
-  real, indexed :class:`torch.device` of this machine, and refuses what torch would reject later.
-* :func:`resolve_device_map` keeps what goes into ``from_pretrained(device_map=...)`` apart from
-  where the inputs go.
-* :func:`input_device` answers where a loaded model wants its ``input_ids``: the input
-  embedding's execution device, not ``model.device``.
-
-Availability comes from torch's own probes (``torch.accelerator`` for the machine's accelerator,
-``torch.cuda``/``torch.xpu``/... for a named type), so tests simulate machines by patching torch.
-"""
+"""Devices: what users write, the machine's real devices (torch's probes), where inputs go."""
 
 from __future__ import annotations
 
@@ -29,7 +18,12 @@ from omnifix._device_map import (
     spell,
 )
 from omnifix._meta import find_meta_tensors
-from omnifix._modules import execution_device, find_input_embeddings, hook_execution_device
+from omnifix._modules import (
+    execution_device,
+    find_input_embeddings,
+    hook_execution_device,
+    require_module,
+)
 from omnifix.errors import (
     DeviceError,
     DeviceUnavailableError,
@@ -78,27 +72,14 @@ class ResolvedDevice(NamedTuple):
     input_device: torch.device | None
 
 
-# --------------------------------------------------------------------------------------------
-# Availability: one thin call of torch's own probe per backend.
-# --------------------------------------------------------------------------------------------
-
-
 def cuda_device_count() -> int:
     """The CUDA (or ROCm) GPUs this process sees; 0 when torch says CUDA is not available."""
-    import torch
-
-    # is_available() first: device_count() can count devices that a broken driver cannot open.
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-
-
-def _is_rocm() -> bool:
-    import torch
-
-    return getattr(torch.version, "hip", None) is not None
+    cuda = _backend("cuda")
+    return int(cuda.device_count()) if cuda is not None else 0
 
 
 def _backend(kind: str) -> Any | None:
-    """``torch.xpu``/``torch.npu`` when it has devices (importing torch_npu registers npu)."""
+    """``torch.cuda``/``xpu``/``npu`` when it has devices (importing torch_npu registers npu)."""
     import torch
 
     if kind == "npu":
@@ -106,6 +87,7 @@ def _backend(kind: str) -> Any | None:
             return None
         import torch_npu  # noqa: F401
     module = getattr(torch, kind, None)
+    # is_available() first: device_count() can count devices that a broken driver cannot open.
     return module if module is not None and module.is_available() else None
 
 
@@ -113,13 +95,9 @@ def _count_and_current(kind: str) -> tuple[int, int]:
     """How many ``kind`` devices this process sees, and the index of the current one."""
     import torch
 
-    if kind == "cuda":
-        count = cuda_device_count()
-        return count, (int(torch.cuda.current_device()) if count else 0)
     if kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        return (1 if mps is not None and mps.is_available() else 0), 0
-    if kind in ("xpu", "npu"):
+        return int(torch.backends.mps.is_available()), 0
+    if kind in ("cuda", "xpu", "npu"):
         module = _backend(kind)
         count = int(module.device_count()) if module is not None else 0
         return count, (int(module.current_device()) if module is not None and count else 0)
@@ -134,53 +112,36 @@ def available_devices() -> list[str]:
     names: list[str] = []
     for kind in ("cuda", "xpu", "mps", "npu"):
         count, _ = _count_and_current(kind)
-        if kind == "mps":
-            names += ["mps"] if count else []
-            continue
-        names += [f"{kind}:{index}" for index in range(min(count, _MAX_LISTED))]
-        if count > _MAX_LISTED:
-            names.append(f"... {kind}:{count - 1}")
+        shown = [f"{kind}:{index}" for index in range(min(count, _MAX_LISTED))]
+        names += ["mps"] * count if kind == "mps" else shown  # mps: one device, written bare
+        names += [f"... {kind}:{count - 1}"] if count > _MAX_LISTED else []
     return [*names, "cpu"]
 
 
 def spreads(device: object) -> bool:
-    """Whether ``device`` asks for every visible GPU: ``"auto"``, ``None``, ``"cuda"``, ``"gpu"``.
+    """Whether ``device`` asks for every visible GPU: auto, None, cuda, gpu (rocm, hip on ROCm)."""
+    import torch
 
-    ``"rocm"``/``"hip"`` too on a ROCm build. What the model then spreads over is decided by
-    :func:`resolve_device_map` and the loaders.
-    """
-    words = ("auto", "cuda", "gpu", *(("rocm", "hip") if _is_rocm() else ()))
+    words = ("auto", "cuda", "gpu", *(("rocm", "hip") if torch.version.hip is not None else ()))
     return device is None or (isinstance(device, str) and device.strip().lower() in words)
 
 
-# --------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------
-
-
-def _suggestion(text: str) -> str | None:
-    """The closest valid spelling of ``text``, or ``None``."""
+def _malformed(device: str) -> DeviceError:
+    """The error for a string that is no device, with its closest valid spelling if any."""
+    text = device.strip().lower()
     kind, colon, rest = text.partition(":")
     index = rest if colon and _INDEX.fullmatch(rest) else None
     glued = None if colon else _GLUED_INDEX.fullmatch(text)
+    problem = "unknown device type" if glued is None else "the index must follow a colon"
     if glued is not None:  # "cuda0", "gpu_1", "cdua0"
         kind, index = glued.group(1), glued.group(2)
     if kind not in _DEVICE_WORDS:
         close = difflib.get_close_matches(kind, _DEVICE_WORDS, n=1)
-        if not close:
-            return None
-        kind = close[0]
-    if kind == "auto":
-        return "auto"
-    return f"{kind}:{index}" if index is not None else kind
-
-
-def _malformed(device: object, problem: str) -> DeviceError:
-    text = str(device).strip().lower()
-    suggestion = _suggestion(text)
+        kind = close[0] if close else ""  # "": nothing close enough to suggest
+    suggestion = kind if kind in ("", "auto") or index is None else f"{kind}:{index}"
     fix = (
         f"Did you mean {suggestion!r}?"
-        if suggestion is not None and suggestion != text
+        if suggestion and suggestion != text
         else "Write one of 'auto', 'cpu', 'cuda', 'cuda:<index>', 'mps', 'xpu', 'npu' or 'rocm'."
     )
     return DeviceError(f"{device!r} is not a device: {problem}. {fix}")
@@ -210,11 +171,7 @@ def _refuse_map_word(device: object, word: str) -> DeviceError:
 
 
 def parse_device(device: object) -> tuple[str, int | None]:
-    """``(kind, index)`` from anything a user may call a device, unchecked against this machine.
-
-    ``kind`` may be an alias (``"gpu"``, ``"rocm"``, ``"auto"``). Raises :class:`DeviceError`
-    for anything that is not a device, with the closest valid spelling.
-    """
+    """``(kind, index)`` of what a user calls a device (kind may be an alias), machine unchecked."""
     import torch
 
     if device is None:
@@ -253,10 +210,7 @@ def _parse_text(device: str) -> tuple[str, int | None]:
     if kind in ("meta", "disk", *STRATEGIES[1:]):
         raise _refuse_map_word(device, kind)
     if kind not in _DEVICE_WORDS and not _torch_knows(kind):
-        glued = not colon and _GLUED_INDEX.fullmatch(kind)
-        raise _malformed(
-            device, "the index must follow a colon" if glued else "unknown device type"
-        )
+        raise _malformed(device)
     if not colon:
         return kind, None
     if kind == "auto":
@@ -292,11 +246,6 @@ def _torch_knows(kind: str) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------------------------
-# Resolution
-# --------------------------------------------------------------------------------------------
-
-
 def _unavailable(device: object, what: str, fix: str) -> DeviceUnavailableError:
     available = tuple(available_devices())
     return DeviceUnavailableError(
@@ -311,21 +260,18 @@ def _indexed(device: object, kind: str, index: int | None) -> torch.device:
 
     count, current = _count_and_current(kind)
     if count == 0:
+        why = f"torch sees no {kind} device"
         fix = "Pass 'auto' to use the best device available, or one listed."
         if kind == "cuda":
             why = (
                 "this torch is a CPU-only build"
-                if torch.version.cuda is None and not _is_rocm()
+                if torch.version.cuda is None and torch.version.hip is None
                 else "torch sees no CUDA device (check the driver and CUDA_VISIBLE_DEVICES)"
             )
-            raise _unavailable(device, why, fix)
-        if kind == "npu" and not npu_installed():
-            raise _unavailable(
-                device,
-                "Ascend NPUs need the torch_npu package, which is not installed",
-                "Install torch_npu, or pass 'auto' to use the best device available.",
-            )
-        raise _unavailable(device, f"torch sees no {kind} device", fix)
+        elif kind == "npu" and not npu_installed():
+            why = "Ascend NPUs need the torch_npu package, which is not installed"
+            fix = "Install torch_npu, or pass 'auto' to use the best device available."
+        raise _unavailable(device, why, fix)
     index = current if index is None else index
     if index >= count:
         seen = f"only {kind}:0" if count == 1 else f"{kind}:0 to {kind}:{count - 1}"
@@ -338,37 +284,8 @@ def _indexed(device: object, kind: str, index: int | None) -> torch.device:
     return torch.device(kind, index)
 
 
-def _resolve(device: object, kind: str, index: int | None) -> torch.device:
-    import torch
-
-    if kind == "auto":
-        best = current_accelerator()
-        return torch.device(*best) if best is not None else torch.device("cpu")
-    if kind in ("meta", "disk"):  # a torch.device("meta") gets here; strings stop at parsing
-        raise _refuse_map_word(device, kind)
-    if kind in ("rocm", "hip"):
-        if not _is_rocm():
-            raise _unavailable(
-                device,
-                "this torch is not a ROCm build (torch.version.hip is None)",
-                "Install a ROCm build of torch for AMD GPUs, or pass 'auto'.",
-            )
-        kind = "cuda"  # ROCm torch addresses AMD GPUs through the cuda device type
-    kind = "cuda" if kind == "gpu" else kind
-    if kind in ("cpu", "mps") and index not in (None, 0):
-        one = "torch has one CPU device" if kind == "cpu" else "Apple's mps backend has one device"
-        raise _unavailable(device, one, f"Pass {kind!r} without an index.")
-    if kind == "cpu":
-        return torch.device("cpu")
-    # mps tensors report "mps:0", so the result carries the index to compare equal to them.
-    return _indexed(device, kind, 0 if kind == "mps" else index)
-
-
 def normalize_device(device: DeviceLike = "auto") -> torch.device:
     """The real device a tensor can be moved to. Never ``auto``, ``meta`` or ``disk``.
-
-    Accelerators come back with their index (``cuda:0``, ``mps:0``), so the result compares
-    equal to ``tensor.device`` of a tensor living there.
 
     Args:
         device: ``"auto"`` or ``None`` (torch's current accelerator with its current index, else
@@ -379,11 +296,11 @@ def normalize_device(device: DeviceLike = "auto") -> torch.device:
             and surrounding spaces are ignored.
 
     Returns:
-        A :class:`torch.device` that ``torch.empty(0, device=...)`` accepts on this machine.
+        A :class:`torch.device` that ``torch.empty(0, device=...)`` accepts on this machine,
+        with its index (``cuda:0``, ``mps:0``) so that it equals ``tensor.device`` of tensors there.
 
     Raises:
-        DeviceUnavailableError: The device is well formed but missing here (``.requested`` and
-            ``.available`` say what was asked for and what there is).
+        DeviceUnavailableError: The device is well formed but missing here (see ``.available``).
         DeviceError: A malformed string (the message suggests the closest spelling), or
             ``"meta"``, ``"disk"`` or a device_map strategy, which are not devices.
 
@@ -391,53 +308,38 @@ def normalize_device(device: DeviceLike = "auto") -> torch.device:
         >>> import omnifix
         >>> omnifix.normalize_device(" CPU:0 ")
         device(type='cpu')
-        >>> omnifix.normalize_device().type in {"cuda", "xpu", "mps", "npu", "cpu"}
-        True
         >>> try:
         ...     omnifix.normalize_device("cuda0")
         ... except omnifix.DeviceError as error:
         ...     print(str(error).rsplit(". ", 1)[-1])
         Did you mean 'cuda:0'?
     """
-    return _resolve(device, *parse_device(device))
+    import torch
 
-
-# --------------------------------------------------------------------------------------------
-# device_map
-# --------------------------------------------------------------------------------------------
-
-
-def _map_value(module_name: str, value: object) -> str:
-    if isinstance(value, str) and value.strip().lower() in OFFLOAD_TARGETS:
-        return value.strip().lower()
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        raise DeviceError(
-            f"device_map[{module_name!r}] = {value!r} is not a placement: 'auto' (or None) "
-            "chooses devices for a whole model, not for one module. Give that module a real "
-            "device such as 'cuda:0', 0, 'cpu' or 'disk', or pass device_map='auto' on its own."
+    kind, index = parse_device(device)
+    if kind == "auto":
+        best = current_accelerator()
+        return torch.device(*best) if best is not None else torch.device("cpu")
+    if kind in ("meta", "disk"):  # a torch.device("meta") gets here; strings stop at parsing
+        raise _refuse_map_word(device, kind)
+    if kind in ("rocm", "hip") and torch.version.hip is None:
+        raise _unavailable(
+            device,
+            "this torch is not a ROCm build (torch.version.hip is None)",
+            "Install a ROCm build of torch for AMD GPUs, or pass 'auto'.",
         )
-    try:
-        return spell(normalize_device(cast("DeviceLike", value)))  # anything else: DeviceError
-    except DeviceUnavailableError as error:
-        raise DeviceUnavailableError(
-            f"device_map[{module_name!r}]: {error}",
-            requested=error.requested,
-            available=error.available,
-        ) from error
-    except DeviceError as error:
-        raise DeviceError(f"device_map[{module_name!r}]: {error}") from error
+    kind = "cuda" if kind in ("gpu", "rocm", "hip") else kind  # ROCm torch: AMD GPUs are cuda
+    if kind in ("cpu", "mps") and index not in (None, 0):
+        one = "torch has one CPU device" if kind == "cpu" else "Apple's mps backend has one device"
+        raise _unavailable(device, one, f"Pass {kind!r} without an index.")
+    if kind == "cpu":
+        return torch.device("cpu")
+    # mps tensors report "mps:0", so the result carries the index to compare equal to them.
+    return _indexed(device, kind, 0 if kind == "mps" else index)
 
 
 def normalize_map(device_map: Mapping[Any, object]) -> dict[str, str]:
-    """An explicit device_map checked against this machine, in the one spelling of maps.
-
-    Keys must be module names; values real devices of this machine (each as
-    :func:`normalize_device` reads it) or the offload targets ``"cpu"``/``"disk"``.
-
-    Raises:
-        DeviceUnavailableError: A value names a device this machine lacks.
-        DeviceError: An empty map, a key that is no name, a malformed value, ``"auto"``/``None``.
-    """
+    """An explicit device_map checked against this machine: values as :func:`spell`, or cpu/disk."""
     if not device_map:
         raise DeviceError(
             "device_map {} places no module anywhere. Pass {'': 'cuda:0'} to put the whole "
@@ -450,30 +352,44 @@ def normalize_map(device_map: Mapping[Any, object]) -> dict[str, str]:
                 f"device_map key {name!r} is not a module name: keys are qualified module names "
                 "such as 'model.layers.0', and '' means the whole model. Use string keys."
             )
-        normalized[name] = _map_value(name, value)
+        word = value.strip().lower() if isinstance(value, str) else value
+        if word is None or word == "auto":
+            raise DeviceError(
+                f"device_map[{name!r}] = {value!r} is not a placement: 'auto' (or None) "
+                "chooses devices for a whole model, not for one module. Give that module a real "
+                "device such as 'cuda:0', 0, 'cpu' or 'disk', or pass device_map='auto' on its own."
+            )
+        if word in OFFLOAD_TARGETS:
+            normalized[name] = word
+            continue
+        try:
+            normalized[name] = spell(normalize_device(cast("DeviceLike", value)))
+        except DeviceUnavailableError as error:
+            raise DeviceUnavailableError(
+                f"device_map[{name!r}]: {error}",
+                requested=error.requested,
+                available=error.available,
+            ) from error
+        except DeviceError as error:
+            raise DeviceError(f"device_map[{name!r}]: {error}") from error
     return normalized
 
 
 def resolve_device_map(device: DeviceRequest = "auto") -> ResolvedDevice:
     """Split a device request into a ``device_map`` value and the input device (if known yet).
 
-    A device and a ``device_map`` are different things, and code that stores one where the other
-    belongs breaks at the first request. Xinference's Qwen2-Audio loader (v1.2.2 to v1.6.0) turned
-    the device ``"cuda"`` into ``device_map="auto"`` on a multi-GPU box and stored the same
-    ``"auto"`` as the device for inputs; every request then ran ``inputs.to("auto")``, which torch
-    rejects. Here the two answers come back apart, and the input device is never a map word.
-
-    Rules:
+    The two come back apart, and the input device is never a map word (code that stored
+    ``"auto"`` as one broke at ``inputs.to("auto")``).
 
     * ``"auto"``, ``None``, ``"cuda"`` or ``"gpu"`` (``"rocm"``/``"hip"`` on ROCm) with two or
       more visible CUDA GPUs: ``("auto", None)``; ask :func:`omnifix.input_device` after loading.
     * Any other single device: ``({"": "<device>"}, <device>)``, checked by
       :func:`normalize_device`; the dict form loads the same way on every transformers.
     * ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``: passed through, input unknown.
-    * A ``{module_name: device}`` dict: checked by :func:`normalize_device` value by value
-      (``"cpu"``/``"disk"`` stay, as offload targets) and spelled ``"cuda:0"``; the input device
-      is known when every module computes on one device by accelerate's rule (``"cpu"``/``"disk"``
-      entries compute on the map's main device).
+    * A ``{module_name: device}`` dict: each value checked by :func:`normalize_device` and
+      spelled ``"cuda:0"`` (``"cpu"``/``"disk"`` stay, as offload targets); the input device is
+      known when every module computes on one device (offloaded entries compute on the map's
+      main device, as in accelerate).
 
     Args:
         device: A device, a strategy word, or an explicit device_map dict.
@@ -507,11 +423,6 @@ input_device=device(type='cpu'))
         return ResolvedDevice("auto", None)
     resolved = normalize_device(device)
     return ResolvedDevice({"": spell(resolved)}, resolved)
-
-
-# --------------------------------------------------------------------------------------------
-# Input device of a loaded model
-# --------------------------------------------------------------------------------------------
 
 
 def _device_or_none(place: str | None) -> torch.device | None:
@@ -559,13 +470,10 @@ def _first_module_with_tensors(model: nn.Module) -> tuple[str, nn.Module] | None
 def input_device(model: nn.Module) -> torch.device:
     """Where callers should put ``input_ids``: the input embedding's execution device.
 
-    Use it instead of ``model.device``, the device of the model's *first parameter*: ``meta``
-    when that parameter is offloaded, and the wrong GPU when a multimodal model's vision or audio
-    tower comes first and sits elsewhere. The answer is the execution device of the accelerate
-    hook on the primary input embedding (the one that receives ``input_ids``; for Qwen2.5-Omni the
-    thinker's), else the device of its weights, else the hook of the nearest enclosing module,
-    else the model's ``hf_device_map`` by accelerate's rule. A model without a token embedding
-    answers for its first module with tensors, by the same rules.
+    Not ``model.device`` (the first parameter's: ``meta`` when offloaded, or a vision tower's GPU),
+    but the accelerate hook's execution device of the primary input embedding (Qwen2.5-Omni: the
+    thinker's), else its weights' device, else the nearest enclosing module's hook, else
+    ``hf_device_map`` by accelerate's rule; without a token embedding, its first module's.
 
     Args:
         model: A loaded model (any :class:`torch.nn.Module`).
@@ -582,18 +490,11 @@ def input_device(model: nn.Module) -> torch.device:
         >>> import omnifix
         >>> from transformers import Qwen2Config, Qwen2ForCausalLM
         >>> config = Qwen2Config(vocab_size=16, hidden_size=8, intermediate_size=16,
-        ...                      num_hidden_layers=1, num_attention_heads=2,
-        ...                      num_key_value_heads=1)
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
         >>> omnifix.input_device(Qwen2ForCausalLM(config))
         device(type='cpu')
     """
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(
-            f"input_device needs a torch.nn.Module, got {type(model).__name__}; pass the model "
-            "itself (e.g. the result of from_pretrained)."
-        )
+    require_module(model, "input_device")
     embeddings = find_input_embeddings(model)
     found = embeddings[0] if embeddings else _first_module_with_tensors(model)
     if found is None:
@@ -603,19 +504,15 @@ def input_device(model: nn.Module) -> torch.device:
             "weightless wrapper)."
         )
     name, module = found
-    what = (
-        f"input embedding {name!r}"
-        if embeddings
-        else f"first module with weights {name or '<root>'!r}"
-    )
+    what = "input embedding" if embeddings else "first module with weights"
     device = _runs_on(model, name, module)
     if device is None:
         raise MetaTensorError(
-            f"The {what} of {type(model).__name__} has its weights on the meta device, and no "
-            "accelerate hook or hf_device_map entry says where it runs: its weights were never "
-            "loaded (the model was built under accelerate.init_empty_weights() or on the meta "
-            "device). Load real weights first, with from_pretrained(..., device_map=...) or "
-            "accelerate.load_checkpoint_and_dispatch(...), then ask again.",
+            f"The {what} {name or '<root>'!r} of {type(model).__name__} has its weights on the "
+            "meta device, and no accelerate hook or hf_device_map entry says where it runs: its "
+            "weights were never loaded (the model was built under accelerate.init_empty_weights() "
+            "or on the meta device). Load real weights first, with from_pretrained(..., "
+            "device_map=...) or accelerate.load_checkpoint_and_dispatch(...), then ask again.",
             report=find_meta_tensors(model),
         )
     return device

@@ -1,26 +1,17 @@
-"""Lean dispatch: hooks only where a tensor must cross a device.
-
-``dispatch_model`` puts an accelerate ``AlignDevicesHook`` on every entry of a ``device_map`` and
-on every module with weights inside it, and each walks its arguments on every call, although a
-model that is not offloaded only needs tensors moved at a GPU boundary and where the parent hands
-one tensor to every layer. :func:`lean_dispatch` replaces them, through accelerate's own hook API,
-with one pre-forward hook per entry (top-level tensors only, each copied once per forward and
-boundary through a shared memo) and one root hook (inputs to the input embedding's device,
-outputs back to the caller's). docs/dispatch.md has the details and the measurements.
-"""
+"""Lean dispatch: hooks only where a tensor must cross a device (docs/dispatch.md)."""
 
 from __future__ import annotations
 
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate, place_order, spell
 from omnifix._devices import normalize_map
 from omnifix._handle import Handle
-from omnifix._modules import find_input_embeddings, iter_hooks
-from omnifix.errors import DeviceError, InvalidArgumentError, UnsupportedModelError
+from omnifix._modules import find_input_embeddings, iter_hooks, require_module
+from omnifix.errors import DeviceError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -29,25 +20,24 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.hooks import RemovableHandle
 
+    #: A device_map entry that names a module: its name, the module, where it computes.
+    Entry: TypeAlias = tuple[str, nn.Module, torch.device]
+    Hooked: TypeAlias = list[tuple[nn.Module, object]]
+    Call: TypeAlias = tuple[tuple[Any, ...], dict[str, Any]]
+
 __all__ = ["LeanDispatch", "lean_dispatch"]
 
 #: Keyword arguments never moved, whatever the model says: the KV cache stays where each layer
 #: wrote it (accelerate's hooks skip them too, through ``_skip_keys_device_placement``).
 _SKIP_KEYS: Final = frozenset({"past_key_values", "past_key_value"})
-#: Class attribute that marks omnifix's hooks, so reports can tell them from accelerate's.
-_MARK: Final = "_omnifix_lean_hook"
 #: How the fix reads in every refusal of an offloaded map.
 _OFFLOAD_FIX: Final = (
     'Fix: keep accelerate\'s hooks for offloaded models (load_safely(..., hooks="accelerate"), '
     "or do not call lean_dispatch on them), or give a device_map without 'cpu'/'disk' entries."
 )
 
-# The handle currently in charge of each model (weakly keyed: never keeps a model alive). A new
-# lean_dispatch of the same model first removes the previous one.
+# The handle in charge of each model, weakly keyed; a new lean_dispatch of it removes the old one.
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, LeanDispatch] = weakref.WeakKeyDictionary()
-
-
-# Moving tensors.
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -59,37 +49,30 @@ def _version(tensor: torch.Tensor) -> int:
 class _Memo:
     """Copies made during the current forward: one per (source tensor, target device).
 
-    Keyed by the source's identity through torch's ``WeakIdKeyDictionary``, so an entry dies with
-    its source tensor even when no root hook clears it (a sub-model called directly). A copy is
-    reused only while neither the source nor the copy was changed in place since it was made.
+    Keyed weakly by the source, so entries die with it even when no root hook clears the memo (a
+    sub-model called directly); a copy is reused only while neither it nor its source changed.
     """
 
     __slots__ = ("copies",)
 
     def __init__(self) -> None:
-        self.copies: Any = None  # a WeakIdKeyDictionary, made on first use (torch imported then)
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.copies: Any = WeakIdKeyDictionary()
 
     def move(self, tensor: torch.Tensor, target: torch.device) -> torch.Tensor:
-        copies = self.copies
-        if copies is None:
-            from torch.utils.weak import WeakIdKeyDictionary
-
-            copies = self.copies = WeakIdKeyDictionary()
         version = _version(tensor)
-        per_device: dict[torch.device, tuple[int, torch.Tensor, int]] | None = copies.get(tensor)
-        if per_device is None:
-            per_device = copies[tensor] = {}
-        else:
-            hit = per_device.get(target)
-            if hit is not None and hit[0] == version and _version(hit[1]) == hit[2]:
-                return hit[1]
+        per_device: dict[torch.device, tuple[int, torch.Tensor, int]]
+        per_device = self.copies.setdefault(tensor, {})
+        hit = per_device.get(target)
+        if hit is not None and hit[0] == version and _version(hit[1]) == hit[2]:
+            return hit[1]
         moved = tensor.to(target)
         per_device[target] = (version, moved, _version(moved))
         return moved
 
     def clear(self) -> None:
-        if self.copies is not None:
-            self.copies.clear()
+        self.copies.clear()
 
     # Copies of a model (copy.deepcopy) get a fresh, empty memo, shared by the copied hooks.
     def __reduce__(self) -> tuple[type[_Memo], tuple[()]]:
@@ -99,10 +82,9 @@ class _Memo:
 def _move_value(
     value: Any, target: torch.device, memo: _Memo | None, tensor_type: type[torch.Tensor]
 ) -> Any:
-    """``value`` with its tensors on ``target``: a tensor, or a plain tuple/list of them.
+    """A tensor, or a plain tuple/list's tensors, on ``target``: ``value`` itself if none moved.
 
-    Anything else (Cache objects, dicts, named tuples, None, ints) is returned as it is. Returns
-    ``value`` itself when nothing had to move, so callers can test ``is``.
+    Anything else (a Cache, a dict, a named tuple, None) comes back as it is.
     """
     if isinstance(value, tensor_type):
         if value.device == target:
@@ -112,54 +94,24 @@ def _move_value(
     if kind is not tuple and kind is not list:
         return value
     # One level only (``position_embeddings`` is ``(cos, sin)``); a tuple of tuples (a legacy KV
-    # cache) is left alone. Look first, so the common case builds nothing.
+    # cache) is left alone. Look first (a loop: cheaper than any()), so as to build nothing.
     for item in value:
         if isinstance(item, tensor_type) and item.device != target:
             break
     else:
         return value
     return kind(
-        (item.to(target) if memo is None else memo.move(item, target))
-        if isinstance(item, tensor_type) and item.device != target
-        else item
+        _move_value(item, target, memo, tensor_type) if isinstance(item, tensor_type) else item
         for item in value
     )
 
 
-def _first_device(
-    args: tuple[Any, ...], kwargs: dict[str, Any], tensor_type: type[torch.Tensor]
-) -> torch.device | None:
-    """Where the caller's tensors are: the first top-level tensor (or tensor in a tuple/list)."""
-    values = [*args, *(value for key, value in kwargs.items() if key not in _SKIP_KEYS)]
-    for value in values:
-        if isinstance(value, tensor_type):
-            return value.device
-    for value in values:
-        if type(value) in (tuple, list):
-            for item in value:
-                if isinstance(item, tensor_type):
-                    return item.device
-    return None
-
-
-# The current CUDA device.
-# Every op on a tensor of another GPU than the current one switches devices twice (torch's
-# device guard sets it and sets it back). A split model's layers on GPU 1 would pay that for each
-# kernel of each decoding step, so each entry makes its own GPU current (one switch per entry,
-# none when already current) and the root hook restores the caller's afterwards.
-
-
-def _cuda_index(device: torch.device) -> int | None:
-    """The index to make current before ``device`` computes (None: not a real CUDA device)."""
-    import torch
-
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return device.index  # hooks carry indexed devices (normalised by lean_dispatch)
-
-
 def _make_current(index: int) -> int:
-    """Make GPU ``index`` the current CUDA device; returns the one that was current."""
+    """Make GPU ``index`` the current CUDA device; returns the one that was current.
+
+    An op on another GPU's tensor switches devices twice (torch's device guard), for every kernel
+    of every step: each entry makes its GPU current once, and the root hook restores the caller's.
+    """
     import torch
 
     current = torch.cuda.current_device()
@@ -168,67 +120,50 @@ def _make_current(index: int) -> int:
     return current
 
 
-# The hooks (accelerate's ModelHook protocol).
-# Not subclasses of accelerate.hooks.ModelHook: that would import accelerate (and torch) with
-# omnifix. add_hook_to_module only calls init_hook, pre_forward, post_forward and detach_hook and
-# reads no_grad; nothing in accelerate or transformers checks the hook's class.
-
-
 class _EntryHook:
-    """Pre-forward hook of one device_map entry: move what arrives from another device."""
+    """Pre-forward hook of one device_map entry: move what arrives from another device.
+
+    accelerate's ModelHook protocol, without subclassing it (that would import accelerate and
+    torch with omnifix): add_hook_to_module only calls init_hook, pre_forward, post_forward,
+    detach_hook and reads no_grad; nothing in accelerate or transformers checks the class.
+    """
 
     no_grad = False
-    _omnifix_lean_hook = True
 
     __slots__ = ("cuda_index", "execution_device", "memo", "skip", "tensor_type")
 
-    def __init__(
-        self,
-        execution_device: torch.device,
-        memo: _Memo,
-        tensor_type: type[torch.Tensor],
-        skip: frozenset[str],
-    ) -> None:
+    def __init__(self, execution_device: torch.device, memo: _Memo, skip: frozenset[str]) -> None:
+        import torch
+
         # Named like accelerate's AlignDevicesHook attribute, so omnifix.input_device,
         # placement_report and transformers' own readers of `_hf_hook.execution_device` see it.
         self.execution_device = execution_device
         self.memo = memo
-        self.tensor_type = tensor_type
+        self.tensor_type = torch.Tensor  # held, so that the hot path imports nothing
         self.skip = skip
-        self.cuda_index = _cuda_index(execution_device)
+        # The GPU to make current before the entry computes; hooks carry indexed devices.
+        cuda = execution_device.type == "cuda" and torch.cuda.is_available()
+        self.cuda_index = execution_device.index if cuda else None
 
     def init_hook(self, module: nn.Module) -> nn.Module:
         return module
 
-    def move(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``args`` and ``kwargs``, copied only where a tensor had to move."""
+    def move(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        """``args`` and ``kwargs``, copied only where a tensor moved (plain loops: the cheapest)."""
         target, memo, tensor_type = self.execution_device, self.memo, self.tensor_type
-        new_args: list[Any] | None = None
+        moved_args = args
         for index, value in enumerate(args):
             moved = _move_value(value, target, memo, tensor_type)
             if moved is not value:
-                if new_args is None:
-                    new_args = list(args)
-                new_args[index] = moved
-        new_kwargs: dict[str, Any] | None = None
+                moved_args = (*moved_args[:index], moved, *moved_args[index + 1 :])
+        moved_kwargs = kwargs
         for key, value in kwargs.items():
-            if key in self.skip:
-                continue
-            moved = _move_value(value, target, memo, tensor_type)
+            moved = value if key in self.skip else _move_value(value, target, memo, tensor_type)
             if moved is not value:
-                if new_kwargs is None:
-                    new_kwargs = dict(kwargs)
-                new_kwargs[key] = moved
-        return (
-            args if new_args is None else tuple(new_args),
-            kwargs if new_kwargs is None else new_kwargs,
-        )
+                moved_kwargs = {**moved_kwargs, key: moved}
+        return moved_args, moved_kwargs
 
-    def pre_forward(
-        self, _module: nn.Module, *args: Any, **kwargs: Any
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pre_forward(self, _module: nn.Module, *args: Any, **kwargs: Any) -> Call:
         moved = self.move(args, kwargs)
         if self.cuda_index is not None:
             _make_current(self.cuda_index)
@@ -244,10 +179,7 @@ class _EntryHook:
         return f"LeanEntryHook(execution_device={self.execution_device})"
 
 
-#: What a copy of a root hook carries (its thread-local state is made afresh).
-_RootState = tuple[
-    "torch.device", _Memo, "type[torch.Tensor]", frozenset[str], "RemovableHandle | None"
-]
+_RootState = tuple["torch.device", _Memo, frozenset[str], "RemovableHandle | None"]
 
 
 class _RootHook(_EntryHook):
@@ -255,14 +187,8 @@ class _RootHook(_EntryHook):
 
     __slots__ = ("local", "restore")
 
-    def __init__(
-        self,
-        execution_device: torch.device,
-        memo: _Memo,
-        tensor_type: type[torch.Tensor],
-        skip: frozenset[str],
-    ) -> None:
-        super().__init__(execution_device, memo, tensor_type, skip)
+    def __init__(self, execution_device: torch.device, memo: _Memo, skip: frozenset[str]) -> None:
+        super().__init__(execution_device, memo, skip)
         # Per thread: the caller's device (set before, read after) and current CUDA device.
         self.local = threading.local()
         self.restore: RemovableHandle | None = None
@@ -287,11 +213,13 @@ class _RootHook(_EntryHook):
             self.local.current = None
             _make_current(current)
 
-    def pre_forward(
-        self, _module: nn.Module, *args: Any, **kwargs: Any
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pre_forward(self, _module: nn.Module, *args: Any, **kwargs: Any) -> Call:
         self.memo.clear()
-        self.local.caller = _first_device(args, kwargs, self.tensor_type)
+        # The caller's device: its first top-level tensor (or tensor in a tuple/list).
+        values = [*args, *(value for key, value in kwargs.items() if key not in _SKIP_KEYS)]
+        nested = [item for value in values if type(value) in (tuple, list) for item in value]
+        tensors = (item for item in (*values, *nested) if isinstance(item, self.tensor_type))
+        self.local.caller = next((tensor.device for tensor in tensors), None)
         if self.cuda_index is not None:
             self.local.current = _make_current(self.cuda_index)
         return self.move(args, kwargs)
@@ -301,18 +229,17 @@ class _RootHook(_EntryHook):
         caller: torch.device | None = getattr(self.local, "caller", None)
         if caller is None:
             return output
+        tensor_type = self.tensor_type
         if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
             for key, value in list(output.items()):
-                if key in self.skip:
-                    continue
-                moved = _move_value(value, caller, None, self.tensor_type)
+                moved = value if key in self.skip else _move_value(value, caller, None, tensor_type)
                 if moved is not value:
                     output[key] = moved  # ModelOutput.__setitem__ updates the attribute too
             return output
         # A tuple (return_dict=False) or a bare tensor: the same rule, one level deep.
         if type(output) is tuple:
-            return tuple(_move_value(value, caller, None, self.tensor_type) for value in output)
-        return _move_value(output, caller, None, self.tensor_type)
+            return tuple(_move_value(value, caller, None, tensor_type) for value in output)
+        return _move_value(output, caller, None, tensor_type)
 
     def __repr__(self) -> str:
         return f"LeanRootHook(execution_device={self.execution_device})"
@@ -320,31 +247,19 @@ class _RootHook(_EntryHook):
     # threading.local cannot be copied: copies of the model get a fresh one. torch's
     # RemovableHandle follows the copied hook dicts.
     def __getstate__(self) -> _RootState:
-        return self.execution_device, self.memo, self.tensor_type, self.skip, self.restore
+        return self.execution_device, self.memo, self.skip, self.restore
 
     def __setstate__(self, state: _RootState) -> None:
-        self.execution_device, self.memo, self.tensor_type, self.skip, self.restore = state
-        self.cuda_index = _cuda_index(self.execution_device)
-        self.local = threading.local()
-
-
-def is_lean_hook(hook: object) -> bool:
-    """Whether ``hook`` (a module's ``_hf_hook`` or a part of it) is one of omnifix's."""
-    return getattr(hook, _MARK, False) is True
+        _RootHook.__init__(self, *state[:3])
+        self.restore = state[3]
 
 
 def hooks_in_place(model: nn.Module) -> str:
     """Which hooks ``model`` has: ``"lean"`` (omnifix's), ``"accelerate"`` (other) or ``"none"``."""
-    found = "none"
-    for module in model.modules():
-        for hook in iter_hooks(module):
-            if is_lean_hook(hook):
-                return "lean"
-            found = "accelerate"
-    return found
-
-
-# The handle.
+    hooks = [hook for module in model.modules() for hook in iter_hooks(module)]
+    if any(isinstance(hook, _EntryHook) for hook in hooks):
+        return "lean"
+    return "accelerate" if hooks else "none"
 
 
 class LeanDispatch(Handle):
@@ -357,11 +272,7 @@ class LeanDispatch(Handle):
     __slots__ = ("_attached", "_devices", "_model", "_replaced")
 
     def __init__(
-        self,
-        model: nn.Module,
-        attached: list[tuple[nn.Module, object]],
-        replaced: list[tuple[nn.Module, object]],
-        devices: tuple[str, ...],
+        self, model: nn.Module, attached: Hooked, replaced: Hooked, devices: tuple[str, ...]
     ) -> None:
         """The hooks attached and replaced on ``model``."""
         super().__init__()
@@ -409,25 +320,14 @@ class LeanDispatch(Handle):
 
 
 def _detach(module: nn.Module) -> None:
-    """``remove_hook_from_module(module)``, keeping what dispatch_model put on the model.
-
-    accelerate's remove also drops the ``.to``/``.cuda`` wrappers that ``dispatch_model`` adds
-    to the root ("You shouldn't move a model that is dispatched"); the model is still dispatched,
-    so they are put back.
-    """
+    """``remove_hook_from_module``, keeping dispatch_model's ``.to``/``.cuda`` guards on a root."""
     from accelerate.hooks import remove_hook_from_module
 
-    kept = {
-        key: value
-        for key, value in module.__dict__.items()
-        if key not in ("_hf_hook", "_old_forward", "forward")
-    }
+    kept = dict(module.__dict__)
     remove_hook_from_module(module)
     for key, value in kept.items():
-        module.__dict__.setdefault(key, value)
-
-
-# lean_dispatch.
+        if key not in ("_hf_hook", "_old_forward", "forward"):
+            module.__dict__.setdefault(key, value)
 
 
 def _placements(
@@ -448,29 +348,22 @@ def _placements(
     return _inferred_map(model), False
 
 
-def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
+def _tensors(module: nn.Module, *, recurse: bool = True) -> Iterator[torch.Tensor]:
+    yield from module.parameters(recurse=recurse)
+    yield from module.buffers(recurse=recurse)
 
 
 def _inferred_map(model: nn.Module) -> dict[str, str]:
     """A device_map read from where the tensors are: the largest modules on a single device."""
-
-    def places(module: nn.Module) -> set[str]:
-        return {spell(tensor.device) for tensor in _tensors(module)}
-
     found: dict[str, str] = {}
 
     def visit(name: str, module: nn.Module) -> None:
-        where = places(module)
+        where = {spell(tensor.device) for tensor in _tensors(module)}
         if len(where) <= 1:
             if where:
                 found[name] = next(iter(where))
             return
-        own = {
-            spell(tensor.device)
-            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
-        }
+        own = {spell(tensor.device) for tensor in _tensors(module, recurse=False)}
         if len(own) > 1:
             raise InvalidArgumentError(
                 f"{type(module).__name__} {name or '(the model)'} holds its own tensors on "
@@ -509,11 +402,12 @@ def _refuse_offload(placements: Mapping[str, str]) -> None:
 
 def _resolve_entries(
     model: nn.Module, placements: Mapping[str, str]
-) -> tuple[list[tuple[str, nn.Module, torch.device]], list[tuple[str, torch.device]]]:
+) -> tuple[list[Entry], list[tuple[str, torch.device]]]:
     """Modules of the entries (and entries naming a single parameter or buffer), with devices."""
     import torch
 
-    modules: list[tuple[str, nn.Module, torch.device]] = []
+    named = dict(model.named_modules(remove_duplicate=False))
+    modules: list[Entry] = []
     tensors: list[tuple[str, torch.device]] = []
     for name, where in placements.items():
         device = torch.device(where)
@@ -521,39 +415,29 @@ def _resolve_entries(
             device = torch.device("cuda", torch.cuda.current_device())
         elif device.type == "mps":  # spelled bare in maps; tensors there report mps:0
             device = torch.device("mps", 0)
-        try:
-            modules.append((name, model.get_submodule(name), device))
-            continue
-        except AttributeError:
-            pass
-        try:
-            model.get_parameter(name)
-        except AttributeError:
-            try:
-                model.get_buffer(name)
-            except AttributeError:
-                raise InvalidArgumentError(
-                    f"The device_map names {name!r}, which {type(model).__name__} has no "
-                    "module, parameter or buffer called. Fix: use names from "
-                    "model.named_modules() (e.g. 'model.layers.0'), as from_pretrained does."
-                ) from None
-        tensors.append((name, device))
+        owner, _, attribute = name.rpartition(".")
+        if name in named:
+            modules.append((name, named[name], device))
+        elif owner in named and any(
+            registry.get(attribute) is not None
+            for registry in (named[owner]._parameters, named[owner]._buffers)  # noqa: SLF001
+        ):
+            tensors.append((name, device))
+        else:
+            raise InvalidArgumentError(
+                f"The device_map names {name!r}, which {type(model).__name__} has no "
+                "module, parameter or buffer called. Fix: use names from "
+                "model.named_modules() (e.g. 'model.layers.0'), as from_pretrained does."
+            )
     return modules, tensors
 
 
-def _accelerate_hooks(model: nn.Module) -> list[tuple[nn.Module, object]]:
-    """Modules whose hook is accelerate's device alignment only, i.e. what lean hooks replace.
-
-    Raises when a hook offloads weights. Hooks of other kinds (a user's, a quantizer's) are left
-    in place, and their modules get no lean hook.
-    """
+def _accelerate_hooks(model: nn.Module) -> Hooked:
+    """What lean hooks replace: accelerate's alignment hooks (others stay); refuses offloading."""
     from accelerate.hooks import AlignDevicesHook
 
-    found: list[tuple[nn.Module, object]] = []
+    found: Hooked = []
     for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        if hook is None:
-            continue
         parts = list(iter_hooks(module))
         if any(getattr(part, "offload", False) for part in parts):
             raise InvalidArgumentError(
@@ -562,11 +446,11 @@ def _accelerate_hooks(model: nn.Module) -> list[tuple[nn.Module, object]]:
                 f"which lean hooks do not do. {_OFFLOAD_FIX}"
             )
         if parts and all(isinstance(part, AlignDevicesHook) for part in parts):
-            found.append((module, hook))
+            found.append((module, module.__dict__["_hf_hook"]))
     return found
 
 
-def _check_ties(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
+def _check_ties(modules: Iterable[Entry]) -> None:
     """Refuse a map that sends one tensor (tied weights) to two devices, before moving any."""
     owner: dict[int, tuple[str, torch.device]] = {}
     for name, module, device in sorted(modules, key=lambda entry: entry[0].count(".")):
@@ -582,7 +466,7 @@ def _check_ties(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
             owner[id(tensor)] = (name, device)
 
 
-def _check_placed(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
+def _check_placed(modules: Iterable[Entry]) -> None:
     """Every tensor of every entry is on the entry's device (maps read from the model)."""
     for name, module, device in modules:
         for tensor in _tensors(module):
@@ -594,27 +478,13 @@ def _check_placed(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> Non
                 )
 
 
-def _move(modules: Iterable[tuple[str, nn.Module, torch.device]]) -> None:
+def _move(modules: Iterable[Entry]) -> None:
     """Move each entry's module to its device, outer entries first; skip what is already there."""
-    for _, module, device in sorted(
-        modules, key=lambda entry: entry[0].count(".") if entry[0] else -1
-    ):
+    outer_first = sorted(modules, key=lambda entry: entry[0].count(".") if entry[0] else -1)
+    for _, module, device in outer_first:
         if any(tensor.device != device for tensor in _tensors(module)):
             # The class's .to, not the instance's: dispatch_model wraps model.to with a warning.
             type(module).to(module, device)
-
-
-def _root_device(
-    model: nn.Module, modules: list[tuple[str, nn.Module, torch.device]]
-) -> torch.device:
-    """The device of the primary input embedding's entry, else of the first entry."""
-    embeddings = find_input_embeddings(model)
-    found = (
-        locate({name: device for name, _, device in modules}, embeddings[0][0])
-        if embeddings
-        else None
-    )
-    return modules[0][2] if found is None else found[1]
 
 
 def lean_dispatch(
@@ -622,20 +492,16 @@ def lean_dispatch(
 ) -> LeanDispatch:
     """Run a model split over several GPUs with hooks only where tensors cross a device.
 
-    Takes accelerate's hooks off the model (remembering each) and adds, with accelerate's
-    ``add_hook_to_module``, one light pre-forward hook per ``device_map`` entry and one on the
-    model: inputs go to the input embedding's device, outputs come back to the caller's, and a
-    tensor the parent hands to every layer crosses to each other GPU once per forward. A model on
-    one device gets no hook at all.
+    Takes accelerate's hooks off the model (remembering each) and adds one light pre-forward hook
+    per ``device_map`` entry and one on the model: inputs go to the input embedding's device,
+    outputs come back to the caller's. A model on one device gets no hook at all.
 
     Args:
-        model: A model on one or several devices; typically from ``from_pretrained(...,
-            device_map=...)`` or ``accelerate.dispatch_model``.
-        device_map: ``{module_name: device}`` (devices as ``from_pretrained`` takes them:
-            ``0``, ``"cuda:1"``, ``"cpu"``, a :class:`torch.device`). Each entry's module is
-            moved to its device first (skipped when already there) and the map is stored as
-            ``model.hf_device_map``. ``None`` (default): ``model.hf_device_map``, else where the
-            weights are.
+        model: A model on one or several devices, e.g. from ``from_pretrained(device_map=...)``.
+        device_map: ``{module_name: device}`` (``0``, ``"cuda:1"``, ``"cpu"``, a
+            :class:`torch.device`): each entry's module is moved to its device first (if not
+            there) and the map stored as ``model.hf_device_map``. ``None`` (default):
+            ``model.hf_device_map``, else where the weights are.
 
     Returns:
         A :class:`omnifix.types.LeanDispatch` handle: ``.hooks`` (how many were attached),
@@ -643,8 +509,8 @@ def lean_dispatch(
 
     Raises:
         InvalidArgumentError: The map offloads weights (``"cpu"`` or ``"disk"`` entries next to
-            GPU ones, or ``"disk"`` at all), or the model has accelerate hooks that offload:
-            those need accelerate's weight streaming. Also a map naming what the model lacks.
+            GPU ones, or ``"disk"`` at all) or the model has accelerate hooks that offload (both
+            need accelerate's weight streaming), or the map names what the model lacks.
         DeviceError: A device in the map is malformed or missing, tied weights are mapped to
             two devices, or ``hf_device_map`` disagrees with where the weights are.
         UnsupportedModelError: ``model`` is not an ``nn.Module``.
@@ -666,13 +532,7 @@ def lean_dispatch(
         >>> hasattr(model.lm_head, "_hf_hook")  # put back by remove()
         True
     """
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(
-            f"lean_dispatch needs a torch.nn.Module, got {type(model).__name__}; pass the model "
-            "itself (e.g. the result of from_pretrained)."
-        )
+    require_module(model, "lean_dispatch")
     # Everything is checked before anything changes: a refused call leaves the model as it was.
     placements, given = _placements(model, device_map)
     _refuse_offload(placements)
@@ -685,16 +545,11 @@ def lean_dispatch(
     if previous is not None:  # dispatched again: the earlier handle's hooks go first
         previous.remove()
     for module in model.modules():  # lean hooks no handle owns (a copy of a dispatched model)
-        if is_lean_hook(getattr(module, "_hf_hook", None)):
+        if isinstance(getattr(module, "_hf_hook", None), _EntryHook):
             _detach(module)
     replaced = _accelerate_hooks(model)
-    devices = tuple(
-        sorted(
-            {str(device) for _, _, device in modules}
-            | {str(device) for _, device in tensor_entries},
-            key=place_order,
-        )
-    )
+    placed = {str(entry[-1]) for entry in (*modules, *tensor_entries)}
+    devices = tuple(sorted(placed, key=place_order))
     for module, _ in replaced:
         _detach(module)
     if given:
@@ -709,43 +564,41 @@ def lean_dispatch(
     return handle
 
 
-def _attach(
-    model: nn.Module, modules: list[tuple[str, nn.Module, torch.device]]
-) -> list[tuple[nn.Module, object]]:
+def _attach(model: nn.Module, modules: list[Entry]) -> Hooked:
     """A lean hook on every entry and a root hook; modules with other hooks keep theirs."""
-    import torch
     from accelerate.hooks import add_hook_to_module
 
     memo = _Memo()
     skip = _SKIP_KEYS | frozenset(getattr(model, "_skip_keys_device_placement", None) or ())
-    top = _top(model)
-    attached: list[tuple[nn.Module, object]] = []
+    top, root_device = _root(model, modules)
+    attached: Hooked = []
     for name, module, device in modules:
         if name and module is not top and getattr(module, "_hf_hook", None) is None:
-            hook = _EntryHook(device, memo, torch.Tensor, skip)
+            hook = _EntryHook(device, memo, skip)
             add_hook_to_module(module, hook)
             attached.append((module, hook))
     if getattr(top, "_hf_hook", None) is None:
-        root = _RootHook(_root_device(model, modules), memo, torch.Tensor, skip)
+        root = _RootHook(root_device, memo, skip)
         add_hook_to_module(top, root)
         attached.append((top, root))
     return attached
 
 
-def _top(model: nn.Module) -> nn.Module:
-    """The module callers run, which gets the root hook.
+def _root(model: nn.Module, modules: list[Entry]) -> tuple[nn.Module, torch.device]:
+    """The module callers run, which gets the root hook, and where its inputs go.
 
-    The model itself, or, when it has no ``forward`` of its own, the child holding its primary
-    input embedding (Qwen2.5-Omni's ``generate`` runs its thinker).
+    The model, or if it has no ``forward`` (Qwen2.5-Omni), the child with the primary input
+    embedding; the device of that embedding's entry, else of the first entry.
     """
     from torch import nn
 
-    if type(model).forward is not nn.Module.forward:
-        return model
     embeddings = find_input_embeddings(model)
-    if not embeddings or not embeddings[0][0]:
-        return model
-    return model.get_submodule(embeddings[0][0].split(".", 1)[0])
+    name = embeddings[0][0] if embeddings else ""
+    found = locate({entry: device for entry, _, device in modules}, name) if embeddings else None
+    device = modules[0][2] if found is None else found[1]
+    if type(model).forward is not nn.Module.forward or not name:
+        return model, device
+    return model.get_submodule(name.split(".", 1)[0]), device
 
 
 def _move_tensor(model: nn.Module, name: str, device: torch.device) -> None:

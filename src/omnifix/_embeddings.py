@@ -1,14 +1,4 @@
-"""Pinning input embeddings: ids go to the embedding's device, embeddings come back to the caller's.
-
-Multimodal models merge text embeddings with image/audio features right after the embedding
-lookup (``inputs_embeds.masked_scatter(mask, features)``). When ``device_map`` puts
-``embed_tokens`` on another GPU than the caller's ``input_ids``, the lookup either fails
-(``index_select``: ids and weight on different devices) or, behind accelerate's hook, returns the
-embeddings on the embedding's GPU while the mask stays on the caller's: the merge then fails with
-"Expected all tensors to be on the same device". :func:`pin_embeddings` fixes both with two
-forward hooks per embedding and nothing else: the module, its weights and its ``state_dict`` are
-untouched.
-"""
+"""Pinning input embeddings: ids to the embedding's device, embeddings back to the caller's."""
 
 from __future__ import annotations
 
@@ -18,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from omnifix._devices import normalize_device
 from omnifix._handle import Handle
-from omnifix._modules import execution_device, find_input_embeddings
+from omnifix._modules import execution_device, find_input_embeddings, require_module
 from omnifix.errors import DeviceError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -36,11 +26,11 @@ _STATE_ATTR = "_omnifix_embedding_pin"
 
 
 class _PinState:
-    """What one pinned embedding carries: target device, its two hook handles and its owners.
+    """One pinned embedding: its return device, its two hooks, their handles, its owners (pins).
 
-    ``owners`` counts the live :class:`EmbeddingPin` handles that pinned this embedding; the hooks
-    go when the last one is removed. The pre-hook records, per thread, the device the ids came
-    from, and the post-hook reads it back (the post-hook only sees the ids already moved).
+    The pre-hook records per thread where the ids came from, for the post-hook. The hooks are
+    methods, not closures, so ``copy.deepcopy(model)`` and ``torch.save(model)`` work (the handles
+    follow the copied hook dicts); a copy is owned by no pin: ``pin_embeddings(copy).remove()``.
     """
 
     __slots__ = ("device", "handles", "local", "owners")
@@ -51,9 +41,38 @@ class _PinState:
         self.owners = 0
         self.local = threading.local()
 
-    # Hooks are plain picklable objects (not closures) so ``copy.deepcopy(model)`` and
-    # ``torch.save(model)`` keep working; torch's RemovableHandle already follows the copied hook
-    # dicts. A copy is pinned but owned by no handle: ``pin_embeddings(copy).remove()`` unpins it.
+    def move_ids(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Forward pre-hook: remember where the ids are, then move them to where it runs."""
+        ids, where = _find_ids(args, kwargs)
+        self.local.source = None if ids is None else ids.device
+        # Resolved per call (two attribute lookups for an embedding), so re-dispatching the model
+        # after pinning, or accelerate hooks added/removed later, are followed.
+        target = None if ids is None else execution_device(module)
+        if ids is None or target is None or target.type == "meta" or ids.device == target:
+            return None
+        moved = ids.to(target)
+        if isinstance(where, int):
+            return (moved, *args[1:]), kwargs
+        return args, {**kwargs, where: moved}
+
+    def return_embeddings(
+        self, _module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        """Forward hook: the embeddings to the pinned device, else to where the ids came from."""
+        import torch
+
+        target = self.device or getattr(self.local, "source", None)
+        if target is None or target.type == "meta":
+            return None
+        if isinstance(output, torch.Tensor):
+            return None if output.device == target else output.to(target)
+        # Embedding subclasses returning tuples or dicts: accelerate already walks nested outputs.
+        from accelerate.utils import send_to_device
+
+        return send_to_device(output, target)
+
     def __getstate__(self) -> tuple[torch.device | None, tuple[RemovableHandle, ...]]:
         return self.device, self.handles
 
@@ -76,58 +95,6 @@ def _find_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tens
     return None, None
 
 
-class _MoveIdsToExecutionDevice:
-    """Forward pre-hook: remember where the ids are, then move them to where the embedding runs."""
-
-    __slots__ = ("state",)
-
-    def __init__(self, state: _PinState) -> None:
-        self.state = state
-
-    def __call__(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        ids, where = _find_ids(args, kwargs)
-        self.state.local.source = None if ids is None else ids.device
-        if ids is None:
-            return None
-        # Resolved per call (two attribute lookups for an embedding), so re-dispatching the model
-        # after pinning, or accelerate hooks added/removed later, are followed.
-        target = execution_device(module)
-        if target is None or target.type == "meta" or ids.device == target:
-            return None
-        moved = ids.to(target)
-        if isinstance(where, int):
-            return (moved, *args[1:]), kwargs
-        return args, {**kwargs, where: moved}
-
-
-class _ReturnToCaller:
-    """Forward hook: move the embeddings to the pinned device, else to where the ids came from."""
-
-    __slots__ = ("state",)
-
-    def __init__(self, state: _PinState) -> None:
-        self.state = state
-
-    def __call__(
-        self, _module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any
-    ) -> Any:
-        import torch
-
-        target = self.state.device
-        if target is None:
-            target = getattr(self.state.local, "source", None)
-        if target is None or target.type == "meta":
-            return None
-        if isinstance(output, torch.Tensor):
-            return None if output.device == target else output.to(target)
-        # Embedding subclasses returning tuples or dicts: accelerate already walks nested outputs.
-        from accelerate.utils import send_to_device
-
-        return send_to_device(output, target)
-
-
 class EmbeddingPin(Handle):
     """Handle returned by :func:`omnifix.pin_embeddings` (see :class:`omnifix.Handle`).
 
@@ -139,9 +106,7 @@ class EmbeddingPin(Handle):
     __slots__ = ("_device", "_entries")
 
     def __init__(
-        self,
-        entries: list[tuple[str, nn.Module, _PinState]],
-        device: torch.device | None,
+        self, entries: list[tuple[str, nn.Module, _PinState]], device: torch.device | None
     ) -> None:
         """The pinned embeddings (name, module, state) and the return device."""
         super().__init__()
@@ -180,18 +145,14 @@ class EmbeddingPin(Handle):
 def pin_embeddings(model: nn.Module, *, device: DeviceLike = None) -> EmbeddingPin:
     """Make every input embedding of ``model`` safe to call with ids on any device.
 
-    Finds the input embeddings (``get_input_embeddings()`` where it works, else the
-    ``embed_tokens`` of every language model inside a composite model, e.g. Qwen2.5-Omni's
-    thinker and talker) and adds two forward hooks to each: before the lookup, the ids move to
-    the embedding's execution device (accelerate's hook device when dispatched, else its weight's
-    device, read at call time); after it, the embeddings move to ``device``, or back to the device
-    the ids came from. The multimodal merge that follows then sees one device, which is what
-    ``generate`` needs for Qwen2-VL & co. with ``device_map="auto"`` on several GPUs.
-
-    Nothing is replaced: ``state_dict()``, ``.weight``, tied ``lm_head`` weights and
-    ``save_pretrained`` are exactly as before, and accelerate's hooks (which wrap ``forward``)
-    keep working inside ours, whether added before or after pinning. Pinning twice adds no
-    hook (see :class:`omnifix.types.EmbeddingPin` for who owns what).
+    Each input embedding (``get_input_embeddings()`` where it works, else the ``embed_tokens`` of
+    every language model inside a composite model, e.g. Qwen2.5-Omni's thinker and talker) gets
+    two forward hooks: before the lookup the ids move to where the embedding runs (accelerate's
+    hook device, else its weight's, read at call time); after it the embeddings move to
+    ``device``, or back to where the ids came from, so the multimodal merge that follows sees one
+    device. Nothing is replaced: ``state_dict()``, tied weights and ``save_pretrained`` are as
+    before, and accelerate's hooks keep working inside ours, whether added before or after.
+    Pinning twice adds no hook (see :class:`omnifix.types.EmbeddingPin` for who owns what).
 
     Args:
         model: Any ``nn.Module`` with token embeddings; usually a transformers model.
@@ -221,16 +182,11 @@ def pin_embeddings(model: nn.Module, *, device: DeviceLike = None) -> EmbeddingP
     """
     from torch import nn
 
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(
-            f"pin_embeddings needs a torch.nn.Module, got {type(model).__name__}; "
-            "pass the model itself (e.g. the result of from_pretrained)."
-        )
+    require_module(model, "pin_embeddings")
     target = None if device is None else normalize_device(device)
     found: list[tuple[str, nn.Module]] = list(find_input_embeddings(model))
     if not found and isinstance(model, nn.Embedding):
-        # ``pin_embeddings(model.get_input_embeddings())``: the embedding itself, named as
-        # ``named_modules`` names a root.
+        # pin_embeddings(model.get_input_embeddings()): the embedding, named "" as a root.
         found = [("", model)]
     if not found:
         raise UnsupportedModelError(
@@ -255,10 +211,8 @@ def pin_embeddings(model: nn.Module, *, device: DeviceLike = None) -> EmbeddingP
             # The pre-hook goes first and the post-hook last, so the pin wraps every hook
             # already there: those see ids and embeddings where the embedding computes.
             state.handles = (
-                embedding.register_forward_pre_hook(
-                    _MoveIdsToExecutionDevice(state), with_kwargs=True, prepend=True
-                ),
-                embedding.register_forward_hook(_ReturnToCaller(state), with_kwargs=True),
+                embedding.register_forward_pre_hook(state.move_ids, with_kwargs=True, prepend=True),
+                embedding.register_forward_hook(state.return_embeddings, with_kwargs=True),
             )
             embedding.__dict__[_STATE_ATTR] = state
         state.owners += 1

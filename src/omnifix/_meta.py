@@ -1,29 +1,19 @@
-"""Meta tensors: finding parameters that are offloaded or were never loaded, and refusing them.
-
-A tensor on ``meta`` has a shape but no data. It is *offloaded* when accelerate keeps the data on
-cpu or disk and an ``AlignDevicesHook`` copies it in for each ``forward`` (code that reads it
-outside ``forward`` fails: ``.item()``, ``.cpu()``, ``model.device``), and *uninitialised* when
-there is no data anywhere (even ``forward`` fails). omnifix tells them apart from accelerate's
-real state, never from names; docs/meta-tensors.md says what each transformers release does with
-keys missing from a checkpoint.
-"""
+"""Meta tensors: finding the offloaded and the never loaded ones, and refusing them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix._compat import deprecated
-from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate
-from omnifix._modules import iter_hooks
+from omnifix._device_map import OFFLOAD_TARGETS, Placement
+from omnifix._modules import iter_hooks, require_module
 from omnifix._table import Table, plain, rich
 from omnifix._units import format_bytes
-from omnifix.errors import MetaTensorError, UnsupportedModelError
+from omnifix.errors import MetaTensorError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     import torch
     from rich.console import Group
     from torch import nn
@@ -32,12 +22,26 @@ if TYPE_CHECKING:
 
 __all__ = ["MetaReport", "MetaTensor", "assert_no_meta", "find_meta_tensors"]
 
-#: How many tensors an error message lists by name.
-_SHOWN_IN_ERROR = 5
-#: How many offloaded ``hf_device_map`` entries an error message lists.
-_ENTRIES_IN_ERROR = 8
-#: How many rows ``str(report)`` prints.
-_SHOWN_IN_TABLE = 10
+#: Tensors an error lists by name, offloaded hf_device_map entries it lists, rows of str(report).
+_SHOWN_IN_ERROR, _ENTRIES_IN_ERROR, _SHOWN_IN_TABLE = 5, 8, 10
+#: Why each kind fails, and its fix, in the order errors give them.
+_WHY: Final = {
+    "offloaded": "Offloaded tensors hold data only inside forward(); reading them outside it "
+    "(.item(), .tolist(), .cpu(), model.device) fails with 'Cannot copy out of meta tensor'.",
+    "uninitialised": "Uninitialised tensors have no data anywhere (not even accelerate's offload "
+    "maps), so even forward() fails on them.",
+}
+_FIX: Final = {
+    "uninitialised": "load the weights they need: check that the checkpoint has these keys "
+    "(from_pretrained(..., output_loading_info=True) lists missing_keys) and matches the model "
+    "class and config; a model built under accelerate's init_empty_weights() needs its weights "
+    "loaded (from_pretrained or load_checkpoint_and_dispatch) before use",
+    "offloaded": "give the model room so nothing is offloaded: put it on one GPU with "
+    'device_map="cuda", or spread it over several GPUs with an explicit device_map whose values '
+    'are GPU indices only (no "cpu" or "disk"); load it in bfloat16 (torch_dtype=torch.bfloat16, '
+    'dtype= on transformers 5) with attn_implementation="flash_attention_2" so it fits; or, if '
+    "only forward() reads these weights, pass allow_offload=True knowingly",
+}
 
 
 @dataclass(frozen=True)
@@ -114,21 +118,17 @@ class MetaReport:
         return rich(self._blocks())
 
     def _blocks(self) -> list[str | Table]:
-        if not self.tensors:
-            return ["no meta tensors"]
-        return [_summary(self.tensors), _table(self.tensors, _SHOWN_IN_TABLE)]
+        return _describe(self.tensors, _SHOWN_IN_TABLE) if self.tensors else ["no meta tensors"]
 
 
 def find_meta_tensors(model: nn.Module) -> MetaReport:
     """Every parameter and buffer of ``model`` on ``meta``, classified.
 
-    A meta tensor is *offloaded* when an accelerate ``AlignDevicesHook`` with ``offload=True`` on
-    its module (or on an ancestor that places its submodules) has the tensor's key in its weights
-    map, so the hook really loads it for ``forward`` (buffers count only if the hook offloads
-    buffers and the buffer is persistent, as in accelerate's ``pre_forward``). Everything else on
-    ``meta`` is *uninitialised*. Where an offloaded tensor lives comes from the weights map
-    (accelerate's ``OffloadedWeightsLoader`` keeps cpu tensors in its ``state_dict`` and disk ones
-    in its ``index``); ``hf_device_map`` is only the fallback for weights maps of unknown types.
+    A meta tensor is *offloaded* when an accelerate hook with ``offload=True`` on its module (or
+    on an ancestor that places its submodules) has its key in the weights map, so the hook really
+    loads it for ``forward`` (a buffer only if persistent and the hook offloads buffers, as in
+    accelerate's ``pre_forward``); anything else on ``meta`` is *uninitialised*. ``offloaded_to``
+    comes from the weights map, or from ``hf_device_map`` for weights maps of unknown types.
 
     Args:
         model: Any module; a ``from_pretrained`` model, a skeleton, a submodule.
@@ -149,15 +149,9 @@ def find_meta_tensors(model: nn.Module) -> MetaReport:
         >>> [t.kind for t in omnifix.find_meta_tensors(skeleton).uninitialised]
         ['uninitialised', 'uninitialised']
     """
-    from torch import nn
-
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(
-            f"find_meta_tensors needs a torch.nn.Module, got {type(model).__name__}; pass the "
-            "model itself (e.g. the result of from_pretrained)."
-        )
+    require_module(model, "find_meta_tensors")
     recorded = getattr(model, "hf_device_map", None)
-    device_map: Mapping[str, object] = recorded if isinstance(recorded, Mapping) else {}
+    placement = Placement.of(recorded) if isinstance(recorded, Mapping) and recorded else None
     found: dict[int, MetaTensor] = {}
     # Hooks that place their submodules (``preload_module_classes``, ``cpu_offload`` of a leaf
     # class) load tensors of descendants too; named_modules is pre-order, so ancestors come first.
@@ -165,31 +159,32 @@ def find_meta_tensors(model: nn.Module) -> MetaReport:
     for module_name, module in model.named_modules():
         # ``module.__dict__`` rather than getattr: nn.Module.__getattr__ raises (slowly) for the
         # thousands of modules without a hook, and add_hook_to_module stores it in __dict__.
-        hooks = _offload_hooks(module) if "_hf_hook" in module.__dict__ else []
+        hooks = list(iter_hooks(module)) if "_hf_hook" in module.__dict__ else []
+        hooks = [hook for hook in hooks if getattr(hook, "offload", False)]
         if any(getattr(hook, "place_submodules", False) for hook in hooks):
             placing[module_name] = [h for h in hooks if getattr(h, "place_submodules", False)]
-        for local, tensor, is_buffer in _own_tensors(module):
-            if not tensor.is_meta:
+        # Own tensors without named_parameters' generators: this runs for every module of a model.
+        for local, tensor in [*module._parameters.items(), *module._buffers.items()]:  # noqa: SLF001
+            if tensor is None or not tensor.is_meta:
                 continue
-            persistent = not is_buffer or local not in module._non_persistent_buffers_set  # noqa: SLF001
-            location, offloaded = _find_offload(
-                hooks, placing, module_name, local, is_buffer=is_buffer, persistent=persistent
-            )
-            if offloaded and location is None:
-                location = _device_map_location(device_map, _join(module_name, local))
+            name = f"{module_name}.{local}" if module_name else local
+            offloaded, location = _find_offload(module, module_name, local, hooks, placing)
+            if offloaded and location is None and placement is not None:
+                stored: object = placement.stored(name)  # hidden by a weights map of unknown type
+                location = stored if stored in OFFLOAD_TARGETS else None
             previous = found.get(id(tensor))
             if previous is not None and (previous.kind == "offloaded" or not offloaded):
                 continue  # a tied weight seen again; keep its first name unless this one has data
             found[id(tensor)] = MetaTensor(
-                name=previous.name if previous is not None else _join(module_name, local),
+                name=previous.name if previous is not None else name,
                 kind="offloaded" if offloaded else "uninitialised",
                 shape=tuple(tensor.shape),
                 dtype=tensor.dtype,
                 nbytes=tensor.numel() * tensor.element_size(),
-                is_buffer=is_buffer,
-                offloaded_to=location if offloaded else None,
+                is_buffer=local in module._buffers,  # noqa: SLF001
+                offloaded_to=location,
             )
-    offloaded_map = dict(Placement.of(device_map).offloaded) if device_map else {}
+    offloaded_map = dict(placement.offloaded) if placement is not None else {}
     return MetaReport(tensors=tuple(found.values()), offloaded_device_map=offloaded_map)
 
 
@@ -235,62 +230,34 @@ def assert_no_meta(
         raise MetaTensorError(message, report=report)
 
 
-def _own_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, bool]]:
-    # The module's own registries, as named_parameters/named_buffers(recurse=False) read them,
-    # without the generator machinery (this runs once per module of a 10B model).
-    for local, param in module._parameters.items():  # noqa: SLF001
-        if param is not None:
-            yield local, param, False
-    for local, buffer in module._buffers.items():  # noqa: SLF001
-        if buffer is not None:
-            yield local, buffer, True
-
-
-def _offload_hooks(module: nn.Module) -> list[Any]:
-    return [hook for hook in iter_hooks(module) if getattr(hook, "offload", False)]
-
-
 def _find_offload(
-    hooks: list[Any],
-    placing: dict[str, list[Any]],
-    module_name: str,
-    local: str,
-    *,
-    is_buffer: bool,
-    persistent: bool,
-) -> tuple[OffloadLocation | None, bool]:
-    """Whether an offload hook really loads this tensor for forward, and from where."""
+    module: nn.Module, module_name: str, local: str, hooks: list[Any], placing: dict[str, list[Any]]
+) -> tuple[bool, OffloadLocation | None]:
+    """Whether an offload hook (its module's or a placing ancestor's) loads a tensor, and where."""
     # accelerate's pre_forward loads named_module_tensors(include_buffers=offload_buffers,
-    # remove_non_persistent=True): buffers only when the hook offloads buffers, never
-    # non-persistent ones.
-    if is_buffer and not persistent:
-        return None, False
-    for hook in hooks:
+    # remove_non_persistent=True): buffers only when the hook offloads them, never non-persistent.
+    is_buffer = local in module._buffers  # noqa: SLF001
+    if is_buffer and local in module._non_persistent_buffers_set:  # noqa: SLF001
+        return False, None
+    candidates = [(hook, local) for hook in hooks]
+    ancestor, key = module_name, local
+    while ancestor and placing:
+        ancestor, _, child = ancestor.rpartition(".")
+        key = f"{child}.{key}"
+        candidates += [(hook, key) for hook in placing.get(ancestor, [])]
+    for hook, hook_key in candidates:
         if is_buffer and not getattr(hook, "offload_buffers", False):
             continue
-        found, location = _lookup(getattr(hook, "weights_map", None), local)
+        found, location = _lookup(getattr(hook, "weights_map", None), hook_key)
         if found:
-            return location, True
-    if placing:
-        parts = module_name.split(".") if module_name else []
-        for depth in range(len(parts) - 1, -1, -1):
-            ancestor = ".".join(parts[:depth])
-            for hook in placing.get(ancestor, ()):
-                if is_buffer and not getattr(hook, "offload_buffers", False):
-                    continue
-                key = _join(".".join(parts[depth:]), local)
-                found, location = _lookup(getattr(hook, "weights_map", None), key)
-                if found:
-                    return location, True
-    return None, False
+            return True, location
+    return False, None
 
 
 def _lookup(weights_map: object, key: str) -> tuple[bool, OffloadLocation | None]:
-    """Whether ``weights_map`` holds ``key`` (without loading it), and where.
+    """Whether ``weights_map`` holds ``key``, and where, without loading it.
 
-    We unwrap accelerate's ``PrefixedDataset`` and read ``OffloadedWeightsLoader``'s
-    ``state_dict``/``index`` ourselves because ``key in weights_map`` goes through
-    ``Mapping.__contains__`` -> ``__getitem__``, which reads disk-offloaded tensors from disk.
+    ``key in weights_map`` reads a disk-offloaded tensor from disk; accelerate's maps are read here.
     """
     import torch
 
@@ -312,25 +279,13 @@ def _lookup(weights_map: object, key: str) -> tuple[bool, OffloadLocation | None
         if isinstance(value, torch.Tensor):
             return (False, None) if value.is_meta else (True, "cpu")
         return value is not None, None
-    if isinstance(weights_map, Mapping):
-        # Unknown mapping: membership may load the tensor, but it is the only truthful check.
-        return key in weights_map, None
-    return False, None
+    # Unknown mapping: membership may load the tensor, but it is the only truthful check.
+    return isinstance(weights_map, Mapping) and key in weights_map, None
 
 
-def _device_map_location(device_map: Mapping[str, object], name: str) -> OffloadLocation | None:
-    """The ``"cpu"``/``"disk"`` value of the ``hf_device_map`` entry covering ``name``."""
-    found = locate(device_map, name)
-    value = None if found is None else found[1]
-    return value if value in OFFLOAD_TARGETS else None
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _summary(tensors: tuple[MetaTensor, ...]) -> str:
-    total = sum(tensor.nbytes for tensor in tensors)
+def _describe(tensors: tuple[MetaTensor, ...], limit: int) -> list[str | Table]:
+    """A summary line and a table of the first ``limit`` tensors, uninitialised ones first."""
+    size = format_bytes(sum(tensor.nbytes for tensor in tensors))
     offloaded = [tensor for tensor in tensors if tensor.kind == "offloaded"]
     parts = []
     if offloaded:
@@ -339,11 +294,7 @@ def _summary(tensors: tuple[MetaTensor, ...]) -> str:
     if len(offloaded) < len(tensors):
         parts.append(f"{len(tensors) - len(offloaded)} uninitialised (no data anywhere)")
     noun = "tensor is" if len(tensors) == 1 else "tensors are"
-    return f"{len(tensors)} {noun} on the meta device ({format_bytes(total)}): {', '.join(parts)}."
-
-
-def _table(tensors: tuple[MetaTensor, ...], limit: int) -> Table:
-    # Uninitialised tensors first: they break even forward().
+    summary = f"{len(tensors)} {noun} on the meta device ({size}): {', '.join(parts)}."
     ordered = sorted(tensors, key=lambda tensor: tensor.kind != "uninitialised")
     rows = tuple(
         (
@@ -358,48 +309,20 @@ def _table(tensors: tuple[MetaTensor, ...], limit: int) -> Table:
     more = len(tensors) - limit
     if more > 0:
         rows += ((f"... and {more} more", "", "", "", ""),)
-    return Table(("tensor", "kind", "shape", "dtype", "where"), rows)
+    return [summary, Table(("tensor", "kind", "shape", "dtype", "where"), rows)]
 
 
 def _message(report: MetaReport, blocking: tuple[MetaTensor, ...], *, allow_offload: bool) -> str:
-    lines = [_summary(blocking), *_table(blocking, _SHOWN_IN_ERROR).lines()]
+    lines = [plain(_describe(blocking, _SHOWN_IN_ERROR))]
     if allow_offload and report.offloaded:
         lines.append(f"({len(report.offloaded)} offloaded tensors were allowed.)")
-    has_offloaded = any(tensor.kind == "offloaded" for tensor in blocking)
-    has_uninitialised = any(tensor.kind == "uninitialised" for tensor in blocking)
     if report.offloaded_device_map:
-        items = list(report.offloaded_device_map.items())
-        entries = ", ".join(f"{name}: {value}" for name, value in items[:_ENTRIES_IN_ERROR])
-        more = (
-            f" and {len(items) - _ENTRIES_IN_ERROR} more" if len(items) > _ENTRIES_IN_ERROR else ""
-        )
-        lines.append(f"Offloaded hf_device_map entries: {entries}{more}.")
-    if has_offloaded:
-        lines.append(
-            "Offloaded tensors hold data only inside forward(); reading them outside it (.item(), "
-            ".tolist(), .cpu(), model.device) fails with 'Cannot copy out of meta tensor'."
-        )
-    if has_uninitialised:
-        lines.append(
-            "Uninitialised tensors have no data anywhere (not even accelerate's offload maps), "
-            "so even forward() fails on them."
-        )
-    fixes = []
-    if has_uninitialised:
-        fixes.append(
-            "load the weights they need: check that the checkpoint has these keys "
-            "(from_pretrained(..., output_loading_info=True) lists missing_keys) and matches the "
-            "model class and config; a model built under accelerate's init_empty_weights() needs "
-            "its weights loaded (from_pretrained or load_checkpoint_and_dispatch) before use"
-        )
-    if has_offloaded:
-        fixes.append(
-            "give the model room so nothing is offloaded: put it on one GPU with "
-            'device_map="cuda", or spread it over several GPUs with an explicit device_map whose '
-            'values are GPU indices only (no "cpu" or "disk"); load it in bfloat16 '
-            "(torch_dtype=torch.bfloat16, dtype= on transformers 5) with "
-            'attn_implementation="flash_attention_2" so it fits; or, if only forward() reads these '
-            "weights, pass allow_offload=True knowingly"
-        )
+        entries = [f"{name}: {value}" for name, value in report.offloaded_device_map.items()]
+        more = len(entries) - _ENTRIES_IN_ERROR
+        listed = ", ".join(entries[:_ENTRIES_IN_ERROR]) + (f" and {more} more" if more > 0 else "")
+        lines.append(f"Offloaded hf_device_map entries: {listed}.")
+    kinds = {tensor.kind for tensor in blocking}
+    lines += [why for kind, why in _WHY.items() if kind in kinds]
+    fixes = [fix for kind, fix in _FIX.items() if kind in kinds]
     lines.append("Fix: " + "; and ".join(fixes) + ".")
     return "\n".join(lines)
