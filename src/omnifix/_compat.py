@@ -31,6 +31,8 @@ __all__ = [
     "AUTO_DTYPE_DEFAULT",
     "DTYPE_KEYWORD",
     "PACKED_ATTENTION_SPLITS",
+    "QWEN2_5_OMNI",
+    "QWEN2_5_VL",
     "ROPE_PARAMETERS",
     "UNCAST_LOGITS",
     "attention_dict_supported",
@@ -61,6 +63,9 @@ ROPE_PARAMETERS: Final = AUTO_DTYPE_DEFAULT
 #: Qwen2-Audio's processor writes one placeholder per audio token (earlier: one per audio, which
 #: the model expanded itself).
 AUDIO_PLACEHOLDERS_EXPANDED: Final = Version("4.48")
+#: The first releases that ship Qwen2.5-VL and Qwen2.5-Omni.
+QWEN2_5_VL: Final = Version("4.49")
+QWEN2_5_OMNI: Final = Version("4.52")
 
 
 def installed_version(distribution: str) -> Version | None:
