@@ -21,8 +21,6 @@ from omnifix._compat import (
 from omnifix.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from packaging.version import Version
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -84,8 +82,35 @@ _MEL_DIM: Final = 8
 _SPEAKER_EMBEDDING: Final = 16
 
 
+class _Spec(NamedTuple):
+    name: str  # as messages call the family
+    model_class: str
+    since: Version | None = None  # the first transformers that ships it (None: every one)
+
+
+_SPECS: Final[dict[Family, _Spec]] = {
+    "qwen2": _Spec("Qwen2", "Qwen2ForCausalLM"),
+    "qwen2-vl": _Spec("Qwen2-VL", "Qwen2VLForConditionalGeneration"),
+    "qwen2.5-vl": _Spec("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL),
+    "qwen2-audio": _Spec("Qwen2-Audio", "Qwen2AudioForConditionalGeneration"),
+    "qwen2.5-omni-thinker": _Spec(
+        "Qwen2.5-Omni (thinker)", "Qwen2_5OmniThinkerForConditionalGeneration", QWEN2_5_OMNI
+    ),
+    "qwen2.5-omni": _Spec("Qwen2.5-Omni", "Qwen2_5OmniForConditionalGeneration", QWEN2_5_OMNI),
+}
+
+
 def available_families() -> tuple[Family, ...]:
-    """The families the installed transformers supports, in :data:`FAMILIES` order."""
+    """The families the installed transformers supports, in :data:`FAMILIES` order.
+
+    Returns:
+        A sub-tuple of :data:`FAMILIES`: Qwen2.5-VL needs transformers 4.49 and Qwen2.5-Omni 4.52.
+
+    Example:
+        >>> import omnifix.testing as ot
+        >>> {"qwen2", "qwen2-vl", "qwen2-audio"} <= set(ot.available_families())
+        True
+    """
     return tuple(
         family
         for family, spec in _SPECS.items()
@@ -113,31 +138,56 @@ def check_family(family: str) -> Family:
     return family
 
 
-def model_class(family: str) -> type[PreTrainedModel]:
-    """The transformers class that :func:`tiny_model` instantiates for ``family``."""
+def model_class(family: Family) -> type[PreTrainedModel]:
+    """The transformers model class of ``family``.
+
+    Args:
+        family: One of :data:`FAMILIES`.
+
+    Returns:
+        The class docs/testing.md lists for ``family``: :func:`tiny_model` instantiates it, and
+        its ``from_pretrained`` loads the directory :func:`save_tiny_model` writes.
+
+    Raises:
+        UnsupportedModelError: ``family`` is unknown, or the installed transformers predates it.
+
+    Example:
+        >>> import omnifix.testing as ot
+        >>> ot.model_class("qwen2-vl").__name__
+        'Qwen2VLForConditionalGeneration'
+    """
     import transformers
 
     cls: type[PreTrainedModel] = getattr(transformers, _SPECS[check_family(family)].model_class)
     return cls
 
 
-def tiny_config(family: str) -> PretrainedConfig:
-    """A fresh tiny config of ``family`` in the installed transformers' own layout."""
-    return _SPECS[check_family(family)].build()
+def tiny_config(family: Family) -> PretrainedConfig:
+    """A fresh tiny config of ``family``, in the layout of the installed transformers.
 
+    Args:
+        family: One of :data:`FAMILIES`.
 
-# --- the pieces every family is made of ----------------------------------------------------------
+    Returns:
+        A new config on every call; change it freely before building a model from it.
 
+    Raises:
+        UnsupportedModelError: ``family`` is unknown, or the installed transformers predates it.
 
-def _config_class(family: Family) -> Any:
-    """The family's config class (typed ``Any``: 4.x ships it unannotated)."""
-    return model_class(family).config_class
-
-
-def _build(family: Family, fields: dict[str, Any]) -> PretrainedConfig:
-    """The family's config class called with ``fields``: that version's own validation runs."""
-    config: PretrainedConfig = _config_class(family)(**fields)
+    Example:
+        >>> import omnifix.testing as ot
+        >>> config = ot.tiny_config("qwen2")
+        >>> config.num_hidden_layers, config.hidden_size, config.tie_word_embeddings
+        (4, 32, False)
+    """
+    checked = check_family(family)
+    config_class: Any = model_class(checked).config_class  # 4.x ships it unannotated
+    # The family's own class validates the fields the way the installed version does.
+    config: PretrainedConfig = config_class(**_fields(checked))
     return config
+
+
+# --- the pieces every family is made of -----------------------------------------------------------
 
 
 def _rope(*, mrope: bool) -> dict[str, Any]:
@@ -226,14 +276,36 @@ def _omni_shared() -> dict[str, Any]:
     }
 
 
-# --- one builder per family -----------------------------------------------------------------------
+# --- the fields of each family's config class -----------------------------------------------------
 
 
-def _qwen2() -> PretrainedConfig:
-    return _build("qwen2", _text(mrope=False))
+def _fields(family: Family) -> dict[str, Any]:
+    """The keyword arguments of ``family``'s config class, in the installed layout."""
+    if family == "qwen2":
+        return _text(mrope=False)
+    if family == "qwen2-vl":
+        return _vl(family, _vision(embed_dim=_HIDDEN, mlp_ratio=2))
+    if family == "qwen2.5-vl":
+        return _vl(family, _windowed_vision(tokens_per_second=2))
+    if family == "qwen2-audio":
+        return {
+            "audio_config": _audio_encoder(),
+            "text_config": _text(mrope=False),
+            "audio_token_index": Tokens.AUDIO,
+            # 4.x: the composite config's own flag defaults to True (5.x has no such field).
+            "tie_word_embeddings": False,
+        }
+    if family == "qwen2.5-omni-thinker":
+        return _thinker_fields()
+    return {
+        "thinker_config": _thinker_fields(),
+        "talker_config": _talker_fields(),
+        "token2wav_config": _token2wav_fields(),
+        "enable_audio_output": True,
+    }
 
 
-def _vl(family: Family, vision: dict[str, Any]) -> PretrainedConfig:
+def _vl(family: Family, vision: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "vision_config": vision,
         "image_token_id": Tokens.IMAGE,
@@ -241,30 +313,12 @@ def _vl(family: Family, vision: dict[str, Any]) -> PretrainedConfig:
         "vision_start_token_id": Tokens.VISION_START,
         "vision_end_token_id": Tokens.VISION_END,
     }
-    if "text_config" in inspect.signature(_config_class(family).__init__).parameters:  # 4.52+
+    config_class: Any = model_class(family).config_class
+    if "text_config" in inspect.signature(config_class.__init__).parameters:  # 4.52+
         fields.update(text_config=_text(mrope=True), tie_word_embeddings=False)
     else:  # 4.45-4.51: text fields at the top level; token ids are stored as plain attributes.
         fields.update(_text(mrope=True))
-    return _build(family, fields)
-
-
-def _qwen2_vl() -> PretrainedConfig:
-    return _vl("qwen2-vl", _vision(embed_dim=_HIDDEN, mlp_ratio=2))
-
-
-def _qwen2_5_vl() -> PretrainedConfig:
-    return _vl("qwen2.5-vl", _windowed_vision(tokens_per_second=2))
-
-
-def _qwen2_audio() -> PretrainedConfig:
-    fields: dict[str, Any] = {
-        "audio_config": _audio_encoder(),
-        "text_config": _text(mrope=False),
-        "audio_token_index": Tokens.AUDIO,
-        # 4.x: the composite config's own flag defaults to True (5.x has no such field).
-        "tie_word_embeddings": False,
-    }
-    return _build("qwen2-audio", fields)
+    return fields
 
 
 def _thinker_fields() -> dict[str, Any]:
@@ -280,10 +334,6 @@ def _thinker_fields() -> dict[str, Any]:
         "eos_token_id": Tokens.IM_END,
         "pad_token_id": Tokens.END_OF_TEXT,
     }
-
-
-def _qwen2_5_omni_thinker() -> PretrainedConfig:
-    return _build("qwen2.5-omni-thinker", _thinker_fields())
 
 
 def _talker_fields() -> dict[str, Any]:
@@ -341,42 +391,6 @@ def _token2wav_fields() -> dict[str, Any]:
         "upsample_kernel_sizes": [4, 4],
     }
     return {"dit_config": dit, "bigvgan_config": bigvgan}
-
-
-def _qwen2_5_omni() -> PretrainedConfig:
-    fields = {
-        "thinker_config": _thinker_fields(),
-        "talker_config": _talker_fields(),
-        "token2wav_config": _token2wav_fields(),
-        "enable_audio_output": True,
-    }
-    return _build("qwen2.5-omni", fields)
-
-
-class _Spec(NamedTuple):
-    name: str  # as messages call the family
-    model_class: str
-    build: Callable[[], PretrainedConfig]
-    since: Version | None = None  # the first transformers that ships it (None: every one)
-
-
-_SPECS: Final[dict[Family, _Spec]] = {
-    "qwen2": _Spec("Qwen2", "Qwen2ForCausalLM", _qwen2),
-    "qwen2-vl": _Spec("Qwen2-VL", "Qwen2VLForConditionalGeneration", _qwen2_vl),
-    "qwen2.5-vl": _Spec(
-        "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, QWEN2_5_VL
-    ),
-    "qwen2-audio": _Spec("Qwen2-Audio", "Qwen2AudioForConditionalGeneration", _qwen2_audio),
-    "qwen2.5-omni-thinker": _Spec(
-        "Qwen2.5-Omni (thinker)",
-        "Qwen2_5OmniThinkerForConditionalGeneration",
-        _qwen2_5_omni_thinker,
-        QWEN2_5_OMNI,
-    ),
-    "qwen2.5-omni": _Spec(
-        "Qwen2.5-Omni", "Qwen2_5OmniForConditionalGeneration", _qwen2_5_omni, QWEN2_5_OMNI
-    ),
-}
 
 
 def speakers() -> dict[str, dict[str, Any]]:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from omnifix._compat import AUDIO_PLACEHOLDERS_EXPANDED, transformers_at_least
 from omnifix._devices import normalize_device
-from omnifix.errors import UnsupportedModelError
-from omnifix.testing._configs import model_class
+from omnifix.errors import InvalidArgumentError, UnsupportedModelError
+from omnifix.testing._configs import check_family, model_class
 
 if TYPE_CHECKING:
     import torch
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 __all__ = [
     "IMAGE_GRID",
     "audio_tokens",
-    "build_inputs",
     "image_tokens",
     "qwen2_audio_expands_in_processor",
+    "tiny_inputs",
 ]
 
 #: The (t, h, w) patch grid of the one image per sample: 4 merged tokens with 2x2 merging.
@@ -154,17 +154,54 @@ def _mm_token_type_ids(family: Family, config: Any, input_ids: torch.Tensor) -> 
     return types
 
 
-def build_inputs(
+def tiny_inputs(
     family: Family,
     config: PretrainedConfig,
     *,
-    batch_size: int,
-    text_tokens: int,
-    device: DeviceLike,
+    batch_size: int = 1,
+    text_tokens: int = 8,
+    device: DeviceLike = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Inputs for ``model(**inputs)``; see :func:`omnifix.testing.tiny_inputs`."""
+    """Keyword arguments for ``model(**inputs)`` and ``model.generate(**inputs)``.
+
+    Each sample is ``text_tokens`` random text tokens (below every special token) with the
+    family's media placeholders in the middle, laid out as the real processors do (shapes on
+    docs/testing.md). Geometry and token ids are read from ``config``, so a config you changed
+    gets matching inputs; the tensors depend on the arguments only (a fixed seed).
+
+    Args:
+        family: One of :data:`FAMILIES`; says which modalities to include.
+        config: The model's config (``model.config``); for the full Omni model its
+            ``thinker_config`` is used.
+        batch_size: Number of samples.
+        text_tokens: Text tokens per sample, besides the media tokens.
+        device: Where to put the tensors (anything :func:`omnifix.normalize_device` takes).
+
+    Returns:
+        ``input_ids`` and an all-ones ``attention_mask`` (``batch_size x sequence``), plus
+        ``pixel_values`` and ``image_grid_thw`` and/or ``input_features`` and
+        ``feature_attention_mask``, plus ``mm_token_type_ids`` where the model takes them.
+
+    Raises:
+        UnsupportedModelError: ``family`` is unknown, the installed transformers predates it,
+            or ``config`` lacks what the family's inputs need (e.g. a ``vision_config``).
+        InvalidArgumentError: ``batch_size`` is below 1 or ``text_tokens`` below 0.
+
+    Example:
+        >>> import omnifix.testing as ot
+        >>> inputs = ot.tiny_inputs("qwen2-vl", ot.tiny_config("qwen2-vl"), batch_size=2)
+        >>> inputs["input_ids"].shape, inputs["pixel_values"].shape, inputs["image_grid_thw"]
+        (torch.Size([2, 14]), torch.Size([32, 1176]), tensor([[1, 4, 4],
+                [1, 4, 4]]))
+    """
     import torch
 
+    check_family(family)
+    if batch_size < 1 or text_tokens < 0:
+        raise InvalidArgumentError(
+            f"tiny_inputs got batch_size={batch_size} and text_tokens={text_tokens}. "
+            "Pass batch_size >= 1 and text_tokens >= 0."
+        )
     target = normalize_device(device)
     source: Any = getattr(config, "thinker_config", config)  # the full Omni model's thinker
     image = family in {"qwen2-vl", "qwen2.5-vl", "qwen2.5-omni-thinker", "qwen2.5-omni"}
