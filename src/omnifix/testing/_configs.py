@@ -104,7 +104,7 @@ def available_families() -> tuple[Family, ...]:
     """The families the installed transformers supports, in :data:`FAMILIES` order.
 
     Returns:
-        A sub-tuple of :data:`FAMILIES`: Qwen2.5-VL needs transformers 4.49 and Qwen2.5-Omni 4.52.
+        A sub-tuple of :data:`FAMILIES` (Qwen2.5-VL needs transformers 4.49, Qwen2.5-Omni 4.52).
 
     Example:
         >>> import omnifix.testing as ot
@@ -145,8 +145,8 @@ def model_class(family: Family) -> type[PreTrainedModel]:
         family: One of :data:`FAMILIES`.
 
     Returns:
-        The class docs/testing.md lists for ``family``: :func:`tiny_model` instantiates it, and
-        its ``from_pretrained`` loads the directory :func:`save_tiny_model` writes.
+        The class docs/testing.md lists for ``family``; ``tiny_model`` instantiates it, and its
+        ``from_pretrained`` loads the directory ``save_tiny_model`` writes.
 
     Raises:
         UnsupportedModelError: ``family`` is unknown, or the installed transformers predates it.
