@@ -1,14 +1,7 @@
 """Model inputs matching a config: placeholder tokens, image patches, audio features.
 
 The number of placeholder tokens has to equal what the towers produce, so it is computed from
-the config exactly as the processors of the real models do:
-
-- image: a ``grid_t x grid_h x grid_w`` grid of patches; ``pixel_values`` holds one row of
-  ``in_channels * temporal_patch_size * patch_size**2`` values per patch, and the vision tower
-  merges ``spatial_merge_size**2`` neighbouring patches into one token.
-- audio: ``n`` mel frames become ``((n - 1) // 2 + 1 - 2) // 2 + 1`` tokens (a stride-2
-  convolution, then a stride-2 average pool). Qwen2-Audio wants exactly
-  ``2 * max_source_positions`` frames (its positional table), so we always feed that many.
+the config exactly as the processors of the real models do.
 """
 
 from __future__ import annotations
@@ -45,12 +38,12 @@ _Media: TypeAlias = "tuple[list[int], dict[str, torch.Tensor]]"
 
 
 def image_tokens(vision_config: Any) -> int:
-    """Tokens the vision tower makes of one :data:`IMAGE_GRID` image."""
+    """Tokens of one :data:`IMAGE_GRID` image: each ``spatial_merge_size**2`` patches make one."""
     return math.prod(IMAGE_GRID) // int(vision_config.spatial_merge_size) ** 2
 
 
 def audio_tokens(frames: int) -> int:
-    """Tokens the audio tower makes of ``frames`` mel frames (Qwen2-Audio and Qwen2.5-Omni)."""
+    """Tokens of ``frames`` mel frames: a stride-2 convolution, then a stride-2 average pool."""
     after_conv = (frames - 1) // 2 + 1
     return (after_conv - 2) // 2 + 1
 
@@ -100,6 +93,7 @@ def _audio(config: Any, generator: torch.Generator, *, expanded: bool) -> _Media
     import torch
 
     audio = config.audio_config
+    # Qwen2-Audio wants exactly that many frames (its positional table); Omni takes them too.
     frames = 2 * int(audio.max_source_positions)
     tensors = {
         "input_features": torch.randn(1, int(audio.num_mel_bins), frames, generator=generator),
