@@ -1,9 +1,7 @@
 """Tables for people: one set of rows, rendered as plain text or as ``rich`` tables.
 
-Plans, placement reports, meta-tensor reports and ``omnifix doctor`` each build their output as
-a list of blocks (sentences and :class:`Table` s); :func:`plain` gives the text ``str()`` returns,
-:func:`rich` the renderable ``rich.print`` and the command line show. Both come from the same
-cells, so they cannot disagree. ``rich`` is imported only when rich output is asked for.
+Reports and ``omnifix doctor`` build their output as blocks (sentences and :class:`Table` s);
+:func:`plain` and :func:`rich` render the same cells, so the two cannot disagree.
 """
 
 from __future__ import annotations
