@@ -39,15 +39,7 @@ class Table:
     fold: frozenset[str] = frozenset()
 
     def lines(self) -> list[str]:
-        """The plain-text lines: the title, then columns aligned by two spaces.
-
-        Example:
-            >>> from omnifix._table import Table
-            >>> for line in Table(("device", "weights"), (("cuda:0", "7.6 GiB"),)).lines():
-            ...     print(line)
-            device  weights
-            cuda:0  7.6 GiB
-        """
+        """The plain-text lines: the title, then columns aligned by two spaces, or ``none``."""
         head = [self.title] if self.title else []
         if not self.rows:
             return [*head, "none"]
