@@ -297,7 +297,7 @@ def _fields(family: Family) -> dict[str, Any]:
         }
     if family == "qwen2.5-omni-thinker":
         return _thinker_fields()
-    return {
+    return {  # qwen2.5-omni: the thinker, the talker and token2wav
         "thinker_config": _thinker_fields(),
         "talker_config": _talker_fields(),
         "token2wav_config": _token2wav_fields(),
