@@ -1,8 +1,7 @@
 """The installed stack: versions, the releases where behaviour changed, and feature switches.
 
-Every "which release is this" question omnifix asks is answered here, with ``packaging`` for
-versions and ``importlib.metadata`` for what is installed and what omnifix requires, so a new
-transformers release that moves something is one edit in one file.
+Every "which release is this" question omnifix asks is answered here, so a new transformers
+release that moves something is one edit in one file.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ __all__ = [
     "AUTO_DTYPE_DEFAULT",
     "DTYPE_KEYWORD",
     "PACKED_ATTENTION_SPLITS",
+    "QWEN2_5_OMNI",
+    "QWEN2_5_VL",
     "ROPE_PARAMETERS",
     "UNCAST_LOGITS",
     "attention_dict_supported",
@@ -61,16 +62,13 @@ ROPE_PARAMETERS: Final = AUTO_DTYPE_DEFAULT
 #: Qwen2-Audio's processor writes one placeholder per audio token (earlier: one per audio, which
 #: the model expanded itself).
 AUDIO_PLACEHOLDERS_EXPANDED: Final = Version("4.48")
+#: The first releases that ship Qwen2.5-VL and Qwen2.5-Omni.
+QWEN2_5_VL: Final = Version("4.49")
+QWEN2_5_OMNI: Final = Version("4.52")
 
 
 def installed_version(distribution: str) -> Version | None:
-    """The installed version of ``distribution``; ``None`` when it is not installed or unreadable.
-
-    Example:
-        >>> from omnifix._compat import installed_version
-        >>> installed_version("torch") is not None, installed_version("no-such-package")
-        (True, None)
-    """
+    """The installed version of ``distribution``; ``None`` if it is not installed or unreadable."""
     try:
         return Version(importlib.metadata.version(distribution))
     except (importlib.metadata.PackageNotFoundError, InvalidVersion):
@@ -91,24 +89,12 @@ def transformers_at_least(release: Version) -> bool:
 
 
 def dtype_keyword() -> Literal["dtype", "torch_dtype"]:
-    """The ``from_pretrained`` keyword for the dtype in the installed transformers.
-
-    Example:
-        >>> from omnifix._compat import DTYPE_KEYWORD, dtype_keyword, transformers_at_least
-        >>> dtype_keyword() == ("dtype" if transformers_at_least(DTYPE_KEYWORD) else "torch_dtype")
-        True
-    """
+    """The ``from_pretrained`` keyword for the dtype in the installed transformers."""
     return "dtype" if transformers_at_least(DTYPE_KEYWORD) else "torch_dtype"
 
 
 def requirements() -> dict[str, SpecifierSet]:
-    """What omnifix's own metadata requires of each dependency (extras left out).
-
-    Example:
-        >>> from omnifix._compat import requirements
-        >>> str(requirements()["transformers"]).startswith(">=")
-        True
-    """
+    """What omnifix's own metadata requires of each dependency (extras left out)."""
     try:
         declared = importlib.metadata.requires("omnifix") or []
     except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
@@ -161,10 +147,8 @@ def attention_dict_supported() -> bool:
 def quiet() -> Iterator[None]:
     """Hold transformers' and accelerate's logging at ERROR, and accelerate's warnings.
 
-    Planning builds models on ``meta`` and hands simulated GPUs to the placement functions;
-    transformers and accelerate log what every load of those configs logs (rope notices,
-    vocabulary checks) and warn that the simulated devices do not exist. The plan says what
-    matters itself.
+    Planning logs what every load of a config logs (rope notices, vocabulary checks) and gets
+    warned that its simulated GPUs do not exist; the plan says what matters itself.
     """
     loggers = [logging.getLogger(name) for name in ("transformers", "accelerate")]
     levels = [logger.level for logger in loggers]

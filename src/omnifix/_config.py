@@ -1,8 +1,6 @@
 """Config and class: what ``from_pretrained`` of a checkpoint reads, and which class it builds.
 
-The first step of both planning and loading. The config is read the way ``from_pretrained``
-reads it (with the class's own ``config_class`` when the class is known), and the class is the
-one the config's ``architectures`` names, or the one the Auto factories map the config to.
+The first step of both planning and loading.
 """
 
 from __future__ import annotations
@@ -10,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Final
 
-from omnifix._compat import quiet
+from omnifix._compat import quiet, transformers_version
 from omnifix.errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -70,8 +68,7 @@ def model_class_for(config: PretrainedConfig, model_class: type[Any] | None = No
     """
     import transformers
 
-    if not is_auto_class(model_class):
-        assert model_class is not None  # noqa: S101 - is_auto_class(None) is True
+    if model_class is not None and not is_auto_class(model_class):
         return model_class
     kind = type(config).__name__
     if model_class is not None:
@@ -97,7 +94,7 @@ def model_class_for(config: PretrainedConfig, model_class: type[Any] | None = No
                 continue
     named = f"names {architectures}" if architectures else "names no architecture"
     raise UnsupportedModelError(
-        f"The config ({kind}) {named} that transformers {transformers.__version__} ships. Pass "
+        f"The config ({kind}) {named} that transformers {transformers_version()} ships. Pass "
         "model_class= (e.g. transformers.AutoModelForCausalLM, or the remote-code class), or "
         "upgrade transformers."
     )
@@ -108,9 +105,9 @@ def read_config(
 ) -> PretrainedConfig:
     """The config ``from_pretrained(source, **hub_kwargs)`` would read, without the weights.
 
-    With a concrete ``model_class``, its ``config_class`` reads it (as ``from_pretrained`` does);
-    else ``AutoConfig``, else the config class of the class ``config.json`` names (sub-model
-    types such as ``qwen2_5_omni_thinker``, which 4.5x's ``AutoConfig`` does not register).
+    The ``config_class`` of a concrete ``model_class`` reads it (as ``from_pretrained`` does);
+    without a class, that of the class ``config.json`` names (sub-model types such as
+    ``qwen2_5_omni_thinker``, which 4.5x's ``AutoConfig`` does not register), else ``AutoConfig``.
 
     Raises:
         CheckpointError: No readable config at ``source`` (a missing directory or file, broken
@@ -139,10 +136,8 @@ def read_config(
         with quiet():  # the rope and vocabulary notices every load of these configs logs
             config: PretrainedConfig = reader.from_pretrained(source, **hub_kwargs)
     except ValueError as error:  # a model type this transformers does not know
-        import transformers
-
         raise UnsupportedModelError(
-            f"transformers {transformers.__version__} cannot read the config of {where!r}: "
+            f"transformers {transformers_version()} cannot read the config of {where!r}: "
             f"{error}. Upgrade transformers, or pass model_class= (the class that loads it, e.g. "
             "a remote-code class with trust_remote_code=True)."
         ) from error

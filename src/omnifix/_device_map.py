@@ -1,9 +1,8 @@
 """``device_map`` values: one spelling, one lookup, and accelerate's offload rule.
 
-A ``device_map`` maps qualified module names to places: an accelerator (``0``, ``"cuda:1"``),
-``"cpu"``, ``"mps"`` or ``"disk"``. Which module a name falls under, which device is the main
-one, and what is offloaded are each decided here, the way accelerate's ``dispatch_model`` (what
-``from_pretrained(device_map=...)`` calls) decides them.
+Which entry places a module, which device is the main one, and what is offloaded are decided
+here the way accelerate's ``dispatch_model`` (what ``from_pretrained(device_map=...)`` calls)
+decides them.
 """
 
 from __future__ import annotations
@@ -83,8 +82,7 @@ def spell(value: object, *, index_type: str | None = None) -> str:
     """The one spelling of a device_map value: ``"cuda:0"``, ``"cpu"``, ``"mps"``, ``"disk"``.
 
     Indices (``0``, ``"0"``) become ``"<index_type>:<index>"`` (default: :func:`accelerator`);
-    cpu, mps, disk and meta lose their index, as accelerate compares them bare. Nothing is
-    checked against this machine: see :func:`omnifix.resolve_device_map` for that.
+    cpu, mps, disk and meta lose their index. Nothing is checked against this machine.
 
     Example:
         >>> import torch
@@ -170,14 +168,10 @@ class Placement:
         offloaded = {name: value for name, value in entries.items() if value in offloading}
         return cls(entries, main, offloaded)
 
-    def stored(self, name: str) -> str | None:
-        """Where the weights of ``name`` are kept (``"disk"`` included); ``None`` if unmapped."""
-        found = locate(self.entries, name)
-        return None if found is None else found[1]
-
     def runs_on(self, name: str) -> str | None:
         """Where ``name`` computes: its place, or the main device for ``"cpu"``/``"disk"``."""
-        place = self.stored(name)
+        found = locate(self.entries, name)
+        place = None if found is None else found[1]
         return self.main if place in OFFLOAD_TARGETS else place
 
     @property

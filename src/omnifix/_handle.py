@@ -17,10 +17,8 @@ __all__ = ["Handle"]
 class Handle:
     """A change omnifix made (hooks, a pin, a patch) and its undo.
 
-    ``remove()`` undoes it; calling it again does nothing. A handle is also a context manager:
-    leaving the ``with`` block removes it, whether or not the block raised. ``active`` says
-    whether the change is still in place. Dropping a handle without ``remove()`` leaves the change
-    in place, like torch's own hook handles.
+    Leaving a ``with`` block of the handle removes it, whether or not the block raised; dropping
+    it without ``remove()`` leaves the change in place, like torch's own hook handles.
 
     Example:
         >>> import torch, omnifix

@@ -1,9 +1,7 @@
 """Tables for people: one set of rows, rendered as plain text or as ``rich`` tables.
 
-Plans, placement reports, meta-tensor reports and ``omnifix doctor`` each build their output as
-a list of blocks (sentences and :class:`Table` s); :func:`plain` gives the text ``str()`` returns,
-:func:`rich` the renderable ``rich.print`` and the command line show. Both come from the same
-cells, so they cannot disagree. ``rich`` is imported only when rich output is asked for.
+Reports and ``omnifix doctor`` build their output as blocks (sentences and :class:`Table` s);
+:func:`plain` and :func:`rich` render the same cells, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -41,15 +39,7 @@ class Table:
     fold: frozenset[str] = frozenset()
 
     def lines(self) -> list[str]:
-        """The plain-text lines: the title, then columns aligned by two spaces.
-
-        Example:
-            >>> from omnifix._table import Table
-            >>> for line in Table(("device", "weights"), (("cuda:0", "7.6 GiB"),)).lines():
-            ...     print(line)
-            device  weights
-            cuda:0  7.6 GiB
-        """
+        """The plain-text lines: the title, then columns aligned by two spaces, or ``none``."""
         head = [self.title] if self.title else []
         if not self.rows:
             return [*head, "none"]

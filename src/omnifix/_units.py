@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Final
 
@@ -54,10 +55,8 @@ def parse_size(value: object, *, what: str) -> int:
 
     size: int | None = None
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError, OverflowError):  # "24" (no unit), "nanGiB", "infGB"
             size = int(convert_file_size_to_int(value.strip().replace(" ", "")))
-        except (ValueError, OverflowError):  # "24" (no unit), "nanGiB", "infGB"
-            size = None
     elif isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, float) and math.isfinite(value):

@@ -1,11 +1,7 @@
-"""The errors and warnings omnifix raises.
+"""The errors and warnings omnifix raises (docs/errors.md says when, and what to do).
 
-Every error derives from :class:`OmnifixError`, and also from the builtin that a caller
-would catch without knowing omnifix (``ValueError`` for a bad device string,
-``MemoryError`` for a plan that does not fit, ...), so wrapping existing code with omnifix
-never breaks its ``except`` clauses. Every message says what was wrong and ends with the fix,
-and the errors that have data to give carry it: the refused plan, the meta-tensor report, the
-device asked for and the devices there are.
+Every error derives from :class:`OmnifixError` and from the builtin a caller would catch
+without knowing omnifix, so wrapping existing code never breaks its ``except`` clauses.
 
 >>> import omnifix
 >>> try:
