@@ -49,15 +49,11 @@ AMPERE: Final[Capability] = (8, 0)
 #: The first compute capability FlashAttention-3 and -4 run on (Hopper).
 HOPPER: Final[Capability] = (9, 0)
 
-_DTYPE_NAMES: Final[dict[str, str]] = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
+#: The names :func:`parse_dtype` takes for each dtype weights load in.
+_DTYPE_NAMES: Final = {
+    "bfloat16": ("bfloat16", "bf16"),
+    "float16": ("float16", "fp16", "half"),
+    "float32": ("float32", "fp32", "float"),
 }
 
 #: Implementations omnifix knows, with transformers' availability probe (in ``transformers.utils``)
@@ -113,10 +109,12 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
         text = dtype.strip().lower().removeprefix("torch.")
         if text == "auto":
             return None
-        if text in _DTYPE_NAMES:
-            parsed: torch.dtype = getattr(torch, _DTYPE_NAMES[text])
-            return parsed
-    close = difflib.get_close_matches(str(dtype).lower(), [*_DTYPE_NAMES, "auto"], n=1)
+        for name, spellings in _DTYPE_NAMES.items():
+            if text in spellings:
+                parsed: torch.dtype = getattr(torch, name)
+                return parsed
+    known = [spelling for spellings in _DTYPE_NAMES.values() for spelling in spellings]
+    close = difflib.get_close_matches(str(dtype).lower(), [*known, "auto"], n=1)
     hint = f"Did you mean {close[0]!r}? " if close else ""
     raise InvalidArgumentError(
         f"dtype={dtype!r} is not a dtype omnifix loads models in. {hint}Pass 'auto', "
