@@ -1,12 +1,7 @@
 """Choosing the dtype and the attention implementation for the devices a model will use.
 
-Each decision is a small function that takes the machine's facts as arguments, so it is
-testable without the machine: :func:`choose_dtype` (bfloat16 where every GPU is Ampere or newer,
-float16 on older GPUs, float32 on the cpu; a dtype the caller names is kept) and
-:func:`choose_attention` (``flash_attention_2`` where it can run, else ``sdpa``; a requested
-implementation that cannot run falls back with an :class:`omnifix.OmnifixWarning` instead of
-transformers' ``ImportError`` at load time, or raises with ``strict=True``). Models that pin their
-own attention (Qwen2.5-Omni's float32 token2wav keeps sdpa) are left to do so.
+Each choice is a function of the machine's facts, passed as arguments, so it is testable without
+the machine; docs/loading.md says what ``"auto"`` picks and how a backend falls back.
 """
 
 from __future__ import annotations
@@ -54,15 +49,11 @@ AMPERE: Final[Capability] = (8, 0)
 #: The first compute capability FlashAttention-3 and -4 run on (Hopper).
 HOPPER: Final[Capability] = (9, 0)
 
-_DTYPE_NAMES: Final[dict[str, str]] = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
+#: The names :func:`parse_dtype` takes for each dtype weights load in.
+_DTYPE_NAMES: Final = {
+    "bfloat16": ("bfloat16", "bf16"),
+    "float16": ("float16", "fp16", "half"),
+    "float32": ("float32", "fp32", "float"),
 }
 
 #: Implementations omnifix knows, with transformers' availability probe (in ``transformers.utils``)
@@ -83,11 +74,6 @@ IMPLEMENTATIONS: Final[dict[str, tuple[str | None, tuple[str, ...]]]] = {
     "flex_attention": ("is_torch_flex_attn_available", ("_supports_flex_attn",)),
 }
 _FLASH: Final = frozenset({"flash_attention_2", "flash_attention_3", "flash_attention_4"})
-
-
-# --------------------------------------------------------------------------------------------
-# dtype
-# --------------------------------------------------------------------------------------------
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
@@ -123,10 +109,12 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
         text = dtype.strip().lower().removeprefix("torch.")
         if text == "auto":
             return None
-        if text in _DTYPE_NAMES:
-            parsed: torch.dtype = getattr(torch, _DTYPE_NAMES[text])
-            return parsed
-    close = difflib.get_close_matches(str(dtype).lower(), [*_DTYPE_NAMES, "auto"], n=1)
+        for name, spellings in _DTYPE_NAMES.items():
+            if text in spellings:
+                parsed: torch.dtype = getattr(torch, name)
+                return parsed
+    known = [spelling for spellings in _DTYPE_NAMES.values() for spelling in spellings]
+    close = difflib.get_close_matches(str(dtype).lower(), [*known, "auto"], n=1)
     hint = f"Did you mean {close[0]!r}? " if close else ""
     raise InvalidArgumentError(
         f"dtype={dtype!r} is not a dtype omnifix loads models in. {hint}Pass 'auto', "
@@ -170,40 +158,20 @@ def choose_dtype(
 
 
 def gpu_capabilities(devices: Iterable[torch.device]) -> tuple[Capability, ...]:
-    """The compute capability of each CUDA device in ``devices`` (others are skipped).
-
-    Example:
-        >>> import torch
-        >>> from omnifix._attention import gpu_capabilities
-        >>> gpu_capabilities([torch.device("cpu")])
-        ()
-    """
+    """The compute capability of each CUDA device in ``devices`` (others are skipped)."""
     import torch
 
-    found: list[Capability] = []
-    for device in devices:
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            found.append((int(major), int(minor)))
-    return tuple(found)
-
-
-# --------------------------------------------------------------------------------------------
-# attention
-# --------------------------------------------------------------------------------------------
+    found = (
+        torch.cuda.get_device_capability(device) for device in devices if device.type == "cuda"
+    )
+    return tuple((int(major), int(minor)) for major, minor in found)
 
 
 def installed_attention() -> frozenset[str]:
-    """The attention implementations whose kernels this process can run, by transformers' probes.
+    """The attention implementations this process can run, by transformers' probes.
 
-    ``eager`` and ``sdpa`` always; flash and flex attention when transformers' own
-    ``is_flash_attn_*_available``/``is_torch_flex_attn_available`` say so (the flash probes also
-    need a visible CUDA GPU). Names the installed transformers does not know are left out.
-
-    Example:
-        >>> from omnifix._attention import installed_attention
-        >>> {"eager", "sdpa"} <= installed_attention()
-        True
+    ``eager`` and ``sdpa`` always; the others when the installed transformers has their
+    ``is_*_available`` probe and it says yes (the flash probes also need a visible CUDA GPU).
     """
     utils = importlib.import_module("transformers.utils")
     found = {"eager", "sdpa"}
@@ -219,12 +187,6 @@ def supported_attention(model_class: type) -> frozenset[str]:
 
     Composite models (Qwen2.5-Omni, Qwen2-VL on 4.52+) check each sub-model again at load time;
     this reads the class that is loaded. ``eager`` is always included.
-
-    Example:
-        >>> from transformers import Qwen2ForCausalLM
-        >>> from omnifix._attention import supported_attention
-        >>> {"eager", "sdpa", "flash_attention_2"} <= supported_attention(Qwen2ForCausalLM)
-        True
     """
     found = {"eager"}
     for name, (_, flags) in IMPLEMENTATIONS.items():
@@ -234,11 +196,6 @@ def supported_attention(model_class: type) -> frozenset[str]:
         if any(value is True or isinstance(value, property) for value in values):
             found.add(name)
     return frozenset(found)
-
-
-def _passes_through(name: str) -> bool:
-    """Names transformers resolves itself: hub kernels (``org/repo``) and paged variants."""
-    return "/" in name or name.startswith("paged|") or name.endswith("_paged")
 
 
 def _why_not(
@@ -279,10 +236,6 @@ def _why_not(
             "supported by this transformers)"
         )
     return "; and ".join(reasons) if reasons else None
-
-
-def _fallback(supported: Collection[str]) -> str:
-    return "sdpa" if "sdpa" in supported else "eager"
 
 
 def choose_attention(
@@ -333,12 +286,8 @@ def choose_attention(
     """
     given: object = requested  # callers without a type checker may pass anything
     name = given.strip().lower() if isinstance(given, str) else ""
-    if not name:
-        raise InvalidArgumentError(
-            f"attn_implementation={requested!r} is not an attention implementation. Pass 'auto', "
-            "'sdpa', 'flash_attention_2' or 'eager'."
-        )
-    if _passes_through(name):
+    # Hub kernels (org/repo) and paged variants: transformers resolves them itself.
+    if "/" in name or name.startswith("paged|") or name.endswith("_paged"):
         return requested
     if name != "auto" and name not in IMPLEMENTATIONS:
         close = difflib.get_close_matches(name, [*IMPLEMENTATIONS, "auto"], n=1)
@@ -349,22 +298,15 @@ def choose_attention(
         )
     ready = installed_attention() if installed is None else installed
     supported = IMPLEMENTATIONS.keys() if model_class is None else supported_attention(model_class)
-
-    def why_not(candidate: str) -> str | None:
-        return _why_not(
-            candidate,
-            dtype=dtype,
-            capabilities=capabilities,
-            installed=ready,
-            supported=supported,
-        )
-
-    if name == "auto":
-        return "flash_attention_2" if why_not("flash_attention_2") is None else _fallback(supported)
-    reason = why_not(name)
+    fallback = "sdpa" if "sdpa" in supported else "eager"
+    candidate = "flash_attention_2" if name == "auto" else name
+    reason = _why_not(
+        candidate, dtype=dtype, capabilities=capabilities, installed=ready, supported=supported
+    )
     if reason is None:
-        return name
-    fallback = _fallback(supported)
+        return candidate
+    if name == "auto":
+        return fallback
     owner = "" if model_class is None else f" for {model_class.__name__}"
     if strict:
         raise AttentionUnavailableError(
@@ -387,14 +329,16 @@ def choose_attention_for(
     *,
     config: Any,
     dtype: torch.dtype,
-    capabilities: tuple[tuple[int, int], ...],
+    capabilities: Sequence[Capability],
     model_class: type[Any],
     strict: bool,
 ) -> tuple[AttentionRequest, str]:
     """What to pass as ``attn_implementation``, and the implementation to plan memory for.
 
-    ``requested`` is one name, or a per-sub-config dict (transformers 4.57+) whose most
-    memory-hungry leaf is the one planned for.
+    ``requested`` is one name, or a per-sub-config dict (transformers 4.57+) whose keys must be
+    sub-configs of ``config`` and whose most memory-hungry leaf is the one planned for. The
+    class's ``_supports_*`` flags are the top model's, so they do not limit a dict's leaves: each
+    sub-model checks its own at load time.
 
     Raises:
         UnsupportedModelError: A dict on a transformers that takes one name only (before 4.57).
@@ -420,59 +364,32 @@ def choose_attention_for(
             "dict. Pass one name (e.g. 'sdpa'), or upgrade transformers to 4.57 or newer."
         )
     leaves: list[str] = []
-    chosen_map = _attention_dict(
-        requested,
-        config,
-        dtype=dtype,
-        capabilities=capabilities,
-        strict=strict,
-        leaves=leaves,
-        stacklevel=5,
-    )
-    order = ("eager", "flex_attention", "sdpa")
+
+    def choose(
+        request: Mapping[str, AttentionRequest], owner: Any, depth: int
+    ) -> dict[str, AttentionRequest]:
+        sub_configs = getattr(owner, "sub_configs", None) or {}
+        chosen: dict[str, AttentionRequest] = {}
+        for key, value in request.items():
+            if key and key not in sub_configs:
+                valid = ", ".join(repr(name) for name in ["", *sub_configs])
+                raise InvalidArgumentError(
+                    f"attn_implementation has the key {key!r}, which is no sub-config of "
+                    f"{type(owner).__name__}, so transformers would ignore it. Use one of {valid} "
+                    "('' is the model itself)."
+                )
+            if isinstance(value, Mapping):
+                chosen[key] = choose(value, getattr(owner, key, None), depth + 1)
+                continue
+            # choose_attention <- choose (depth frames) <- here <- load_safely <- the caller.
+            leaf = choose_attention(
+                value, dtype=dtype, capabilities=capabilities, strict=strict, stacklevel=depth + 4
+            )
+            leaves.append(leaf)
+            chosen[key] = leaf
+        return chosen
+
+    chosen_map = choose(requested, config, 1)
+    order = ("eager", "flex_attention", "sdpa")  # the most memory-hungry first
     planned = next((name for name in order if name in leaves), leaves[0] if leaves else "sdpa")
     return chosen_map, planned
-
-
-def _attention_dict(
-    requested: Mapping[str, AttentionRequest],
-    config: Any,
-    *,
-    dtype: torch.dtype,
-    capabilities: tuple[tuple[int, int], ...],
-    strict: bool,
-    leaves: list[str],
-    stacklevel: int,
-) -> dict[str, AttentionRequest]:
-    """Check the keys against the config's sub-configs, and choose each leaf.
-
-    The model class's ``_supports_*`` flags are the top model's, so they are not applied here;
-    each sub-model checks its own at load time.
-    """
-    sub_configs = getattr(config, "sub_configs", None) or {}
-    chosen: dict[str, AttentionRequest] = {}
-    for key, value in requested.items():
-        if key and key not in sub_configs:
-            valid = ", ".join(repr(name) for name in ["", *sub_configs])
-            raise InvalidArgumentError(
-                f"attn_implementation has the key {key!r}, which is no sub-config of "
-                f"{type(config).__name__}, so transformers would ignore it. Use one of {valid} "
-                "('' is the model itself)."
-            )
-        if isinstance(value, Mapping):
-            chosen[key] = _attention_dict(
-                value,
-                getattr(config, key, None),
-                dtype=dtype,
-                capabilities=capabilities,
-                strict=strict,
-                leaves=leaves,
-                stacklevel=stacklevel + 1,
-            )
-            continue
-        leaf = choose_attention(
-            value, dtype=dtype, capabilities=capabilities, strict=strict, stacklevel=stacklevel
-        )
-        leaves.append(leaf)
-        chosen[key] = leaf
-    return chosen

@@ -116,8 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor",
         help="versions, GPUs, attention backends and what to fix; exits 1 when something is broken",
     )
-    doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
-    doctor.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
     plan = commands.add_parser(
         "plan",
         help="where a model goes and whether it fits, offline; exits 1 when it does not fit",
@@ -142,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan.add_argument(
         "--allow-offload", action="store_true", help="let weights go to the cpu or disk"
     )
-    plan.add_argument("--json", action="store_true", help="print JSON for scripts")
-    plan.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
+    for sub in (doctor, plan):  # the same output switches
+        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sub.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
     args = parser.parse_args(argv)
 
     if args.command == "doctor":

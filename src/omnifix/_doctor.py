@@ -1,10 +1,4 @@
-"""``omnifix doctor``: what this machine's stack and GPUs can do, and what to fix first.
-
-:func:`diagnose` judges installed versions against omnifix's own requirements, each GPU and the
-usable attention backends into :class:`Finding` s; the facts come from torch's own probes,
-transformers' ``is_flash_attn_2_available`` and the distributions' metadata, so tests simulate
-machines by patching those. Both renderers print the same :mod:`omnifix._table` blocks.
-"""
+"""``omnifix doctor``: what this machine's stack and GPUs can do, what to fix (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -31,18 +25,7 @@ if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
     from rich.console import Console
 
-__all__ = [
-    "AttentionBackend",
-    "Diagnosis",
-    "Finding",
-    "Gpu",
-    "Level",
-    "PackageVersion",
-    "diagnose",
-    "render_rich",
-    "render_text",
-    "run",
-]
+__all__ = ["Diagnosis", "diagnose", "render_rich", "render_text", "run"]
 
 #: How bad a finding is: ``error`` makes ``omnifix doctor`` exit 1, ``warn`` does not.
 Level = Literal["ok", "warn", "error"]
@@ -64,13 +47,9 @@ class PackageVersion:
     """One package omnifix requires (or uses when present), as installed here."""
 
     name: str
-    """The distribution name (``"flash-attn"``)."""
     version: str | None
-    """The installed version, as ``packaging`` reads it; ``None`` when it is not installed."""
     required: str | None = None
-    """What omnifix's metadata requires of it (``">=2.6"``); ``None`` for optional packages."""
     note: str = ""
-    """The torch build (``"CUDA 12.8 build"``), or why an installed package does not import."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +60,8 @@ class Gpu:
     name: str
     total_bytes: int
     free_bytes: int | None
-    """Free memory from ``torch.cuda.mem_get_info``; ``None`` when the GPU could not be queried."""
     capability: tuple[int, int]
-    """CUDA compute capability, ``(9, 0)`` for an H100."""
     bf16: bool
-    """Native bfloat16 (ROCm, or compute capability 8.0 or newer)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +71,6 @@ class AttentionBackend:
     name: str
     usable: bool
     detail: str
-    """Where it runs when usable, why not otherwise (with what to do)."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +91,9 @@ class Diagnosis:
     platform: str
     versions: tuple[PackageVersion, ...]
     cuda_visible_devices: str | None
-    """The environment variable as set (``None``: unset)."""
     gpus: tuple[Gpu, ...]
     devices: tuple[str, ...]
-    """Every device this process can use, best first, as users write them (``"cuda:0"``)."""
     auto_device: str
-    """What ``omnifix.normalize_device("auto")`` gives here."""
     attention: tuple[AttentionBackend, ...]
     findings: tuple[Finding, ...]
 
@@ -312,10 +284,8 @@ def diagnose() -> Diagnosis:
     """Look at this machine's packages and GPUs, and judge what will and will not work.
 
     Returns:
-        The facts and the findings (a failing probe is a finding). ``exit_code`` is 1 when a
-        finding is an ``error``: a requirement not met, a required package that does not import,
-        ``CUDA_VISIBLE_DEVICES`` naming GPUs torch cannot see, a GPU that cannot be queried or
-        has (almost) no free memory.
+        The facts and the findings (a failing probe is a finding); ``exit_code`` is 1 when a
+        finding is an ``error`` (docs/cli.md lists the checks).
 
     Example:
         >>> from omnifix._doctor import diagnose
@@ -383,6 +353,7 @@ def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
         (f.level, f"{f.message} Fix: {f.fix}" if f.fix else f.message) for f in diagnosis.findings
     )
     visible, fold = diagnosis.cuda_visible_devices, frozenset({"installed", "detail", "finding"})
+    attention = ("attn_implementation", "usable", "detail")
     errors, warned = len(diagnosis.errors), len(diagnosis.warnings)
     summary = f"{errors} error(s), {warned} warning(s): {'broken' if errors else 'working'}"
     gpu_title = f"GPUs (CUDA_VISIBLE_DEVICES {'unset' if visible is None else repr(visible)}; "
@@ -394,13 +365,7 @@ def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
         "",
         Table(("device", "name", "free / total", "compute", "bf16"), (*gpus,), gpu_title, _colour),
         "",
-        Table(
-            ("attn_implementation", "usable", "detail"),
-            backends,
-            "attention backends",
-            _colour,
-            fold,
-        ),
+        Table(attention, backends, "attention backends", _colour, fold),
         "",
         Table(("level", "finding"), findings, "findings", _colour, fold),
         "",
@@ -409,13 +374,7 @@ def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
 
 
 def render_text(diagnosis: Diagnosis) -> str:
-    """The report as plain text (``omnifix doctor --plain``, or without ``rich``).
-
-    Example:
-        >>> from omnifix._doctor import diagnose, render_text
-        >>> [line.split() for line in render_text(diagnose()).splitlines()[2:4]]
-        [['versions'], ['package', 'installed', 'required']]
-    """
+    """The report as plain text (``omnifix doctor --plain``, or without ``rich``)."""
     return _table.plain(_blocks(diagnosis))
 
 
@@ -427,14 +386,13 @@ def render_rich(diagnosis: Diagnosis, console: Console) -> None:
 def run(*, as_json: bool = False, plain: bool = False) -> int:
     """``omnifix doctor [--json | --plain]``: print the diagnosis; the exit status (1: broken)."""
     diagnosis = diagnose()
-    if as_json:
-        sys.stdout.write(json.dumps(diagnosis.to_dict(), indent=2) + "\n")
-        return diagnosis.exit_code
     try:
         from rich.console import Console
     except ImportError:
         plain = True
-    if plain:
+    if as_json:
+        sys.stdout.write(json.dumps(diagnosis.to_dict(), indent=2) + "\n")
+    elif plain:
         sys.stdout.write(render_text(diagnosis) + "\n")
     else:
         render_rich(diagnosis, Console())

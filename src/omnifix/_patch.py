@@ -1,13 +1,7 @@
 """``patch_from_pretrained()``: route ``from_pretrained`` calls you do not own through omnifix.
 
-One attribute is replaced, ``transformers.PreTrainedModel.from_pretrained``, with a classmethod
-wrapper that sees the class being loaded; every model class and the Auto classes end in it (an
-override that does not call ``super()`` is not covered). Strategy words (``"auto"``, ...) are
-planned and loaded by :func:`omnifix.load_safely`, devices and explicit maps are normalised and
-checked, and the result is checked for meta tensors and pinned when split. Patches stack and may
-be removed in any order, from any thread; the original comes back when the last one goes. The
-wrapper's own calls to the original are marked per thread and task (:mod:`contextvars`), so they
-are never routed twice. docs/recipes/wrapping.md has the rules per ``device_map`` value.
+One attribute is replaced, ``transformers.PreTrainedModel.from_pretrained``, which every model
+class and the Auto classes end in; docs/recipes/wrapping.md has the rules per ``device_map``.
 """
 
 from __future__ import annotations
@@ -71,17 +65,30 @@ class FromPretrainedPatch(Handle):
         self.strict = strict
 
     def _undo(self) -> None:
+        from transformers import PreTrainedModel  # imported already: the patch is on it
+
         with _LOCK:
             _ACTIVE[:] = [entry for entry in _ACTIVE if entry is not self]
-            if not _ACTIVE:
-                _unpatch()
+            if _ACTIVE:
+                return
+            original = _SAVED.pop()
+            current = PreTrainedModel.__dict__.get("from_pretrained")
+            if getattr(getattr(current, "__func__", None), "_omnifix_patch", False):
+                setattr(PreTrainedModel, "from_pretrained", original)  # noqa: B010
+                return
+            # Someone patched over us: putting the original back would drop their patch.
+            warnings.warn(
+                "PreTrainedModel.from_pretrained was replaced by other code while omnifix's patch "
+                "was active, so omnifix left it as it is (omnifix's wrapper may still be inside "
+                "it). Remove the other patch first, or install omnifix's patch after it.",
+                OmnifixWarning,
+                stacklevel=3,
+            )
 
     def __repr__(self) -> str:
         """Options and state."""
-        return (
-            f"FromPretrainedPatch(workload={self.workload!r}, allow_offload="
-            f"{self.allow_offload}, strict={self.strict}, active={self.active})"
-        )
+        options = f"workload={self.workload!r}, allow_offload={self.allow_offload}"
+        return f"FromPretrainedPatch({options}, strict={self.strict}, active={self.active})"
 
 
 def patch_from_pretrained(
@@ -91,9 +98,8 @@ def patch_from_pretrained(
 
     Devices are normalised, ``device_map="auto"`` (and the other strategy words) is planned and
     refused with :class:`omnifix.InsufficientMemoryError` instead of offloading silently, weights
-    on ``meta`` raise, split models get their embeddings pinned. Calls without a ``device_map``
-    run unchanged. Patches stack: the newest options apply, and the original comes back when the
-    last one is removed.
+    on ``meta`` raise, split models get their embeddings pinned; calls without a ``device_map``
+    run unchanged. Patches stack, and the newest one's options apply.
 
     Args:
         workload: What the planned loads are sized for (:class:`omnifix.Workload`).
@@ -122,15 +128,21 @@ def patch_from_pretrained(
         ('cpu', False)
     """
     require_workload(workload)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as error:  # pragma: no cover - transformers is a dependency
+        raise UnsupportedModelError(
+            "omnifix.patch_from_pretrained() patches transformers.PreTrainedModel.from_pretrained,"
+            f" and transformers does not import: {error}. Install it: pip install transformers."
+        ) from error
     patch = FromPretrainedPatch(workload=workload, allow_offload=allow_offload, strict=strict)
     with _LOCK:
-        if not _ACTIVE:
-            _patch()
+        if not _ACTIVE:  # the first patch replaces the classmethod object itself
+            _SAVED.append(PreTrainedModel.__dict__["from_pretrained"])
+            wrapper = classmethod(_wrap(_SAVED[-1].__func__))
+            setattr(PreTrainedModel, "from_pretrained", wrapper)  # noqa: B010
         _ACTIVE.append(patch)
     return patch
-
-
-# The spellings before patch_from_pretrained (one more release).
 
 
 def install(
@@ -146,10 +158,9 @@ def uninstall() -> bool:
     deprecated("omnifix.uninstall()", "the remove() of the patch_from_pretrained() handle")
     with _LOCK:
         newest = _ACTIVE[-1] if _ACTIVE else None
-    if newest is None:
-        return False
-    newest.remove()
-    return True
+    if newest is not None:
+        newest.remove()
+    return newest is not None
 
 
 def patched(
@@ -162,52 +173,8 @@ def patched(
 
 @contextlib.contextmanager
 def _patched(**options: Any) -> Iterator[FromPretrainedPatch]:
-    patch = patch_from_pretrained(**options)
-    try:
+    with patch_from_pretrained(**options) as patch:
         yield patch
-    finally:
-        patch.remove()
-
-
-# --------------------------------------------------------------------------------------------
-# The one patched attribute
-# --------------------------------------------------------------------------------------------
-
-
-def _base() -> type[Any]:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError as error:  # pragma: no cover - transformers is a dependency
-        raise UnsupportedModelError(
-            "omnifix.patch_from_pretrained() patches transformers.PreTrainedModel."
-            "from_pretrained, and "
-            f"transformers does not import: {error}. Install it: pip install transformers."
-        ) from error
-    return PreTrainedModel
-
-
-def _patch() -> None:
-    base = _base()
-    original = base.__dict__["from_pretrained"]  # the classmethod object itself
-    _SAVED.append(original)
-    setattr(base, "from_pretrained", classmethod(_wrap(original.__func__)))  # noqa: B010
-
-
-def _unpatch() -> None:
-    base = _base()
-    original = _SAVED.pop()
-    current = base.__dict__.get("from_pretrained")
-    if getattr(getattr(current, "__func__", None), "_omnifix_patch", False):
-        setattr(base, "from_pretrained", original)  # noqa: B010
-        return
-    # Someone patched over us: putting the original back would drop their patch.
-    warnings.warn(
-        "PreTrainedModel.from_pretrained was replaced by other code while omnifix's patch was "
-        "active, so omnifix left it as it is (omnifix's wrapper may still be inside it). Remove "
-        "the other patch first, or install omnifix's patch after it.",
-        OmnifixWarning,
-        stacklevel=4,
-    )
 
 
 def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -221,41 +188,26 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(cls, *args, **kwargs)
         token = _ROUTING.set(True)
         try:
-            return _route(original, cls, options, args, kwargs)
+            device_map = kwargs.get("device_map")
+            if device_map is None:
+                return original(cls, *args, **kwargs)
+            if isinstance(device_map, Mapping):
+                normalized: object = explicit_map(device_map, allow_offload=options.allow_offload)
+            elif isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
+                normalized = "auto"  # any strategy word: planned
+            else:  # a device ("cuda" with several GPUs comes back as "auto": planned)
+                normalized = resolve_device_map(device_map).device_map
+            if normalized == "auto":
+                return _planned(original, cls, options, args, kwargs)
+            result = original(cls, *args, **{**kwargs, "device_map": normalized})
+            offloads = isinstance(normalized, Mapping) and Placement.of(normalized).offloads
+            _check(result[0] if isinstance(result, tuple) else result, allow_offload=offloads)
+            return result
         finally:
             _ROUTING.reset(token)
 
     from_pretrained._omnifix_patch = True  # type: ignore[attr-defined]  # noqa: SLF001
     return from_pretrained
-
-
-# --------------------------------------------------------------------------------------------
-# One call
-# --------------------------------------------------------------------------------------------
-
-
-def _route(
-    original: Callable[..., Any],
-    cls: type[Any],
-    options: FromPretrainedPatch,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    device_map = kwargs.get("device_map")
-    if device_map is None:
-        return original(cls, *args, **kwargs)
-    if isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
-        return _planned(original, cls, options, args, kwargs)
-    if isinstance(device_map, Mapping):
-        normalized: object = explicit_map(device_map, allow_offload=options.allow_offload)
-    else:
-        normalized = resolve_device_map(device_map).device_map
-        if normalized == "auto":  # "cuda" with several GPUs: all of them, planned
-            return _planned(original, cls, options, args, kwargs)
-    result = original(cls, *args, **{**kwargs, "device_map": normalized})
-    offloads = isinstance(normalized, Mapping) and Placement.of(normalized).offloads
-    _check(result[0] if isinstance(result, tuple) else result, allow_offload=offloads)
-    return result
 
 
 def _check(model: Any, *, allow_offload: bool) -> None:
@@ -274,13 +226,11 @@ def _planned(
     kwargs: dict[str, Any],
 ) -> Any:
     """A strategy word: plan and load with ``load_safely`` (which calls the original)."""
-    rest = dict(kwargs)
-    rest.pop("device_map")
+    rest = {key: value for key, value in kwargs.items() if key != "device_map"}
     if "pretrained_model_name_or_path" in rest:
         args = (rest.pop("pretrained_model_name_or_path"), *args)
     if len(args) != 1:
-        # Extra positional model arguments: load_safely has no place for them, so let
-        # accelerate place the model and check the result afterwards.
+        # Positional model arguments load_safely has no place for: accelerate places the model.
         result = original(cls, *args, **kwargs)
         _check(result, allow_offload=options.allow_offload)
         return result
@@ -293,7 +243,6 @@ def _planned(
     return load_safely(
         pretrained,
         model_class=cls,
-        device="auto",
         dtype=dtype,
         attn_implementation=attention,
         max_memory=max_memory or None,
@@ -326,6 +275,6 @@ def _plain_dtype(cls: type[Any], pretrained: Any, kwargs: dict[str, Any]) -> tor
     config = kwargs.get("config")
     if not isinstance(config, transformers.PretrainedConfig):
         config = cls.config_class.from_pretrained(config or pretrained)
-    found = getattr(config, "dtype", None) if hasattr(config, "dtype") else None
-    found = found or config.__dict__.get("torch_dtype")
+    # dtype from 4.56 on; torch_dtype before (read from __dict__: later releases warn on access).
+    found = getattr(config, "dtype", None) or config.__dict__.get("torch_dtype")
     return found or torch.get_default_dtype()  # type: ignore[no-any-return,unused-ignore]

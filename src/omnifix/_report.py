@@ -1,9 +1,4 @@
-"""``placement_report``: where a loaded model's weights are, and what its plan predicted.
-
-The check step after loading: bytes are measured from the model every time; the plan's part
-(strategy, reason, predicted peak and budget per device) is what :func:`omnifix.load_safely`
-remembered for the model with :func:`remember`.
-"""
+"""``placement_report``: where a loaded model's weights are, and what its plan predicted."""
 
 from __future__ import annotations
 
@@ -23,8 +18,6 @@ from omnifix._units import format_bytes
 from omnifix.errors import OmnifixError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     import torch
     from rich.console import Group
     from torch import nn
@@ -76,9 +69,8 @@ class PlacementReport:
         input_device: Where to put ``input_ids`` (:func:`omnifix.input_device`); ``None`` when it
             cannot be told.
         pinned_embeddings: Input embeddings :func:`omnifix.load_safely` pinned (split models).
-        hooks: The device hooks on the model: ``"none"``, ``"lean"`` (omnifix's, see
-            :func:`omnifix.lean_dispatch`) or ``"accelerate"`` (accelerate's ``AlignDevicesHook``
-            and the like).
+        hooks: The device hooks on the model: ``"none"``, ``"lean"`` (:func:`omnifix.lean_dispatch`)
+            or ``"accelerate"`` (accelerate's ``AlignDevicesHook`` and the like).
     """
 
     model: str
@@ -126,20 +118,14 @@ class PlacementReport:
         attention = self.attn_implementation or "unknown"
         if self.attention:
             attention += " (" + ", ".join(f"{k}: {v}" for k, v in self.attention.items()) + ")"
-        rows = tuple(
-            (
-                usage.device,
-                size(usage.weights),
-                size(usage.offloaded) if usage.offloaded else "-",
-                size(usage.predicted_peak),
-                size(usage.budget),
-            )
-            for usage in self.devices
-        )
+        rows = []
+        for usage in self.devices:
+            sizes = (usage.weights, usage.offloaded or None, usage.predicted_peak, usage.budget)
+            rows.append((usage.device, *(size(value) for value in sizes)))
         blocks: list[str | Table] = [
             f"{self.model}: {self.strategy} - {self.reason}",
             f"dtype {dtype}, attention {attention}, inputs on {self.input_device or 'unknown'}",
-            Table(("device", "weights", "offloaded", "predicted peak", "budget"), rows),
+            Table(("device", "weights", "offloaded", "predicted peak", "budget"), tuple(rows)),
         ]
         if self.uninitialised:
             blocks.append(f"uninitialised (on meta, no data): {size(self.uninitialised)}")
@@ -159,8 +145,8 @@ class LoadRecord:
 
     strategy: str
     reason: str
-    dtype: torch.dtype
-    predicted: Mapping[str, tuple[int, int | None]]  # device -> (predicted peak, budget)
+    dtype: torch.dtype | None
+    predicted: dict[str, tuple[int, int | None]]  # device -> (predicted peak, budget)
     pinned: tuple[str, ...]
 
 
@@ -174,60 +160,26 @@ def remember(model: nn.Module, record: LoadRecord) -> None:
     _RECORDS[model] = record
 
 
-def _measure(model: nn.Module) -> tuple[Counter[str], Counter[str]]:
-    """Bytes per device of real tensors, and bytes per dtype of all tensors (tied ones once)."""
-    per_device: Counter[str] = Counter()
-    per_dtype: Counter[str] = Counter()
-    seen: set[int] = set()
-    for tensor in (*model.parameters(), *model.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        size = tensor.numel() * tensor.element_size()
-        per_dtype[str(tensor.dtype).removeprefix("torch.")] += size
-        if not tensor.is_meta:
-            per_device[spell(tensor.device)] += size
-    return per_device, per_dtype
-
-
 def _attention_by_module(model: nn.Module) -> tuple[str | None, dict[str, str]]:
     """The model's attention implementation, and its sub-models' that differ from it."""
     transformers = sys.modules.get("transformers")  # not imported: not a transformers model
     if transformers is None:
         return None, {}
-
-    def implementation(module: nn.Module) -> str | None:
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():  # the model itself first, named ""
+        if name and not isinstance(module, transformers.PreTrainedModel):
+            continue
         value = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        return value if isinstance(value, str) else None
-
-    top = implementation(model)
-    different = {
-        name: implementation(module)
-        for name, module in model.named_modules()
-        if name and isinstance(module, transformers.PreTrainedModel)
-    }
-    return top, {name: value for name, value in different.items() if value and value != top}
-
-
-def _largest_floating(per_dtype: Mapping[str, int]) -> torch.dtype | None:
-    import torch
-
-    floating = [
-        (count, name)
-        for name, count in per_dtype.items()
-        if isinstance(getattr(torch, name, None), torch.dtype)
-        and getattr(torch, name).is_floating_point
-    ]
-    return getattr(torch, max(floating)[1]) if floating else None
+        if isinstance(value, str):
+            found[name] = value
+    top = found.pop("", None)
+    return top, {name: value for name, value in found.items() if value and value != top}
 
 
 def placement_report(model: nn.Module) -> PlacementReport:
     """Where ``model``'s weights are, how it was placed, and what the plan predicted.
 
-    For a model loaded by :func:`omnifix.load_safely` the report carries the plan: strategy and
-    reason, dtype and attention, and per device the predicted peak and the budget. Any other
-    model gets a report from the model alone (strategy inferred from its placement, no
-    predictions). Bytes are always measured now.
+    Bytes are measured now; without :func:`omnifix.load_safely`'s plan, the strategy is inferred.
 
     Args:
         model: Any :class:`torch.nn.Module`.
@@ -251,16 +203,20 @@ def placement_report(model: nn.Module) -> PlacementReport:
             f"placement_report needs a torch.nn.Module, got {type(model).__name__}; pass the "
             "model itself (e.g. the result of load_safely or from_pretrained)."
         )
-    per_device, per_dtype = _measure(model)
     meta = find_meta_tensors(model)
     offloaded: Counter[str] = Counter()
-    for tensor in meta.offloaded:
-        offloaded[tensor.offloaded_to or "unknown"] += tensor.nbytes
+    for entry in meta.offloaded:
+        offloaded[entry.offloaded_to or "unknown"] += entry.nbytes
+    weights = offloaded.copy()  # and every tensor with data where it is stored
+    per_dtype: Counter[torch.dtype] = Counter()
+    tensors = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    for tensor in tensors.values():  # tied weights once
+        size = tensor.numel() * tensor.element_size()
+        per_dtype[tensor.dtype] += size
+        if not tensor.is_meta:
+            weights[spell(tensor.device)] += size
     record = _RECORDS.get(model)
-    dtype: torch.dtype | None
-    if record is not None:
-        strategy, reason, dtype = record.strategy, record.reason, record.dtype
-    else:
+    if record is None:  # not loaded by load_safely: the strategy from the placement
         executing = execution_devices(model)
         if offloaded:
             strategy, reason = "offload", "inferred: some weights are offloaded behind hooks"
@@ -268,17 +224,19 @@ def placement_report(model: nn.Module) -> PlacementReport:
             strategy, reason = "split", f"inferred: modules run on {', '.join(sorted(executing))}"
         else:
             strategy, reason = "single", "inferred: every module runs on one device"
-        dtype = _largest_floating(per_dtype)
-    predicted = record.predicted if record is not None else {}
+        floating = {dtype: size for dtype, size in per_dtype.items() if dtype.is_floating_point}
+        largest = max(floating, key=lambda dtype: (floating[dtype], str(dtype)), default=None)
+        record = LoadRecord(strategy, reason, largest, {}, ())
+    predicted = record.predicted  # device -> (predicted peak, budget)
     devices = tuple(
         DeviceUsage(
             device=name,
-            weights=per_device[name] + offloaded[name],
+            weights=weights[name],
             offloaded=offloaded[name],
             predicted_peak=predicted[name][0] if name in predicted else None,
             budget=predicted[name][1] if name in predicted else None,
         )
-        for name in sorted({*per_device, *offloaded, *predicted}, key=place_order)
+        for name in sorted({*weights, *predicted}, key=place_order)
     )
     top, different = _attention_by_module(model)
     try:
@@ -287,16 +245,16 @@ def placement_report(model: nn.Module) -> PlacementReport:
         inputs_on = None
     return PlacementReport(
         model=type(model).__name__,
-        strategy=strategy,
-        reason=reason,
-        planned=record is not None,
-        dtype=dtype,
-        dtypes=dict(per_dtype),
+        strategy=record.strategy,
+        reason=record.reason,
+        planned=model in _RECORDS,
+        dtype=record.dtype,
+        dtypes={str(dtype).removeprefix("torch."): size for dtype, size in per_dtype.items()},
         attn_implementation=top,
         attention=different,
         devices=devices,
         uninitialised=sum(tensor.nbytes for tensor in meta.uninitialised),
         input_device=inputs_on,
-        pinned_embeddings=record.pinned if record is not None else (),
+        pinned_embeddings=record.pinned,
         hooks=hooks_in_place(model),
     )

@@ -1,15 +1,4 @@
-"""Xinference's transformers backends: real device names, planned loads, a real input device.
-
-Xinference's ``select_device`` answers ``"rocm"`` (a name torch rejects) and refuses
-``"cuda:1"``; its multimodal backends keep one attribute, ``self._device``, both for
-``from_pretrained(device_map=...)`` and for ``inputs.to(...)``, so a backend that stores
-``"auto"`` there fails every request. :func:`patch_xinference` replaces ``select_device``,
-``decide_device`` and ``load_multimodal_model`` on the modules and backend classes you pass:
-devices resolve through :func:`omnifix.resolve_device_map`, loads run under
-:func:`omnifix.patch_from_pretrained`, and ``self._device`` becomes the loaded model's
-:func:`omnifix.input_device`. docs/recipes/xinference.md has the details and which backends to
-pass.
-"""
+"""Xinference's backends with real device names and planned loads: docs/recipes/xinference.md."""
 
 from __future__ import annotations
 
@@ -37,18 +26,14 @@ _LOCK = threading.Lock()
 
 
 def xinference_device_name(resolved: ResolvedDevice) -> str:
-    """The string Xinference's code expects for a resolved device request.
-
-    Xinference spells "all GPUs" as ``"cuda"`` (its backends turn that into
-    ``device_map="auto"``) and one device by its name; this maps an
-    :class:`omnifix.types.ResolvedDevice` onto that convention with real torch names only.
+    """The string Xinference's code expects for a resolved device request, in real torch names.
 
     Args:
         resolved: What :func:`omnifix.resolve_device_map` returned.
 
     Returns:
-        ``"cuda"`` when the map spreads the model over every GPU, the strategy word for
-        ``"balanced"``-like maps, else the one device, e.g. ``"cuda:1"`` or ``"cpu"``.
+        ``"cuda"`` for every GPU (Xinference's backends turn it into ``device_map="auto"``), a
+        strategy word such as ``"balanced"`` as is, else the one device (``"cuda:1"``, ``"cpu"``).
 
     Example:
         >>> import omnifix
@@ -71,11 +56,7 @@ def _select_device(device: str) -> str:
 
 
 class XinferencePatch(Handle):
-    """The replaced attributes of one :func:`patch_xinference` call, and their undo.
-
-    ``remove()`` (or leaving a ``with`` block) puts every original back, newest first;
-    inherited ones become inherited again (see :class:`omnifix.Handle`).
-    """
+    """The attributes one :func:`patch_xinference` replaced; ``remove()`` puts them back."""
 
     __slots__ = ("_saved",)
 
@@ -96,7 +77,7 @@ class XinferencePatch(Handle):
 
     def _undo(self) -> None:
         with _LOCK:
-            while self._saved:
+            while self._saved:  # newest first; an inherited one becomes inherited again
                 owner, name, original = self._saved.pop()
                 if original is _MISSING:
                     delattr(owner, name)
@@ -107,19 +88,18 @@ class XinferencePatch(Handle):
 def _decide_device(self: Any) -> None:
     """``decide_device`` for a backend: device_map answer and xinference name kept apart."""
     config = getattr(self, "_pytorch_model_config", None) or {}
-    resolved = resolve_device_map(config.get("device", "auto"))
-    self._omnifix_device = resolved
-    self._device = xinference_device_name(resolved)
+    self._omnifix_device = resolve_device_map(config.get("device", "auto"))
+    self._device = xinference_device_name(self._omnifix_device)
 
 
 def _wrap_load(
-    original: Callable[[Any], None], *, workload: Workload | None, allow_offload: bool
+    original: Callable[[Any], None], patched: Callable[[], Handle]
 ) -> Callable[[Any], None]:
     @functools.wraps(original)
     def load_multimodal_model(self: Any) -> None:
         from torch import nn
 
-        with patch_from_pretrained(workload=workload, allow_offload=allow_offload):
+        with patched():
             original(self)
         model = getattr(self, "_model", None)
         if isinstance(model, nn.Module):  # where inputs go: the input embedding's device
@@ -136,17 +116,8 @@ def patch_xinference(
 ) -> XinferencePatch:
     """Patch Xinference's device selection and multimodal loading, until restored.
 
-    For each backend class, ``decide_device`` and ``load_multimodal_model`` are replaced (see the
-    module docs); ``select_device`` is replaced in every module of ``modules`` and in each
-    backend's own module that has one (backends import it by name, so patching
-    ``xinference.model.utils`` alone would not reach them). Nothing is imported from Xinference:
-    pass its modules and classes, e.g.::
-
-        import xinference.model.utils as xutils
-        from xinference.model.llm.transformers.multimodal.qwen2_audio import Qwen2AudioChatModel
-        from xinference.model.llm.transformers.multimodal.qwen2_vl import PytorchQwen2VLModel
-
-        handle = patch_xinference(Qwen2AudioChatModel, PytorchQwen2VLModel, modules=[xutils])
+    Replaces ``decide_device`` and ``load_multimodal_model`` of each backend, and ``select_device``
+    of each module and of each backend's own module (backends import it by name).
 
     Args:
         *backends: ``PytorchMultiModalModel`` subclasses whose ``decide_device`` picks one device
@@ -189,13 +160,14 @@ def patch_xinference(
         if own is not None and hasattr(own, "select_device") and own not in targets:
             targets.append(own)
     patch = XinferencePatch()
+    patched = functools.partial(
+        patch_from_pretrained, workload=workload, allow_offload=allow_offload
+    )
     with _LOCK:
         for module in targets:
             patch.replace(module, "select_device", _select_device)
         for backend in backends:
-            load = _wrap_load(
-                backend.load_multimodal_model, workload=workload, allow_offload=allow_offload
-            )
+            load = _wrap_load(backend.load_multimodal_model, patched)
             patch.replace(backend, "decide_device", _decide_device)
             patch.replace(backend, "load_multimodal_model", load)
     return patch
