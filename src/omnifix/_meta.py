@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix._compat import deprecated
-from omnifix._device_map import OFFLOAD_TARGETS, Placement
+from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate
 from omnifix._modules import iter_hooks, require_module
 from omnifix._table import Table, plain, rich
 from omnifix._units import format_bytes
@@ -170,8 +170,8 @@ def find_meta_tensors(model: nn.Module) -> MetaReport:
             name = f"{module_name}.{local}" if module_name else local
             offloaded, location = _find_offload(module, module_name, local, hooks, placing)
             if offloaded and location is None and placement is not None:
-                stored: object = placement.stored(name)  # hidden by a weights map of unknown type
-                location = stored if stored in OFFLOAD_TARGETS else None
+                entry = locate(placement.entries, name)  # hidden by a weights map of unknown type
+                location = entry[1] if entry and entry[1] in OFFLOAD_TARGETS else None  # type: ignore[assignment]
             previous = found.get(id(tensor))
             if previous is not None and (previous.kind == "offloaded" or not offloaded):
                 continue  # a tied weight seen again; keep its first name unless this one has data
