@@ -12,6 +12,7 @@ device(type='cpu')
 
 from typing import Any
 
+from omnifix import types as types  # omnifix.types.X after a plain ``import omnifix``
 from omnifix._compat import deprecated
 from omnifix._devices import input_device as input_device
 from omnifix._devices import normalize_device as normalize_device
@@ -75,7 +76,7 @@ __all__ = [
 _MOVED = {
     **{
         name: ("omnifix.types", name, f"omnifix.types.{name}")
-        for name in (
+        for name in [
             "AttentionRequest",
             "DeviceBudget",
             "DeviceLike",
@@ -86,7 +87,7 @@ _MOVED = {
             "LeanDispatch",
             "MetaTensor",
             "ResolvedDevice",
-        )
+        ]
     },
     "Patch": ("omnifix.types", "FromPretrainedPatch", "omnifix.types.FromPretrainedPatch"),
     # These three warn when called (their replacements differ in shape: see the CHANGELOG).

@@ -77,15 +77,7 @@ _FLASH: Final = frozenset({"flash_attention_2", "flash_attention_3", "flash_atte
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
-    """The floating dtype ``dtype`` names, or ``None`` for ``"auto"``.
-
-    Args:
-        dtype: A floating :class:`torch.dtype`, ``"auto"``, or a name: ``"bfloat16"``/``"bf16"``,
-            ``"float16"``/``"fp16"``/``"half"``, ``"float32"``/``"fp32"``/``"float"`` (case and
-            a ``"torch."`` prefix are ignored).
-
-    Returns:
-        The dtype; ``None`` when ``dtype`` is ``"auto"`` (let :func:`choose_dtype` decide).
+    """The floating dtype ``dtype`` names (``"bf16"``, ``"half"``, a dtype...), None for auto.
 
     Raises:
         InvalidArgumentError: Not a floating dtype or a known name.
@@ -125,20 +117,10 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | None:
 def choose_dtype(
     dtype: torch.dtype | str = "auto", *, capabilities: Sequence[Capability] = ()
 ) -> torch.dtype:
-    """The dtype to load in: the one asked for, else the best the devices support.
+    """The dtype asked for (:func:`parse_dtype`), or for ``"auto"`` the best the GPUs support.
 
-    Args:
-        dtype: ``"auto"`` or what :func:`parse_dtype` accepts; anything but ``"auto"`` is
-            returned as is.
-        capabilities: The CUDA compute capability of every GPU the model will use (see
-            :func:`gpu_capabilities`); empty for the cpu.
-
-    Returns:
-        For ``"auto"``: bfloat16 when every GPU is Ampere (8.0) or newer, float16 when one is
-        older, float32 on the cpu (no GPU).
-
-    Raises:
-        InvalidArgumentError: ``dtype`` is not a dtype (see :func:`parse_dtype`).
+    ``"auto"`` is bfloat16 when every GPU in ``capabilities`` is Ampere (8.0) or newer, float16
+    when one is older, float32 on the cpu (no capabilities).
 
     Example:
         >>> from omnifix._attention import choose_dtype
@@ -250,24 +232,12 @@ def choose_attention(
 ) -> str:
     """The attention implementation to load with, given the devices, dtype and model.
 
-    Args:
-        requested: ``"auto"``, or an implementation name: ``"eager"``, ``"sdpa"``,
-            ``"flash_attention_2"``/``"_3"``/``"_4"``, ``"flex_attention"``; hub kernels
-            (``"kernels-community/..."``) and ``"paged|..."`` names are returned untouched.
-        dtype: The dtype the model loads in (flash attention needs float16 or bfloat16).
-        capabilities: Compute capability of every GPU the model uses; empty for the cpu.
-        model_class: The class to load; its ``_supports_*`` flags limit the choice. ``None``:
-            assume it supports everything.
-        installed: The implementations that can run in this process; ``None`` asks
-            :func:`installed_attention`.
-        strict: Raise instead of falling back when ``requested`` cannot run.
-        stacklevel: Passed to :func:`warnings.warn`: 2 (default) blames the caller of this
-            function; a wrapper adds one per frame of its own.
-
-    Returns:
-        For ``"auto"``: ``"flash_attention_2"`` when it can run here, else ``"sdpa"`` (``"eager"``
-        for a model without sdpa). Otherwise ``requested`` when it can run, else the same
-        fallback, with an :class:`omnifix.OmnifixWarning` that says why.
+    ``"auto"`` gives ``"flash_attention_2"`` when it can run (a half dtype, Ampere GPUs in
+    ``capabilities``, flash-attn in ``installed`` — default: :func:`installed_attention` — and
+    ``model_class``'s ``_supports_*`` flags), else ``"sdpa"`` (``"eager"`` for a model without
+    it). A named implementation is kept when it can run, else the same fallback comes with an
+    :class:`omnifix.OmnifixWarning` saying why (``stacklevel`` as for :func:`warnings.warn`).
+    Hub kernels (``"org/repo"``) and ``"paged|..."`` names pass through untouched.
 
     Raises:
         AttentionUnavailableError: ``strict=True`` and ``requested`` cannot run here.

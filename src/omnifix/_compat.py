@@ -116,7 +116,10 @@ def placement_module() -> Any | None:
     ``None`` where transformers calls accelerate's ``compute_module_sizes`` and
     ``infer_auto_device_map`` itself (4.x).
     """
-    module = importlib.import_module("transformers.integrations.accelerate")
+    try:
+        module = importlib.import_module("transformers.integrations.accelerate")
+    except ImportError:  # 4.45 has no such module
+        return None
     return module if hasattr(module, "infer_auto_device_map") else None
 
 

@@ -37,11 +37,7 @@ def parse_size(value: object, *, what: str) -> int:
     """Bytes from an int, a finite float or a size string such as ``"24GiB"`` or ``"80GB"``.
 
     Strings are read by accelerate's ``convert_file_size_to_int`` (the parser of ``max_memory``),
-    so the same spellings work here and in ``from_pretrained``.
-
-    Args:
-        value: The size.
-        what: How the caller names it in a message (``"budgets[0]"``).
+    so the same spellings work here and in ``from_pretrained``; ``what`` names the value in errors.
 
     Raises:
         InvalidArgumentError: Negative, not finite, not a number, or an unknown unit.

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from omnifix._attention import gpu_capabilities
 from omnifix._device_map import place_order
-from omnifix._devices import parse_device
+from omnifix._devices import cuda_device_count, parse_device
 from omnifix._units import parse_size
 from omnifix.errors import DeviceError, InvalidArgumentError
 
@@ -119,25 +120,19 @@ def host_memory() -> int:
 def _capability(index: int) -> Capability | None:
     import torch
 
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        return None
-    major, minor = torch.cuda.get_device_capability(index)
-    return int(major), int(minor)
+    found = gpu_capabilities([torch.device("cuda", index)]) if index < cuda_device_count() else ()
+    return found[0] if found else None
 
 
 def _measured(*, allow_offload: bool) -> tuple[Budget, ...]:
     import torch
 
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+    count = cuda_device_count()
+    if not count:
         return (Budget("cpu", host_memory(), measured=True),)
+    free = [int(torch.cuda.mem_get_info(i)[0]) for i in range(count)]
     budgets = [
-        Budget(
-            f"cuda:{index}",
-            int(torch.cuda.mem_get_info(index)[0]),
-            measured=True,
-            capability=_capability(index),
-        )
-        for index in range(torch.cuda.device_count())
+        Budget(f"cuda:{i}", free[i], measured=True, capability=_capability(i)) for i in range(count)
     ]
     if allow_offload:
         budgets.append(Budget("cpu", host_memory(), measured=True))

@@ -118,10 +118,7 @@ def preset_config(name: str) -> PretrainedConfig:
 def preset_model_class(name: str) -> type[PreTrainedModel]:
     """The transformers class that loads the preset's checkpoint (the class of the full model).
 
-    Raises:
-        UnsupportedModelError: As for :func:`preset_config`.
-
-    Example:
+    Example (errors as for :func:`preset_config`):
         >>> from omnifix._plan.presets import preset_model_class
         >>> preset_model_class("qwen2-vl-7b").__name__
         'Qwen2VLForConditionalGeneration'

@@ -66,17 +66,9 @@ class Skeleton:
     config: PretrainedConfig | None
 
 
-def _placement() -> Any | None:
-    """:func:`omnifix._compat.placement_module`; ``None`` where the module is missing (4.45)."""
-    try:
-        return placement_module()
-    except ImportError:
-        return None
-
-
 def module_sizes(model: nn.Module) -> dict[str, int]:
     """Bytes of every module, parameter and buffer, as the installed transformers counts them."""
-    placement = _placement()
+    placement = placement_module()
     if placement is not None:
         sizes, _ = placement.compute_module_sizes(model, None, only_modules=False)
         return {name: int(size) for name, size in sizes.items()}
@@ -101,7 +93,7 @@ def infer_device_map(skeleton: Skeleton, max_memory: Mapping[str, int]) -> dict[
     """
     from accelerate.utils.modeling import get_max_layer_size
 
-    placement = _placement()
+    placement = placement_module()
     no_split = sorted(skeleton.no_split)
     kwargs: dict[str, Any] = {"no_split_module_classes": no_split}
     if placement is not None:

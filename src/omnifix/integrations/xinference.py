@@ -38,10 +38,9 @@ def xinference_device_name(resolved: ResolvedDevice) -> str:
     Example:
         >>> import omnifix
         >>> from omnifix.integrations.xinference import xinference_device_name
-        >>> xinference_device_name(omnifix.resolve_device_map("auto"))  # a CPU-only machine
+        >>> xinference_device_name(omnifix.resolve_device_map("cpu"))
         'cpu'
-        >>> from omnifix.types import ResolvedDevice
-        >>> xinference_device_name(ResolvedDevice("auto", None))
+        >>> xinference_device_name(omnifix.types.ResolvedDevice("auto", None))
         'cuda'
     """
     if resolved.input_device is not None:
