@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -525,15 +524,6 @@ def test_str_and_to_dict() -> None:
     assert data["dtype"] == "bfloat16"
     assert [row["total"] for row in data["devices"]] == [first.total, second.total]
     assert data["device_map"] == plan.device_map
-
-
-def test_planning_a_7b_preset_is_fast() -> None:
-    plan_placement(VL_7B, budgets={0: "24GiB"})  # imports, and the skeleton cache
-    start = time.perf_counter()
-    plan_placement(VL_7B, budgets={0: "12GiB", 1: "12GiB"}, workload=Workload(text_tokens=8192))
-    # A refusal with its options checked: ~0.3 s on 5.x; ~1.3 s on 4.45, whose Qwen2-VL returns
-    # every token's logits in fp32, so the "more GPUs" option tries up to 5 GPUs.
-    assert time.perf_counter() - start < 2.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import time
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -143,12 +142,8 @@ def test_skeleton_has_the_published_parameter_count(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", buildable(*PRESETS))
-def test_skeleton_builds_fast_on_meta_without_allocating(name: str) -> None:
-    skeleton(name)  # imports the modeling code once, as any first use would
-    start = time.perf_counter()
+def test_skeleton_builds_on_meta_without_allocating(name: str) -> None:
     model = build_skeleton(name)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 3.0, f"{name} took {elapsed:.2f}s"
     assert {p.device.type for p in model.parameters()} == {"meta"}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     real = sum(b.numel() * b.element_size() for b in model.buffers() if b.device.type != "meta")
