@@ -59,14 +59,26 @@ sys.exit(1 if failed else 0)
 PY
 
 echo "== every export documented"
-# docs/api.md links every name omnifix exports, and docs/errors.md has a row and a reference entry
-# for every error class: a new public name fails here until its documentation exists.
+# docs/api.md links every name omnifix exports and has a reference entry for each (the errors' are
+# on docs/errors.md) and for every name of omnifix.types; docs/errors.md has a row and a reference
+# entry for every name of omnifix.errors: a new public name fails here until its documentation exists.
 "$venv/bin/python" - <<'PY'
 import pathlib, sys
-import omnifix, omnifix.errors
+import omnifix, omnifix.errors, omnifix.types
 
 api, errors = (pathlib.Path(f"docs/{name}.md").read_text(encoding="utf-8") for name in ("api", "errors"))
 missing = [f"docs/api.md: {name}" for name in omnifix.__all__ if f"`{name}`" not in api]
+missing += [
+    f"docs/api.md: ::: omnifix.{name}"
+    for name in omnifix.__all__
+    if name not in omnifix.errors.__all__ and name != "__version__"
+    and f"::: omnifix.{name}\n" not in api
+]
+missing += [
+    f"docs/api.md: ::: omnifix.types.{name}"
+    for name in omnifix.types.__all__
+    if f"::: omnifix.types.{name}\n" not in api
+]
 missing += [
     f"docs/errors.md: {name}"
     for name in omnifix.errors.__all__
