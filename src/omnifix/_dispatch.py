@@ -504,8 +504,8 @@ def lean_dispatch(
             ``model.hf_device_map``, else where the weights are.
 
     Returns:
-        A :class:`omnifix.types.LeanDispatch` handle: ``.hooks`` (how many were attached),
-        ``.devices``, ``.remove()`` (or leave a ``with`` block) to put accelerate's hooks back.
+        The :class:`omnifix.types.LeanDispatch` handle, with ``.hooks`` (how many were attached)
+        and ``.devices``; ``.remove()`` it (or leave ``with``) to put accelerate's hooks back.
 
     Raises:
         InvalidArgumentError: The map offloads weights (``"cpu"`` or ``"disk"`` entries next to

@@ -159,8 +159,8 @@ def pin_embeddings(model: nn.Module, *, device: DeviceLike = None) -> EmbeddingP
         device: Where to return the embeddings. ``None`` (default): the device the ids came from.
 
     Returns:
-        A handle: ``.modules`` names the pinned embeddings, ``.remove()`` (or leaving a ``with``
-        block) unpins.
+        The handle, whose ``.modules`` names the pinned embeddings; ``.remove()`` (or leaving a
+        ``with`` block) unpins.
 
     Raises:
         UnsupportedModelError: ``model`` is not an ``nn.Module`` or has no input embedding.

@@ -4,7 +4,7 @@ Each case plans with explicit budgets, builds the preset on ``meta``, gives it r
 plan's devices (as ``from_pretrained`` would place a checkpoint), runs ``generate`` on the workload
 and compares each GPU's measured peak (``torch.cuda.max_memory_allocated`` plus what the CUDA
 context and libraries hold outside the allocator) with the plan's predicted total. Results go to
-``OMNIFIX_PLANNER_RECORD`` (JSON lines) for ``docs/planner.md``.
+``OMNIFIX_PLANNER_RECORD`` (JSON lines) for ``docs/planning.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The memory model: each device's KV cache, inputs and per-phase peaks above the weights.
 
-docs/loading.md explains it; :data:`CALIBRATION` holds its constants and their measurements.
+docs/planning.md explains it; :data:`CALIBRATION` holds its constants and their measurements.
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ def plan_placement(
     Pure: a skeleton on ``meta`` (no weights, no GPU needed) is sized, each device's peak
     predicted, and the first strategy that fits chosen: one GPU, a split over several, an offload
     (only with ``allow_offload=True``), else a refusal that lists what would fit
-    (docs/loading.md explains how).
+    (docs/planning.md explains how).
 
     Args:
         model: A built-in preset name (``"qwen2.5-omni-7b"``; the hub id works too), a local

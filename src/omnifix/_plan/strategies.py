@@ -1,6 +1,6 @@
 """The strategies: evaluate a map, and choose one GPU, a split or an offload, else refuse.
 
-How each strategy builds its map is explained in docs/loading.md ("How the planner decides").
+How each strategy builds its map is explained in docs/planning.md ("How the planner decides").
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def balance(request: Request, split: Attempt) -> Attempt:
 
     A bisection over a common cap on utilisation (peak + margin over budget), one
     ``infer_auto_device_map`` call per probe; only a map that fits, spills nothing, uses the same
-    GPUs and lowers the highest utilisation replaces ``split`` (docs/loading.md).
+    GPUs and lowers the highest utilisation replaces ``split`` (docs/planning.md).
     """
     values = set(split.device_map.values())
     used = [b for b in request.gpus if b.device in values]
