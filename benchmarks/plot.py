@@ -125,13 +125,57 @@ def overhead(data: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def attention(data: dict[str, Any], out: Path) -> None:
+    """Prefill ms, decode ms/token and peak above the weights per case, for each implementation."""
+    import matplotlib.pyplot as plt
+
+    cases = [case for case in data["cases"] if "attention" in case]
+    keys = list(dict.fromkeys((c["model"], c["batch"], c["prompt_tokens"]) for c in cases))
+    names = list(dict.fromkeys(c["attention"] for c in cases))
+    found = {(c["model"], c["batch"], c["prompt_tokens"], c["attention"]): c for c in cases}
+    metrics = (
+        ("prefill_ms", "prefill (ms)", 1.0),
+        ("decode_ms_per_token", "decode (ms/token)", 1.0),
+        ("peak_bytes", "peak above weights (GiB)", 2**-30),
+    )
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(9, 8.5), sharex=True)
+    width = 0.8 / len(names)
+    for ax, (field, label, scale) in zip(axes, metrics, strict=True):
+        for index, name in enumerate(names):
+            values = []
+            for key in keys:
+                case = found.get((*key, name), {})
+                ok = case.get("status") == "ok" and case.get(field) is not None
+                values.append(case[field] * scale if ok else 0)
+            offset = (index - (len(names) - 1) / 2) * width
+            ax.bar([k + offset for k in range(len(keys))], values, width, label=name)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8, ncol=len(names))
+    axes[0].set_title("Attention implementations on one GPU (a missing bar: out of memory)")
+    ticks = [f"{model}\n{batch} x {prompt}" for model, batch, prompt in keys]
+    axes[-1].set_xticks(range(len(keys)), ticks, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+#: Each suite's drawing and the machine its results file was measured on.
+SUITES = {
+    "accuracy": (accuracy, "h200x2-tf5.17"),
+    "capacity": (capacity, "h200x2-tf5.17"),
+    "overhead": (overhead, "h200x2-tf5.17"),
+    "attention": (attention, "h200-tf5.17"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--machine", default="h200x2-tf5.17", help="results file suffix")
+    parser.add_argument("--machine", default=None, help="results file suffix, for every suite")
     args = parser.parse_args()
     IMAGES.mkdir(parents=True, exist_ok=True)
-    for suite, draw in (("accuracy", accuracy), ("capacity", capacity), ("overhead", overhead)):
-        data = _load(f"{suite}-{args.machine}.json")
+    for suite, (draw, machine) in SUITES.items():
+        data = _load(f"{suite}-{args.machine or machine}.json")
         if data is None:
             print(f"{suite}: no results file, skipped")
             continue

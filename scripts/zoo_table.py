@@ -25,9 +25,11 @@ def main(paths: list[str]) -> None:
     print("| case | stack | before | after |")
     print("|---|---|---|---|")
     for row in rows:
+        flash = row.get("flash_attn", "not installed")
         stack = (
             f"transformers {row['transformers']}, accelerate {row['accelerate']}, "
-            f"torch {row['torch']}, {row['gpus']}"
+            f"torch {row['torch']}, {'' if flash == 'not installed' else f'flash-attn {flash}, '}"
+            f"{row['gpus']}"
         )
         extra = "".join(
             f"<br>{key.replace('_', ' ')}: `{_cell(value)}`"
@@ -42,12 +44,11 @@ def main(paths: list[str]) -> None:
                 "accelerate",
                 "torch",
                 "gpus",
+                "flash_attn",
             }
         )
-        print(
-            f"| {_cell(row['case'])} | {stack} | `{_cell(row['before'])}` | "
-            f"{_cell(row['after'])}{extra} |"
-        )
+        before = f"`{_cell(row['before'])}`" if row["before"] else "(no failure to show)"
+        print(f"| {_cell(row['case'])} | {stack} | {before} | {_cell(row['after'])}{extra} |")
 
 
 if __name__ == "__main__":

@@ -648,6 +648,49 @@ def test_any_machine_gives_a_consistent_report(gpus, flash, visible) -> None:
     assert json.loads(json.dumps(report.to_dict()))["exit_code"] == report.exit_code
 
 
+def _flash_lines(report: Diagnosis) -> list[str]:
+    return [
+        f.message
+        for f in report.findings
+        if f.message.startswith("cuda:") and ("flash-attn" in f.message or "flash_att" in f.message)
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_flash_attention_on_a_machine_without_gpus_says_sdpa_is_used() -> None:
+    # Nothing simulated: this machine's torch and transformers answer.
+    report = diagnose()
+    [finding] = [f for f in report.findings if f.message.startswith("flash_attention_2")]
+    assert finding.level == "ok"
+    assert "models load with sdpa" in finding.message
+    assert finding.message in render_text(report)
+
+
+@pytest.mark.skipif(
+    transformers.utils.is_flash_attn_2_available(), reason="flash-attn is installed here"
+)
+def test_flash_attention_findings_name_each_gpu_and_what_loads_use() -> None:
+    # The GPUs are simulated; whether flash-attn is available is transformers' real answer.
+    with machine([gpu(H100), gpu(T4)]):
+        report = diagnose()
+    h100, t4 = _flash_lines(report)
+    assert h100.startswith("cuda:0 (NVIDIA H100 80GB HBM3, compute capability 9.0)")
+    assert "not installed" in h100
+    assert "pip install flash-attn --no-build-isolation" in h100
+    assert t4.startswith("cuda:1 (Tesla T4, compute capability 7.5): flash-attn needs 8.0")
+    assert t4.endswith("models load with sdpa there.")
+    assert not [w for w in report.warnings if "flash-attn" in w.message]
+
+
+def test_flash_attention_that_transformers_refuses_is_a_warning_per_gpu() -> None:
+    with machine([gpu(A100)], flash="2.0.0", transformers_flash=False):
+        report = diagnose()
+    [warning] = [w for w in report.warnings if "flash-attn" in w.message]
+    assert warning.message.startswith("cuda:0 (NVIDIA A100-SXM4-40GB, compute capability 8.0)")
+    assert "refuses flash-attn 2.0.0" in warning.message
+    assert warning.fix == "pip install --upgrade flash-attn"
+
+
 # ---------------------------------------------------------------------------------------------
 # Real GPUs (scripts/gpu.sh selects these with -m gpu)
 # ---------------------------------------------------------------------------------------------
@@ -678,6 +721,8 @@ def test_real_gpus_are_reported_as_torch_sees_them() -> None:
         and not next(p for p in report.versions if p.name == "flash-attn").note
     )
     assert attention(report)["flash_attention_2"][0] == flash_ready
+    runs = [line for line in _flash_lines(report) if "flash_attention_2 runs here" in line]
+    assert len(runs) == (len(report.gpus) if flash_ready else 0)
     assert report.exit_code == (1 if report.errors else 0)
 
 

@@ -338,7 +338,13 @@ def test_omni_token2wav_keeps_its_own_float32_and_sdpa(tmp_path: Path) -> None:
     if "qwen2.5-omni" not in ot.available_families():
         pytest.skip("this transformers has no Qwen2.5-Omni")
     path = ot.save_tiny_model("qwen2.5-omni", tmp_path / "omni")
-    model = load_safely(path, device="cpu", dtype="bfloat16", attn_implementation="eager")
+    with pytest.warns(omnifix.OmnifixWarning, match="token2wav") as caught:
+        model = load_safely(path, device="cpu", dtype="bfloat16", attn_implementation="eager")
+    # transformers swaps eager for sdpa inside token2wav without a word; omnifix names each one.
+    [warning] = [w for w in caught if "transformers runs" in str(w.message)]
+    assert warning.filename == __file__
+    assert "token2wav.code2wav_dit_model with 'sdpa'" in str(warning.message)
+    assert str(warning.message).endswith("pass attn_implementation='auto'.")
     assert {p.dtype for p in model.token2wav.parameters()} == {torch.float32}
     assert {p.dtype for p in model.thinker.parameters()} == {torch.bfloat16}
     report = placement_report(model)
@@ -350,6 +356,11 @@ def test_omni_token2wav_keeps_its_own_float32_and_sdpa(tmp_path: Path) -> None:
     assert report.attention
     assert set(report.attention.values()) == {"sdpa"}
     assert all(name.startswith("token2wav") for name in report.attention)
+    # "auto" lets each sub-model run what it supports: nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", omnifix.OmnifixWarning)
+        auto = load_safely(path, device="cpu", dtype="bfloat16")
+    assert placement_report(auto).attn_implementation == "sdpa"
 
 
 # --- dtype -----------------------------------------------------------------------------------

@@ -207,6 +207,39 @@ def _attention(gpus: tuple[Gpu, ...], flash: PackageVersion) -> tuple[AttentionB
     )
 
 
+def _flash_findings(gpus: tuple[Gpu, ...], flash: PackageVersion) -> list[Finding]:
+    """Per GPU: can ``flash_attention_2`` run there, and if not, why and what loads use instead.
+
+    A flash-attn that does not import is a finding of the package check already.
+    """
+    if not gpus:
+        message = "flash_attention_2 needs a CUDA GPU and torch sees none: models load with sdpa."
+        return [Finding("ok", message)]
+    if flash.note:
+        return []
+    refused = flash.version is not None and not _transformers_accepts_flash()
+    findings = []
+    for gpu in gpus:
+        where = f"cuda:{gpu.index} ({gpu.name}, compute capability {gpu.capability[0]}."
+        where += f"{gpu.capability[1]})"
+        if gpu.capability < AMPERE:
+            message = f"{where}: flash-attn needs 8.0 or newer; models load with sdpa there."
+        elif flash.version is None:
+            message = f"{where}: flash-attn is not installed, so models load with sdpa there "
+            message += "(for flash attention: pip install flash-attn --no-build-isolation)."
+        elif refused:
+            message = f"{where}: transformers' is_flash_attn_2_available() refuses flash-attn "
+            message += f"{flash.version}; models load with sdpa there."
+            findings.append(Finding("warn", message, "pip install --upgrade flash-attn"))
+            continue
+        else:
+            half = "bfloat16 or float16" if gpu.bf16 else "float16"
+            message = f"{where}: flash_attention_2 runs here (flash-attn {flash.version}) in "
+            message += f"{half}; load_safely picks it."
+        findings.append(Finding("ok", message))
+    return findings
+
+
 def _transformers_accepts_flash() -> bool:
     try:
         probe = importlib.import_module("transformers.utils").is_flash_attn_2_available
@@ -322,6 +355,7 @@ def diagnose() -> Diagnosis:
         if "cuda" in message.lower():
             findings.append(Finding("warn", f"torch warned while looking for GPUs: {message}", fix))
     attention = _attention(gpus, flash=versions[-1])  # flash-attn is checked last
+    findings += _flash_findings(gpus, versions[-1])
     return Diagnosis(
         __version__, python, system, versions, visible, gpus, devices, auto, attention, (*findings,)
     )

@@ -25,7 +25,7 @@ from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
 from omnifix._plan import plan_placement, require_workload
 from omnifix._plan.budgets import host_memory
-from omnifix._report import LoadRecord, remember
+from omnifix._report import LoadRecord, remember, sub_model_attention
 from omnifix._units import parse_size
 from omnifix.errors import (
     CheckpointError,
@@ -386,10 +386,32 @@ def load_safely(  # noqa: C901 - one linear recipe, commented step by step
     if folder is not None:
         weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
     model.eval()
+    if isinstance(attn_implementation, str) and attn_implementation.strip().lower() != "auto":
+        _warn_sub_models(model, str(attention))
 
     # 6. A model that spans several devices: lean hooks, pinned embeddings; remember the plan.
     _finish(model, plan, device_map, chosen_dtype, hooks)
     return model
+
+
+def _warn_sub_models(model: nn.Module, attention: str) -> None:
+    """Warn when transformers runs some sub-models with another implementation than asked for.
+
+    transformers switches some towers silently (Qwen2.5-Omni's token2wav keeps sdpa when eager or
+    flash attention is asked for); ``"auto"`` means "what each sub-model supports", so only a named
+    request warns.
+    """
+    used = sub_model_attention(model)
+    other = {name: value for name, value in used.items() if value != attention}
+    if other:
+        where = ", ".join(f"{name or 'the model'} with {value!r}" for name, value in other.items())
+        warnings.warn(
+            f"attn_implementation={attention!r} was asked for, but transformers runs {where} "
+            f"(it does not use {attention!r} there). placement_report(model) shows each "
+            "sub-model's attention. To silence this, pass attn_implementation='auto'.",
+            OmnifixWarning,
+            stacklevel=3,
+        )
 
 
 def _finish(

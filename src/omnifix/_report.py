@@ -24,7 +24,14 @@ if TYPE_CHECKING:
 
     from omnifix._types import DeviceLike
 
-__all__ = ["DeviceUsage", "LoadRecord", "PlacementReport", "placement_report", "remember"]
+__all__ = [
+    "DeviceUsage",
+    "LoadRecord",
+    "PlacementReport",
+    "placement_report",
+    "remember",
+    "sub_model_attention",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,20 +167,19 @@ def remember(model: nn.Module, record: LoadRecord) -> None:
     _RECORDS[model] = record
 
 
-def _attention_by_module(model: nn.Module) -> tuple[str | None, dict[str, str]]:
-    """The model's attention implementation, and its sub-models' that differ from it."""
+def sub_model_attention(model: nn.Module) -> dict[str, str]:
+    """The attention implementation of the model (``""``) and of each of its sub-models."""
     transformers = sys.modules.get("transformers")  # not imported: not a transformers model
     if transformers is None:
-        return None, {}
+        return {}
     found: dict[str, str] = {}
     for name, module in model.named_modules():  # the model itself first, named ""
         if name and not isinstance(module, transformers.PreTrainedModel):
             continue
         value = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        if isinstance(value, str):
+        if isinstance(value, str) and value:
             found[name] = value
-    top = found.pop("", None)
-    return top, {name: value for name, value in found.items() if value and value != top}
+    return found
 
 
 def placement_report(model: nn.Module) -> PlacementReport:
@@ -238,7 +244,8 @@ def placement_report(model: nn.Module) -> PlacementReport:
         )
         for name in sorted({*weights, *predicted}, key=place_order)
     )
-    top, different = _attention_by_module(model)
+    attention = sub_model_attention(model)
+    top = attention.pop("", None)
     try:
         inputs_on: torch.device | None = input_device(model)
     except OmnifixError:
@@ -251,7 +258,7 @@ def placement_report(model: nn.Module) -> PlacementReport:
         dtype=record.dtype,
         dtypes={str(dtype).removeprefix("torch."): size for dtype, size in per_dtype.items()},
         attn_implementation=top,
-        attention=different,
+        attention={name: value for name, value in attention.items() if value != top},
         devices=devices,
         uninitialised=sum(tensor.nbytes for tensor in meta.uninitialised),
         input_device=inputs_on,

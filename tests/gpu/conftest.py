@@ -36,16 +36,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU, this machine has none"))
 
 
+@pytest.fixture(autouse=True)
+def _cuda_initialised(request: pytest.FixtureRequest) -> None:
+    """Every GPU test starts with CUDA initialised, whatever ran before it in the process.
+
+    Memory statistics (``reset_peak_memory_stats``, ``memory_allocated``) raise "Invalid device
+    argument" until something has initialised CUDA; no test may rely on an earlier one having
+    done so.
+    """
+    if request.node.get_closest_marker("gpu") or request.node.get_closest_marker("multi_gpu"):
+        import torch
+
+        torch.cuda.init()
+
+
 def _stack() -> dict[str, str]:
+    import importlib.metadata
+
     import accelerate
     import torch
     import transformers
 
     gpus = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    try:
+        flash = importlib.metadata.version("flash-attn")
+    except importlib.metadata.PackageNotFoundError:
+        flash = "not installed"
     return {
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
         "torch": torch.__version__,
+        "flash_attn": flash,
         "gpus": f"{torch.cuda.device_count()}x {', '.join(gpus)}",
     }
 
