@@ -33,6 +33,7 @@ from omnifix._report import placement_report as placement_report
 from omnifix._version import __version__ as __version__
 from omnifix.errors import AttentionUnavailableError as AttentionUnavailableError
 from omnifix.errors import CheckpointError as CheckpointError
+from omnifix.errors import DeviceCopyError as DeviceCopyError
 from omnifix.errors import DeviceError as DeviceError
 from omnifix.errors import DeviceUnavailableError as DeviceUnavailableError
 from omnifix.errors import InsufficientMemoryError as InsufficientMemoryError
@@ -45,6 +46,7 @@ from omnifix.errors import UnsupportedModelError as UnsupportedModelError
 __all__ = [
     "AttentionUnavailableError",
     "CheckpointError",
+    "DeviceCopyError",
     "DeviceError",
     "DeviceUnavailableError",
     "Handle",

@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+from omnifix._copies import check_copies
 from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate, place_order, spell
 from omnifix._devices import normalize_map
 from omnifix._handle import Handle
@@ -513,6 +514,8 @@ def lean_dispatch(
             need accelerate's weight streaming), or the map names what the model lacks.
         DeviceError: A device in the map is malformed or missing, tied weights are mapped to
             two devices, or ``hf_device_map`` disagrees with where the weights are.
+        DeviceCopyError: Copies between two of the GPUs arrive changed (checked once per pair
+            and process, before anything changes).
         UnsupportedModelError: ``model`` is not an ``nn.Module``.
 
     Example:
@@ -541,6 +544,8 @@ def lean_dispatch(
         _check_ties(modules)
     else:
         _check_placed(modules)
+    placed = {str(entry[-1]) for entry in (*modules, *tensor_entries)}
+    check_copies(placed)  # DeviceCopyError: the hooks would hand over corrupted tensors
     previous = _ACTIVE.get(model)
     if previous is not None:  # dispatched again: the earlier handle's hooks go first
         previous.remove()
@@ -548,7 +553,6 @@ def lean_dispatch(
         if isinstance(getattr(module, "_hf_hook", None), _EntryHook):
             _detach(module)
     replaced = _accelerate_hooks(model)
-    placed = {str(entry[-1]) for entry in (*modules, *tensor_entries)}
     devices = tuple(sorted(placed, key=place_order))
     for module, _ in replaced:
         _detach(module)

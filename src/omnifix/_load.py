@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 from omnifix._attention import choose_attention_for, choose_dtype, gpu_capabilities
 from omnifix._compat import dtype_keyword
 from omnifix._config import HUB_KWARGS, model_class_for, read_config
-from omnifix._device_map import Placement
+from omnifix._copies import check_copies
+from omnifix._device_map import Placement, spell
 from omnifix._devices import cuda_device_count, normalize_device, normalize_map, spreads
 from omnifix._dispatch import lean_dispatch
 from omnifix._embeddings import pin_embeddings
@@ -296,6 +297,8 @@ def load_safely(  # noqa: C901 - one linear recipe, commented step by step
         UnsupportedModelError: No model class for the config, or an attention dict before 4.57.
         InvalidArgumentError: A bad dtype, attention, ``max_memory``, ``device_map`` or ``hooks``.
         DeviceError: A device that is malformed, missing, or not a CUDA GPU or the cpu.
+        DeviceCopyError: Copies between two GPUs of a split arrive changed (checked once per
+            pair and process, before loading).
 
     Example:
         >>> import tempfile, omnifix
@@ -366,6 +369,9 @@ def load_safely(  # noqa: C901 - one linear recipe, commented step by step
             allow_offload=allow_offload,
         ).raise_if_refused()  # InsufficientMemoryError: need vs free per device, and options
         device_map = dict(plan.device_map)
+
+    # Copies between the GPUs of a split arrive intact (DeviceCopyError), before loading anything.
+    check_copies(spell(value) for value in device_map.values())
 
     # 4. Load: the dtype under this transformers' keyword, an offload folder of ours if needed.
     folder = None

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AttentionUnavailableError",
     "CheckpointError",
+    "DeviceCopyError",
     "DeviceError",
     "DeviceUnavailableError",
     "InsufficientMemoryError",
@@ -92,6 +93,25 @@ class InsufficientMemoryError(OmnifixError, MemoryError):
         """The message and the refused plan."""
         super().__init__(message)
         self.plan = plan
+
+
+class DeviceCopyError(OmnifixError, RuntimeError):
+    """Copies between two GPUs arrive changed: a model split over them would compute garbage.
+
+    Attributes:
+        source: The device the copy left, such as ``"cuda:0"``.
+        target: The device it arrived on wrong, such as ``"cuda:1"``.
+        differing: How many of the test tensor's values arrived changed.
+    """
+
+    def __init__(
+        self, message: str, *, source: str = "", target: str = "", differing: int = 0
+    ) -> None:
+        """The message, the pair of devices and how many values differed."""
+        super().__init__(message)
+        self.source = source
+        self.target = target
+        self.differing = differing
 
 
 class UnsupportedModelError(OmnifixError, TypeError):

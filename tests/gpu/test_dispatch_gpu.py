@@ -225,3 +225,26 @@ def test_load_safely_splits_with_lean_hooks_and_matches_one_gpu(
         kept.hf_device_map
     )
     assert torch.equal(tokens(kept, "cuda:0"), reference)
+
+
+@pytest.mark.multi_gpu
+def test_copies_between_the_gpus_are_checked_once_and_found_sound(
+    record: Callable[..., None],
+) -> None:
+    import time
+
+    import torch
+
+    from omnifix._copies import check_copies
+
+    gpus = [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    start = time.perf_counter()
+    checked = check_copies(gpus)
+    seconds = time.perf_counter() - start
+    assert checked in (0, len(gpus) * (len(gpus) - 1))  # 0: an earlier test checked them
+    assert check_copies(gpus) == 0
+    record(
+        case="boundary self-test: copies between every pair of GPUs",
+        before="",
+        after=f"{checked} ordered pairs checked in {seconds * 1e3:.1f} ms, all sound",
+    )
