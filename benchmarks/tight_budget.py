@@ -32,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -329,10 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not any(os.environ.get(n) for n in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
-        conf = "expandable_segments:True" if args.allocator == "expandable" else ""
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
     from _results import write_results
+
+    from omnifix._plan.budgets import allocator_settings
 
     cases = [c for c in CASES if not args.tiny or c.preset in TINY_PRESETS]
     if args.only:
@@ -347,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"case": case.key, "group": case.group, "outcome": "skipped: deadline"})
             continue
         record = run_case(case, tiny=args.tiny, gpu=args.gpu, plan_only=args.plan_only)
+        record["allocator"] = asdict(allocator_settings())
         records.append(record)
         print(
             {k: record.get(k) for k in ("case", "outcome", "error", "slack", "seconds")}, flush=True
@@ -358,6 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def configure_allocator(argv: list[str]) -> None:
+    """Set the allocator ``--allocator`` names before torch starts CUDA (unless one is set)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--allocator", choices=("expandable", "default"), default="expandable")
+    known, _ = parser.parse_known_args(argv)
+    if any(os.environ.get(n) for n in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        return
+    if known.allocator == "expandable":
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
+    configure_allocator(sys.argv[1:])
     sys.exit(main())

@@ -50,6 +50,13 @@ GIB = 2**30
 OMNI_7B_CHECKPOINT_BYTES = 22_366_403_936
 
 
+@pytest.fixture(autouse=True)
+def _default_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan for the default CUDA allocator, as the measured figures and OOMs below ran."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @cache
 def _available(preset: str) -> bool:
     try:
