@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from _results import write_results
 
+    from omnifix import UnsupportedModelError
     from omnifix._plan.budgets import allocator_settings
+    from omnifix._plan.presets import preset_model_class
 
     cases = [c for c in CASES if not args.tiny or c.preset in TINY_PRESETS]
     if args.only:
@@ -344,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         if time.perf_counter() - started > args.deadline:
             records.append({"case": case.key, "group": case.group, "outcome": "skipped: deadline"})
+            continue
+        try:
+            preset_model_class(case.preset)
+        except UnsupportedModelError as error:
+            records.append({"case": case.key, "group": case.group, "outcome": f"skipped: {error}"})
             continue
         record = run_case(case, tiny=args.tiny, gpu=args.gpu, plan_only=args.plan_only)
         record["allocator"] = asdict(allocator_settings())

@@ -61,9 +61,9 @@ def test_no_settings_is_the_default_allocator(no_settings: pytest.MonkeyPatch) -
 
 def test_expandable_segments_shrink_what_the_plan_reserves(no_settings: pytest.MonkeyPatch) -> None:
     work = Workload(text_tokens=8192)
-    default = plan_placement("qwen2.5-vl-7b", budgets={0: "80GiB"}, workload=work).devices[0]
+    default = plan_placement("qwen2-vl-7b", budgets={0: "80GiB"}, workload=work).devices[0]
     no_settings.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    result = plan_placement("qwen2.5-vl-7b", budgets={0: "80GiB"}, workload=work)
+    result = plan_placement("qwen2-vl-7b", budgets={0: "80GiB"}, workload=work)
     expandable = result.devices[0]
     allocated = expandable.weights + expandable.kv_cache + expandable.activations
     assert expandable.allocator == int(CALIBRATION.reserved_gap_expandable * allocated)

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import transformers
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
     from types import ModuleType
+
+
+def _has(name: str) -> bool:
+    return hasattr(transformers, name)
 
 
 def test_tiny_run_plans_builds_and_generates_every_case_and_records_both_sets(
@@ -19,8 +25,9 @@ def test_tiny_run_plans_builds_and_generates_every_case_and_records_both_sets(
     assert suite.main(["--tiny", "--only", "gpt2,flan-t5,qwen3-30b", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["suite"] == "tight_budget"
-    cases = result["cases"]
-    assert {case["preset"] for case in cases} == {"gpt2", "flan-t5-large", "qwen3-30b-a3b"}
+    cases = [case for case in result["cases"] if not case["outcome"].startswith("skipped")]
+    expected = {"gpt2", "flan-t5-large"} | ({"qwen3-30b-a3b"} if _has("Qwen3MoeConfig") else set())
+    assert {case["preset"] for case in cases} == expected
     for case in cases:
         assert case["accepted"], case
         assert case["outcome"] == "ok", case
