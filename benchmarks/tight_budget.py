@@ -19,7 +19,7 @@ The allocator configuration is the one ``load_safely`` starts CUDA with, ``expan
 (``--allocator default`` for the default configuration); it is set before torch is imported and
 the planner reads the same setting. JSON goes to ``$OMNIFIX_GPU_OUT`` (a directory) or
 ``benchmarks/results/`` as ``tight-budget-<allocator>-<gpu>.json``; ``--deadline`` stops starting
-new cases after that many seconds (default 450: the run fits 8 minutes on one H200).
+new cases after that many seconds (default 420, so that the run ends within 8 minutes).
 
 ``--tiny``: the same code on the cpu with tiny configs of the same families (no cap, no peak);
 ``--plan-only``: every full-size case planned and its inputs built, on the cpu.
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "--plan-only", action="store_true", help="plan each case and build its inputs; no GPU"
     )
     parser.add_argument("--only", default="", help="comma-separated parts of case keys")
-    parser.add_argument("--deadline", type=float, default=450.0)
+    parser.add_argument("--deadline", type=float, default=420.0)
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
