@@ -285,7 +285,10 @@ def workload_inputs(
         types.extend([3] * tokens)
     text_config = getattr(config, "text_config", config)
     vocab = int(getattr(text_config, "vocab_size", 0) or getattr(config, "vocab_size", 0))
-    special = {value for key, value in vars(config).items() if key.endswith(("_id", "_index"))}
+    special: set[int] = set()
+    for key, value in vars(config).items():
+        if key.endswith(("_id", "_index")):  # an int, or a list of them (Llama 3's eos ids)
+            special.update(value if isinstance(value, list) else [value])
     text = [
         token
         for token in torch.randint(

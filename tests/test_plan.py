@@ -50,6 +50,13 @@ GIB = 2**30
 OMNI_7B_CHECKPOINT_BYTES = 22_366_403_936
 
 
+@pytest.fixture(autouse=True)
+def _default_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan for the default CUDA allocator, as the measured figures and OOMs below ran."""
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @cache
 def _available(preset: str) -> bool:
     try:
@@ -159,7 +166,7 @@ def _layouts_on_this_stack() -> dict[tuple[str, str], str]:
     }
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", sorted({name for name, _ in _layouts_on_this_stack()}))
 def test_tower_attention_layouts_on_this_stack(preset: str) -> None:
     if not _available(preset):
         pytest.skip(f"{preset} needs newer transformers")
@@ -893,7 +900,7 @@ def test_a_split_copies_every_prompt_tokens_logits_back_to_the_input_gpu() -> No
     copy = 8192 * _text_vocab("qwen2-audio-7b") * (4 if upcast else 2)
     assert 0 < first.activations - copy < 2**20
     # The copy needs a fresh segment of its size (CALIBRATION.fresh_blocks).
-    assert first.margin > copy
+    assert first.allocator >= copy
 
 
 @needs("qwen2.5-vl-7b")
@@ -915,18 +922,30 @@ def test_no_split_no_logits_copy(predict_phases: PredictPhases) -> None:
 
 
 @needs("qwen2.5-vl-7b")
-def test_one_gpu_margin_grows_by_one_mlp_block_only() -> None:
+def test_default_allocator_reserves_its_share_or_one_mlp_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    cal = CALIBRATION
     work = Workload(text_tokens=32768, max_new_tokens=NEW_TOKENS)
     plan = plan_placement("qwen2.5-vl-7b", budgets={0: "80GiB"}, workload=work)
     (row,) = plan.devices
     block = 32768 * 18944 * 2  # rows x intermediate x bf16: the 1.16 GiB that failed to fit
-    fixed = CALIBRATION.margin_bytes
-    assert row.margin == int(fixed + 0.10 * (row.kv_cache + row.activations)) + block
+    allocated = row.weights + row.kv_cache + row.activations
+    assert row.allocator == int(max(cal.reserved_gap * allocated, block))
+    assert row.margin == int(
+        cal.margin_bytes + cal.margin_fraction * (row.kv_cache + row.activations)
+    )
     assert row.fits
 
 
 @needs("qwen2.5-vl-7b")
-def test_eager_keeps_two_softmax_blocks_or_its_share_of_activations() -> None:
+def test_eager_keeps_two_softmax_blocks_or_its_share_of_activations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
     cal = CALIBRATION
     for tokens in (1024, 8192):
         work = Workload(text_tokens=tokens, max_new_tokens=NEW_TOKENS)
@@ -934,7 +953,9 @@ def test_eager_keeps_two_softmax_blocks_or_its_share_of_activations() -> None:
             "qwen2.5-vl-7b", budgets={0: "80GiB"}, attn_implementation="eager", workload=work
         )
         (row,) = plan.devices
-        base = int(cal.margin_bytes + cal.margin_fraction * (row.kv_cache + row.activations))
         softmax = 28 * tokens * tokens * 4  # heads x S^2 x fp32
-        expected = max(2 * softmax, int(cal.eager_block_fraction * row.activations))
-        assert row.margin - base == expected
+        allocated = row.weights + row.kv_cache + row.activations
+        expected = max(
+            cal.reserved_gap * allocated, 2 * softmax, cal.eager_block_fraction * row.activations
+        )
+        assert row.allocator == int(expected)

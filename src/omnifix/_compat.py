@@ -33,6 +33,7 @@ __all__ = [
     "QWEN2_5_OMNI",
     "QWEN2_5_VL",
     "ROPE_PARAMETERS",
+    "SLIDING_WINDOW_CACHE",
     "UNCAST_LOGITS",
     "attention_dict_supported",
     "deprecated",
@@ -55,6 +56,10 @@ UNCAST_LOGITS: Final = Version("4.46")
 #: audio towers) runs one segment at a time; earlier releases build one block-diagonal mask over
 #: the whole call. Measured on the installed wheels of 4.45 to 5.23.
 PACKED_ATTENTION_SPLITS: Final = Version("4.54")
+#: ``generate``'s ``DynamicCache`` keeps only the last ``sliding_window`` tokens of each
+#: sliding-window layer (per-layer cache classes); earlier releases keep every token in every
+#: layer. Checked on the installed wheels of 4.45 (no such layer class) and 4.57.
+SLIDING_WINDOW_CACHE: Final = Version("4.56")
 #: ``from_pretrained`` loads in the checkpoint's dtype by default (earlier: torch's default), and
 #: configs spell rotary settings as ``rope_parameters`` (earlier: ``rope_scaling``/``rope_theta``).
 AUTO_DTYPE_DEFAULT: Final = Version("5.0")

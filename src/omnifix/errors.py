@@ -87,12 +87,21 @@ class InsufficientMemoryError(OmnifixError, MemoryError):
     Attributes:
         plan: The refused :class:`omnifix.PlacementPlan` (need per device, ``plan.options``);
             ``None`` when loading itself ran out of memory after a plan that fit.
+        measured: ``{device: bytes}`` peaks measured by ``load_safely(verify_workload=True)``'s
+            dummy pass; empty when nothing was measured.
     """
 
-    def __init__(self, message: str, *, plan: PlacementPlan | None = None) -> None:
-        """The message and the refused plan."""
+    def __init__(
+        self,
+        message: str,
+        *,
+        plan: PlacementPlan | None = None,
+        measured: dict[str, int] | None = None,
+    ) -> None:
+        """The message, the refused plan and any measured peaks."""
         super().__init__(message)
         self.plan = plan
+        self.measured: dict[str, int] = dict(measured or {})
 
 
 class DeviceCopyError(OmnifixError, RuntimeError):

@@ -7,20 +7,23 @@ hold it too. Explicit GPUs are not checked against this machine: a laptop plans 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from omnifix._attention import gpu_capabilities
 from omnifix._device_map import place_order
 from omnifix._devices import cuda_device_count, parse_device
+from omnifix._plan.estimate import CALIBRATION
 from omnifix._units import parse_size
 from omnifix.errors import DeviceError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from omnifix._attention import Capability
 
-__all__ = ["SIMULATED_CAPABILITY", "UNLIMITED", "Budget", "DeviceBudget", "host_memory"]
+__all__ = ["SIMULATED_CAPABILITY", "UNLIMITED", "Allocator", "Budget", "DeviceBudget"]
+__all__ += ["allocator_settings", "enable_expandable_segments", "host_memory", "outside_allocator"]
 __all__ += ["resolve_budgets"]
 
 #: Budget of a ``"disk"`` nobody sized: accelerate puts no limit on it either.
@@ -28,6 +31,52 @@ UNLIMITED: Final = 2**62
 #: Simulated GPUs (explicit budgets for GPUs this machine lacks) are assumed to be this recent.
 SIMULATED_CAPABILITY: Final[Capability] = (8, 0)
 _CUDA_ALIASES: Final = ("cuda", "gpu", "rocm", "hip")
+#: The allocator settings torch reads at CUDA initialisation, first found first (torch 2.9+
+#: reads ``PYTORCH_ALLOC_CONF`` and falls back to the older name).
+_ALLOC_CONF: Final = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """The CUDA caching allocator configuration the plan assumes.
+
+    Attributes:
+        backend: ``"native"`` (the caching allocator) or ``"cudaMallocAsync"``.
+        expandable_segments: Whether segments grow in place (``expandable_segments:True``),
+            which leaves far less reserved but unusable memory at a peak.
+        source: ``"torch"`` (CUDA is initialised: the backend as torch reports it),
+            ``"environment"`` (the settings torch will read when CUDA starts) or ``"default"``.
+    """
+
+    backend: str = "native"
+    expandable_segments: bool = False
+    source: Literal["torch", "environment", "default"] = "default"
+
+
+def _parse_alloc_conf(text: str) -> dict[str, str]:
+    """``key:value`` pairs separated by commas, as torch's allocator config reads them."""
+    pairs = (item.partition(":") for item in text.split(",") if item.strip())
+    return {key.strip(): value.strip() for key, _, value in pairs}
+
+
+def allocator_settings() -> Allocator:
+    """The allocator configuration in effect, or that torch will apply when CUDA starts.
+
+    torch exposes the backend once CUDA is initialised (``get_allocator_backend()``) but no
+    getter for ``expandable_segments``; both are read from the environment variables torch
+    parses (``PYTORCH_ALLOC_CONF``, else ``PYTORCH_CUDA_ALLOC_CONF``), split as torch splits
+    them. A CPU-only build has no allocator to ask: the environment decides.
+    """
+    import torch
+
+    name = next((n for n in _ALLOC_CONF if os.environ.get(n)), None)
+    settings = _parse_alloc_conf(os.environ[name]) if name else {}
+    backend = settings.get("backend", "native")
+    source: Literal["torch", "environment", "default"] = "environment" if name else "default"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        backend, source = str(torch.cuda.memory.get_allocator_backend()), "torch"
+    expandable = settings.get("expandable_segments", "").lower() == "true"
+    return Allocator(backend, expandable, source)
 
 
 @dataclass(frozen=True)
@@ -63,7 +112,10 @@ class DeviceBudget:
     kv_cache: int
     activations: int
     overhead: int
-    #: Kept free on top of the predicted peak (allocator fragmentation, estimate error).
+    #: What the caching allocator reserves beyond the allocated peak (cached but unusable
+    #: blocks, fresh segments), under the allocator configuration the plan assumes.
+    allocator: int = 0
+    #: Kept free on top of the predicted peak (the memory model's error).
     margin: int = 0
     #: The phase that sets the activation peak: ``"prefill"``, ``"logits"``, ``"logits copy"``
     #: (the input GPU of a split, where the root hook copies the logits back), ``"vision"``,
@@ -72,8 +124,8 @@ class DeviceBudget:
 
     @property
     def total(self) -> int:
-        """Predicted peak: weights + KV cache + activation peak + fixed overhead."""
-        return self.weights + self.kv_cache + self.activations + self.overhead
+        """Predicted reserved peak: weights + KV cache + activations + allocator + overhead."""
+        return self.weights + self.kv_cache + self.activations + self.allocator + self.overhead
 
     @property
     def fits(self) -> bool:
@@ -89,6 +141,32 @@ class DeviceBudget:
     def unlimited(self) -> bool:
         """Whether nobody sized this budget (a disk that offload may fill)."""
         return self.budget >= UNLIMITED
+
+
+def outside_allocator(row: DeviceBudget) -> int:
+    """What ``row`` counts outside the caching allocator: the CUDA context, where not measured."""
+    return max(0, row.overhead - CALIBRATION.workspace)
+
+
+def enable_expandable_segments() -> bool:
+    """Turn the CUDA caching allocator's expandable segments on, where that is still possible.
+
+    Only before CUDA is initialised (torch reads its allocator settings once, then), only on a
+    machine with CUDA, and only when the caller set no allocator settings of their own
+    (``PYTORCH_ALLOC_CONF``/``PYTORCH_CUDA_ALLOC_CONF``): then ``PYTORCH_CUDA_ALLOC_CONF`` is
+    set to ``expandable_segments:True`` for this process.
+
+    Returns:
+        Whether expandable segments are now what CUDA will start with.
+    """
+    import torch
+
+    if any(os.environ.get(name) for name in _ALLOC_CONF):
+        return allocator_settings().expandable_segments
+    if not torch.cuda.is_available() or torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return False
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return True
 
 
 def _device(key: object) -> str:

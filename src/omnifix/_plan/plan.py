@@ -155,6 +155,7 @@ class PlacementPlan:
             "activations": lambda row: (
                 format_bytes(row.activations) + (f" ({row.phase})" if row.phase else "")
             ),
+            "allocator": lambda row: format_bytes(row.allocator),
             "overhead": lambda row: format_bytes(row.overhead),
             "total": lambda row: format_bytes(row.total),
             "margin": lambda row: format_bytes(row.margin),
@@ -205,7 +206,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _need_line(row: DeviceBudget) -> str:
     parts = (
         f"weights {format_bytes(row.weights)} + KV cache {format_bytes(row.kv_cache)} + "
-        f"activations {format_bytes(row.activations)} + overhead {format_bytes(row.overhead)}"
+        f"activations {format_bytes(row.activations)} + allocator {format_bytes(row.allocator)} + "
+        f"overhead {format_bytes(row.overhead)}"
     )
     verdict = "fits" if row.fits else f"{format_bytes(-row.headroom)} short"
     budget = "unlimited" if row.unlimited else format_bytes(row.budget)
@@ -282,6 +284,20 @@ def _check_workload(skeleton: Skeleton, workload: Workload) -> None:
             )
 
 
+def _unknown(skeleton: Skeleton) -> tuple[str, ...]:
+    """What the memory model does not understand about the model, with the bound it uses."""
+    anatomy = skeleton.anatomy
+    if anatomy.decoders or anatomy.towers:
+        return anatomy.unknown
+    return (
+        *anatomy.unknown,
+        (
+            "no language model or tower recognised (no stack of layers with a vocabulary, "
+            "patches or mel bins): the bound counts weights, overhead and margin only"
+        ),
+    )
+
+
 def _notes(request: Request) -> tuple[str, ...]:
     anatomy = request.skeleton.anatomy
     notes = [
@@ -294,11 +310,21 @@ def _notes(request: Request) -> tuple[str, ...]:
             "free memory"
         ),
     ]
-    if anatomy.text is None:
-        notes.append(
-            "no language model recognised (no stack of layers with a vocabulary): weights, "
-            "overhead and margin only; activations are not modelled"
-        )
+    allocator = request.allocator
+    if allocator.expandable_segments:
+        gap = f"expandable segments: {CALIBRATION.reserved_gap_expandable:.0%}"
+    else:
+        gap = f"default configuration: {CALIBRATION.reserved_gap:.0%} or the largest fresh block"
+    where = {
+        "torch": "as torch reports them",
+        "environment": "from PYTORCH_ALLOC_CONF/PYTORCH_CUDA_ALLOC_CONF",
+        "default": "none set",
+    }[allocator.source]
+    notes.append(
+        f"GPU figures are what the CUDA caching allocator reserves at the peak ({gap} above "
+        f"the allocated peak; allocator settings {where})"
+    )
+    notes += [f"not understood: {item}" for item in _unknown(request.skeleton)]
     if request.attn.startswith(("flash", "flex")):
         notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
     if any(d.role == "talker" for d in anatomy.decoders):
@@ -317,6 +343,7 @@ def plan_placement(
     attn_implementation: str = "auto",
     workload: Workload | None = None,
     allow_offload: bool = False,
+    accept_bound: bool = False,
 ) -> PlacementPlan:
     """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
 
@@ -340,6 +367,9 @@ def plan_placement(
             ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
         workload: What the model will do; default :class:`Workload` ().
         allow_offload: Let weights that fit no GPU go to cpu, then disk.
+        accept_bound: Where the memory model does not understand part of the model (the
+            plan's notes say what, and the conservative bound used instead), accept a plan
+            that fits on that bound. By default such a plan is refused, with this as its option.
 
     Returns:
         The plan; ``plan.fits`` says whether to load with ``plan.device_map``.
@@ -377,6 +407,17 @@ def plan_placement(
     _check_workload(skeleton, workload)
     request = Request(skeleton, resolved, attn, workload, allow_offload)
     strategy, reason, attempt = choose(request)
+    unknown = _unknown(skeleton)
+    bound_options: tuple[str, ...] = ()
+    if unknown and strategy != "refuse" and not accept_bound:
+        bound_options = (
+            f"accept_bound=True: {strategy} on the conservative bound the notes state ({reason})",
+        )
+        strategy = "refuse"
+        reason = (
+            "the memory model does not understand all of this model (see the notes), so it "
+            "fits only on a conservative bound, which is not accepted by default"
+        )
     input_name = skeleton.anatomy.input_embeddings
     input_device = None
     if input_name is not None and strategy != "refuse":
@@ -391,7 +432,7 @@ def plan_placement(
         dtype=skeleton.dtype,
         attn_implementation=attn,
         workload=workload,
-        options=options(request) if strategy == "refuse" else (),
+        options=bound_options or (options(request) if strategy == "refuse" else ()),
         input_device=input_device,
         notes=_notes(request),
     )

@@ -1,4 +1,4 @@
-"""Built-in presets: the published configs of the Qwen multimodal checkpoints, offline.
+"""Built-in presets: the published configs of the checkpoints people run, offline.
 
 Each preset is a data file, ``presets/<name>.json`` (its README says what the fields hold and
 where the values come from), parsed by the installed transformers' own config class as
@@ -29,6 +29,18 @@ PresetName = Literal[
     "qwen2.5-omni-3b",
     "qwen2.5-omni-7b",
     "qwen2-audio-7b",
+    "llama-3.1-8b",
+    "llama-3.2-11b-vision",
+    "gemma-3-1b",
+    "gemma-3-4b",
+    "mistral-7b-v0.1",
+    "qwen3-8b",
+    "qwen3-30b-a3b",
+    "qwen3-vl-8b",
+    "qwen3-omni-30b-a3b-thinker",
+    "whisper-large-v3",
+    "flan-t5-large",
+    "gpt2",
 ]
 
 #: Every built-in preset, whether or not the installed transformers can build it.
@@ -50,7 +62,7 @@ def _data(name: str) -> tuple[PresetName, dict[str, Any]]:
 
 
 def find_preset(name: str, *, required: bool = True) -> PresetName | None:
-    """The preset ``name`` means (case and the hub's ``Qwen/`` and ``-Instruct`` ignored).
+    """The preset ``name`` means (case, the hub's organisation and ``-Instruct``/``-it`` ignored).
 
     Raises:
         UnsupportedModelError: ``required`` and ``name`` is no preset; the message lists the
@@ -61,7 +73,7 @@ def find_preset(name: str, *, required: bool = True) -> PresetName | None:
         >>> find_preset("Qwen/Qwen2.5-Omni-7B"), find_preset("org/model", required=False)
         ('qwen2.5-omni-7b', None)
     """
-    key = name.strip().lower().removeprefix("qwen/").removesuffix("-instruct")
+    key = name.strip().lower().rpartition("/")[2].removesuffix("-instruct").removesuffix("-it")
     for preset in PRESETS:
         if key == preset:
             return preset

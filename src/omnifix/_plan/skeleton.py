@@ -223,15 +223,17 @@ def _cached(
 def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
     """A fresh copy of ``skeleton`` whose linear weights are stored as bitsandbytes stores them.
 
-    Every ``nn.Linear`` weight in the skeleton's dtype becomes int8 (8 bits) or packed uint8
-    with absmax constants (4 bits), except the output heads, which transformers never
-    quantises, and modules kept in float32: an estimate of ``load_in_8bit``/``load_in_4bit``.
+    Every ``nn.Linear`` (and transformers' ``Conv1D``) weight in the skeleton's dtype becomes
+    int8 (8 bits) or packed uint8 with absmax constants (4 bits), except the output heads,
+    which transformers never quantises, and modules kept in float32: an estimate of
+    ``load_in_8bit``/``load_in_4bit``.
 
     Raises:
         UnsupportedModelError: The skeleton has no config to rebuild it from.
     """
     import torch
     from torch import nn
+    from transformers.pytorch_utils import Conv1D
 
     if skeleton.config is None:
         raise UnsupportedModelError(
@@ -241,7 +243,8 @@ def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
     model = build_on_meta(skeleton.config, skeleton.model_class, skeleton.dtype)
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or weight is None or name == skeleton.anatomy.lm_head:
+        linear = isinstance(module, (nn.Linear, Conv1D))  # GPT-2's Conv1D: a transposed Linear
+        if not linear or weight is None or name == skeleton.anatomy.lm_head:
             continue
         if weight.dtype != skeleton.dtype or name.endswith(("lm_head", "codec_head")):
             continue

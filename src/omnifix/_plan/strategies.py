@@ -6,11 +6,18 @@ How each strategy builds its map is explained in docs/planning.md ("How the plan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 from omnifix._device_map import OFFLOAD_TARGETS, Placement, place_order
-from omnifix._plan.budgets import UNLIMITED, Budget, DeviceBudget, host_memory
+from omnifix._plan.budgets import (
+    UNLIMITED,
+    Allocator,
+    Budget,
+    DeviceBudget,
+    allocator_settings,
+    host_memory,
+)
 from omnifix._plan.estimate import CALIBRATION, PhasePeaks, estimate
 from omnifix._plan.skeleton import infer_device_map
 from omnifix._units import format_bytes
@@ -45,6 +52,8 @@ class Request:
     attn: str
     workload: Workload
     allow_offload: bool
+    #: The CUDA allocator configuration the GPUs' reserved peaks are predicted for.
+    allocator: Allocator = field(default_factory=allocator_settings)
 
     @property
     def gpus(self) -> tuple[Budget, ...]:
@@ -122,14 +131,19 @@ def _row(
     if used and gpu:
         paid = budget is not None and budget.measured
         overhead = cal.workspace + (0 if paid else cal.cuda_context)
-    margin = 0
+    margin = reserved = 0
     if used and device != "disk":
         margin = int(cal.margin_bytes + cal.margin_fraction * (usage.kv_cache + activations))
-        if gpu:
-            # The caching allocator's fresh segments: for the largest transient blocks (see
-            # CALIBRATION.fresh_blocks), or a share of eager activations when that is larger.
+    if used and gpu:
+        # What the caching allocator reserves beyond the allocated peak: a share of it, and
+        # with the default allocator at least the fresh segments of the largest transient
+        # blocks (CALIBRATION.fresh_blocks), or a share of eager activations when larger.
+        allocated = weights + usage.kv_cache + activations
+        if request.allocator.expandable_segments:
+            reserved = int(cal.reserved_gap_expandable * allocated)
+        else:
             eager = cal.eager_block_fraction * activations if request.attn == "eager" else 0
-            margin += int(max(usage.fresh, eager))
+            reserved = int(max(cal.reserved_gap * allocated, usage.fresh, eager))
     if budget is not None:
         size = budget.size
     else:  # accelerate's unbounded disk, where offload is allowed; nothing anywhere else
@@ -140,6 +154,7 @@ def _row(
         weights=weights,
         kv_cache=usage.kv_cache,
         activations=activations,
+        allocator=reserved,
         overhead=overhead,
         margin=margin if used else 0,
         phase=usage.peak_phase,
@@ -173,7 +188,7 @@ def _reservations(request: Request, devices: Sequence[Budget]) -> dict[str, int]
         probe = _row(
             request, device.device, 1, PhasePeaks(phases={"": 0}, blocks={"": fresh}), activations
         )
-        reserve[device.device] = probe.overhead + probe.activations + probe.margin
+        reserve[device.device] = probe.overhead + probe.activations + probe.allocator + probe.margin
     return reserve
 
 
