@@ -90,6 +90,25 @@ CASES: tuple[Case, ...] = (
     ),
     Case("flan-t5-large", "eager", {"batch_size": 8, "text_tokens": 1024, "max_new_tokens": 128}),
     Case("gpt2", "eager", {"batch_size": 16, "text_tokens": 256, "max_new_tokens": 256}),
+    # flash_attention_2 (run where flash-attn imports, skipped elsewhere).
+    Case(
+        "qwen3-8b",
+        "flash_attention_2",
+        {"text_tokens": 8192, "max_new_tokens": 64},
+        tags=("flash",),
+    ),
+    Case(
+        "qwen3-vl-8b",
+        "flash_attention_2",
+        {"text_tokens": 256, "image_tokens": 2048, "max_new_tokens": 128},
+        tags=("flash", "media"),
+    ),
+    Case(
+        "mistral-7b-v0.1",
+        "flash_attention_2",
+        {"batch_size": 2, "text_tokens": 8192, "max_new_tokens": 64},
+        tags=("flash",),
+    ),
 )
 #: --tiny: the same families, shrunk (the cpu runs them in seconds).
 TINY_PRESETS = ("llama-3.1-8b", "gemma-3-1b", "qwen3-30b-a3b", "flan-t5-large", "gpt2")
@@ -332,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     from _results import write_results
 
     from omnifix import UnsupportedModelError
+    from omnifix._attention import installed_attention
     from omnifix._plan.budgets import allocator_settings
     from omnifix._plan.presets import preset_model_class
 
@@ -346,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         if time.perf_counter() - started > args.deadline:
             records.append({"case": case.key, "group": case.group, "outcome": "skipped: deadline"})
+            continue
+        runs = not args.plan_only
+        if runs and case.attn != "sdpa" and case.attn not in installed_attention():
+            outcome = f"skipped: {case.attn} cannot run here"
+            records.append({"case": case.key, "group": case.group, "outcome": outcome})
             continue
         try:
             preset_model_class(case.preset)
