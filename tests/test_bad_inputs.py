@@ -24,7 +24,7 @@ import pytest
 import torch
 import transformers
 from accelerate import init_empty_weights
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -847,10 +847,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The names the cases use: tiny checkpoints (good and broken), models, helpers."""
-    root = tmp_path_factory.mktemp("catalogue")
+def write_checkpoints(root: Path) -> dict[str, str]:
+    """Tiny checkpoints, good and broken, under ``root``."""
     lm = omnifix.testing.save_tiny_model("qwen2", root / "lm")
     tied_model = omnifix.testing.tiny_model("qwen2")
     tied_model.config.tie_word_embeddings = True
@@ -866,6 +864,37 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         (folder / "config.json").write_text((lm / "config.json").read_text())
     (root / "bad-index" / "model.safetensors.index.json").write_text("not json")
     (root / "corrupt" / "model.safetensors").write_bytes(b"\x00" * 64)
+    return {
+        "lm": str(lm),
+        "tied": str(root / "tied"),
+        "empty_dir": str(root / "empty"),
+        "missing_dir": str(root / "does-not-exist"),
+        "config_file": str(lm / "config.json"),
+        "broken_config_dir": str(broken),
+        "bad_index_dir": str(root / "bad-index"),
+        "corrupt_dir": str(root / "corrupt"),
+        "no_weights_dir": str(root / "no-weights"),
+    }
+
+
+class Names(dict[str, Any]):
+    """The names the cases use; the checkpoints are written when a case first names one."""
+
+    def __init__(self, names: dict[str, Any], root: Path) -> None:
+        super().__init__(names)
+        self.root = root
+
+    def __missing__(self, key: str) -> Any:
+        if "lm" in self:  # written already: the name is unknown
+            raise KeyError(key)
+        self.update(write_checkpoints(self.root))
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Names:
+    """The names the cases use: tiny checkpoints (good and broken), models, helpers."""
+    root = tmp_path_factory.mktemp("catalogue")
 
     def model() -> nn.Module:
         return omnifix.testing.tiny_model("qwen2")
@@ -908,22 +937,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         with xinference.patch_xinference(modules=[utils]):
             return str(utils.select_device(device))  # type: ignore[attr-defined]
 
-    return {
+    names = {
         "omnifix": omnifix,
         "torch": torch,
         "nn": nn,
         "transformers": transformers,
         "types": types,
         "xinference": xinference,
-        "lm": str(lm),
-        "tied": str(root / "tied"),
-        "empty_dir": str(root / "empty"),
-        "missing_dir": str(root / "does-not-exist"),
-        "config_file": str(lm / "config.json"),
-        "broken_config_dir": str(broken),
-        "bad_index_dir": str(root / "bad-index"),
-        "corrupt_dir": str(root / "corrupt"),
-        "no_weights_dir": str(root / "no-weights"),
         "model": model,
         "meta_linear": meta_linear,
         "skeleton": skeleton,
@@ -934,6 +954,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "xinference_select": xinference_select,
         "cli": cli,
     }
+    return Names(names, root)
 
 
 def cli(*argv: str) -> int:
@@ -950,14 +971,12 @@ def cli(*argv: str) -> int:
     return status
 
 
-def run(code: str, env: dict[str, Any]) -> object:
-    return eval(code, dict(env))  # noqa: S307 - the catalogue's own code, as docs/errors.md shows it
+def run(code: str, env: Names) -> object:
+    return eval(code, {}, env)  # noqa: S307 - the catalogue's own code, as docs/errors.md shows it
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.code for case in CASES])
-def test_bad_input_gets_its_error_naming_the_value_and_the_fix(
-    case: Case, env: dict[str, Any]
-) -> None:
+def test_bad_input_gets_its_error_naming_the_value_and_the_fix(case: Case, env: Names) -> None:
     if case.needs is not None and not hasattr(transformers, case.needs):
         pytest.skip(f"transformers {transformers.__version__} has no {case.needs}")
     with pytest.raises(omnifix.OmnifixError) as caught:
@@ -1059,13 +1078,15 @@ def expected_bytes(value: object) -> int | None:
         return int(value) if value >= 0 and value != float("inf") else None
     for unit, factor in UNITS.items():
         number = str(value).removesuffix(unit)
-        if number != value and number.lstrip("-").isdigit():
+        if number != value and number.lstrip("-").isdecimal():
             return int(number) * factor if int(number) >= 0 else None
     return None
 
 
 @settings(max_examples=300, deadline=None)
 @given(sizes)
+@example("\N{SUPERSCRIPT ONE}")  # a digit to str.isdigit, not to int()
+@example("\N{ARABIC-INDIC DIGIT THREE}GiB")
 def test_a_budget_is_the_size_it_says_or_an_error_naming_it(value: object) -> None:
     config = omnifix.testing.tiny_config("qwen2")
     expected = expected_bytes(value)

@@ -150,6 +150,10 @@ def test_missing_devices_raise_unavailable_listing_what_exists(machine, request_
     assert message.endswith((".", "?"))
     assert "'auto'" in message or "Pass" in message  # the message ends with what to do
     assert isinstance(caught.value, ValueError)
+    # The error names what was asked for, and carries it and what there is.
+    assert message.startswith(f"{request_!r} is not available: ")
+    assert caught.value.requested == request_
+    assert listed == f"can use: {', '.join(caught.value.available)}."
 
 
 def test_unavailable_cuda_index_says_how_many_gpus_are_visible():

@@ -62,7 +62,7 @@ def parse_size(value: object, *, what: str) -> int:
         fix = (
             f"A string needs a unit: pass {int(number)} (an int counts bytes) or e.g. "
             f"'{number}GiB'."
-            if number.isdigit()
+            if number.isdecimal()
             else "Pass a number of bytes (>= 0) or a string with a unit, such as '24GiB' or '80GB'."
         )
         raise InvalidArgumentError(f"{what}={value!r} is not a memory size. {fix}")
