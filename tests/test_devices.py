@@ -623,3 +623,11 @@ def test_simulated_probes_are_restored():
     with simulated(cuda=4, rocm=True):
         assert torch.cuda.is_available()
     assert (torch.cuda.is_available(), torch.version.hip, "torch_npu" in sys.modules) == before
+
+
+@pytest.mark.parametrize("word", ["rocm", "hip", "ROCm"])
+def test_rocm_words_on_an_nvidia_machine_are_unavailable_not_every_gpu(word: str) -> None:
+    with simulated(cuda=2), pytest.raises(omnifix.DeviceUnavailableError, match="not a ROCm"):
+        omnifix.resolve_device_map(word)
+    with simulated(cuda=2, rocm=True):
+        assert omnifix.resolve_device_map(word) == ("auto", None)
