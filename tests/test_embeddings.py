@@ -528,14 +528,15 @@ def test_tuple_outputs_and_extra_arguments_cross_devices(fake_gpus: None) -> Non
     class PairEmbedding(nn.Embedding):
         """An embedding subclass with a second positional argument and a tuple output."""
 
-        def forward(self, ids: torch.Tensor, scale: float = 1.0) -> Any:  # type: ignore[override]
-            embeds = super().forward(ids) * scale
-            return embeds, embeds.sum(-1)
+        def forward(self, ids: torch.Tensor, keep: bool = False) -> Any:  # type: ignore[override]
+            embeds = super().forward(ids)
+            return embeds, embeds.sum(-1, keepdim=keep)
 
     embedding = PairEmbedding(16, 4, device="cuda:1").requires_grad_(requires_grad=False)
     with omnifix.pin_embeddings(embedding):
-        embeds, sums = embedding(vlm_ids(), 2.0)
+        embeds, sums = embedding(vlm_ids(), True)  # noqa: FBT003 - a positional argument
     assert embeds.device == sums.device == torch.device("cuda:0")
+    assert sums.shape == (1, 4, 1)  # the second argument reached the embedding
 
 
 def test_the_pin_moves_ids_before_hooks_registered_earlier(fake_gpus: None) -> None:
