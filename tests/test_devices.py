@@ -150,6 +150,10 @@ def test_missing_devices_raise_unavailable_listing_what_exists(machine, request_
     assert message.endswith((".", "?"))
     assert "'auto'" in message or "Pass" in message  # the message ends with what to do
     assert isinstance(caught.value, ValueError)
+    # The error names what was asked for, and carries it and what there is.
+    assert message.startswith(f"{request_!r} is not available: ")
+    assert caught.value.requested == request_
+    assert listed == f"can use: {', '.join(caught.value.available)}."
 
 
 def test_unavailable_cuda_index_says_how_many_gpus_are_visible():
@@ -619,3 +623,11 @@ def test_simulated_probes_are_restored():
     with simulated(cuda=4, rocm=True):
         assert torch.cuda.is_available()
     assert (torch.cuda.is_available(), torch.version.hip, "torch_npu" in sys.modules) == before
+
+
+@pytest.mark.parametrize("word", ["rocm", "hip", "ROCm"])
+def test_rocm_words_on_an_nvidia_machine_are_unavailable_not_every_gpu(word: str) -> None:
+    with simulated(cuda=2), pytest.raises(omnifix.DeviceUnavailableError, match="not a ROCm"):
+        omnifix.resolve_device_map(word)
+    with simulated(cuda=2, rocm=True):
+        assert omnifix.resolve_device_map(word) == ("auto", None)

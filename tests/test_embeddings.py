@@ -503,3 +503,48 @@ def test_every_family_pins_its_language_models_and_keeps_outputs(family: Family)
             ]
             assert torch.equal(forward(**inputs).logits, reference)
             assert torch.equal(model.generate(**inputs, **generate_kwargs), generated)
+
+
+def test_refusals_name_pin_embeddings() -> None:
+    with pytest.raises(omnifix.UnsupportedModelError, match=r"^pin_embeddings needs a torch\.nn"):
+        omnifix.pin_embeddings(None)  # type: ignore[arg-type]
+
+
+def test_removing_a_pin_after_its_model_is_gone_is_quiet(lm: Model) -> None:
+    import gc
+
+    model = copy.deepcopy(lm)
+    pin = omnifix.pin_embeddings(model)
+    del model
+    gc.collect()
+    pin.remove()
+    assert not pin.active
+
+
+def test_tuple_outputs_and_extra_arguments_cross_devices(fake_gpus: None) -> None:
+    import torch
+    from torch import nn
+
+    class PairEmbedding(nn.Embedding):
+        """An embedding subclass with a second positional argument and a tuple output."""
+
+        def forward(self, ids: torch.Tensor, keep: bool = False) -> Any:  # type: ignore[override]
+            embeds = super().forward(ids)
+            return embeds, embeds.sum(-1, keepdim=keep)
+
+    embedding = PairEmbedding(16, 4, device="cuda:1").requires_grad_(requires_grad=False)
+    with omnifix.pin_embeddings(embedding):
+        embeds, sums = embedding(vlm_ids(), True)  # noqa: FBT003 - a positional argument
+    assert embeds.device == sums.device == torch.device("cuda:0")
+    assert sums.shape == (1, 4, 1)  # the second argument reached the embedding
+
+
+def test_the_pin_moves_ids_before_hooks_registered_earlier(fake_gpus: None) -> None:
+    import torch
+
+    vlm = TinyVLM("cuda:1")
+    seen: list[torch.device] = []
+    vlm.model.embed_tokens.register_forward_pre_hook(lambda _, args: seen.append(args[0].device))
+    with omnifix.pin_embeddings(vlm.model):
+        vlm.model.embed_tokens(vlm_ids())
+    assert seen == [torch.device("cuda:1")]  # where the embedding runs, not where ids came from

@@ -229,7 +229,8 @@ def test_refusal_states_numbers_and_loads_nothing(
         attn_implementation="sdpa",
     )
     assert not plan.fits
-    assert str(raised.value) == plan.explain()
+    assert str(raised.value).startswith(plan.explain())
+    assert str(raised.value).endswith("drop max_memory= to plan with the free memory.")
     refused = raised.value.plan  # the plan load_safely refused, for callers to inspect
     assert refused is not None
     assert not refused.fits

@@ -535,3 +535,17 @@ def test_gpu_offload_to_cpu_and_disk(tiny_lm_dir: Path, tmp_path: Path, explicit
         assert "model.layers.1: cpu" in str(caught.value)
     assert model(torch.tensor([[1, 2, 3]], device="cuda:0")).logits.shape == (1, 3, 128)
     omnifix.assert_no_meta(model, allow_offload=True)
+
+
+def test_a_non_persistent_meta_buffer_is_uninitialised_even_behind_an_offload_hook() -> None:
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    with torch.device("meta"):
+        linear = nn.Linear(4, 2)
+    real = {"weight": torch.ones(2, 4), "bias": torch.zeros(2), "scale": torch.ones(2)}
+    hook = AlignDevicesHook(execution_device="cpu", offload=True, offload_buffers=True)
+    hook.weights_map = real  # accelerate's pre_forward loads persistent tensors only
+    add_hook_to_module(linear, hook)
+    linear.register_buffer("scale", torch.empty(2, device="meta"), persistent=False)
+    kinds = {t.name: t.kind for t in omnifix.find_meta_tensors(linear).tensors}
+    assert kinds == {"weight": "offloaded", "bias": "offloaded", "scale": "uninitialised"}

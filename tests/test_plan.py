@@ -460,7 +460,7 @@ def test_plan_from_a_config_a_class_or_a_meta_model() -> None:
         plan_placement("qwen2-vl-7", budgets={0: "24GiB"})
     with pytest.raises(omnifix.CheckpointError, match="Cannot read the config"):
         plan_placement("./no/such/checkpoint", budgets={0: "24GiB"})
-    with pytest.raises(omnifix.UnsupportedModelError, match="cannot plan a int"):
+    with pytest.raises(omnifix.UnsupportedModelError, match="cannot plan 42 \\(of type int\\)"):
         plan_placement(42, budgets={0: "24GiB"})
 
 

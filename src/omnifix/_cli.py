@@ -13,7 +13,8 @@ from omnifix._doctor import run
 from omnifix._load import load_safely
 from omnifix._plan import Workload, plan_placement
 from omnifix._report import placement_report
-from omnifix.errors import OmnifixError
+from omnifix._units import parse_size
+from omnifix.errors import InvalidArgumentError, OmnifixError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -65,6 +66,17 @@ def _demo(family: Family, device: str, max_new_tokens: int) -> int:
     return 0
 
 
+def _size(flag: str, value: str, example: str) -> int:
+    """Bytes of a size flag's value; a bad one is named as the flag, with a spelling that works."""
+    try:
+        return parse_size(value, what=flag)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(
+            f"{flag} {value!r} is not a memory size: {flag} takes a size with a unit. Pass e.g. "
+            f"{flag} {example}."
+        ) from error
+
+
 def _plan(args: argparse.Namespace) -> int:
     """``omnifix plan``: exit 0 when the plan fits, 1 when it does not (2: bad arguments)."""
     workload = Workload(
@@ -76,9 +88,11 @@ def _plan(args: argparse.Namespace) -> int:
         max_new_tokens=args.new,
     )
     # No --gpu and no --cpu: the planner measures this machine.
-    given: dict[int | str, str] = dict(enumerate(args.gpu))
+    given: dict[int | str, int] = {
+        index: _size("--gpu", size, "24GiB") for index, size in enumerate(args.gpu)
+    }
     if args.cpu is not None:
-        given["cpu"] = args.cpu
+        given["cpu"] = _size("--cpu", args.cpu, "64GiB")
     budgets = given or None
     plan = plan_placement(
         args.model,

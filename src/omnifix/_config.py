@@ -6,15 +6,23 @@ The first step of both planning and loading.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from omnifix._compat import quiet, transformers_version
-from omnifix.errors import CheckpointError, UnsupportedModelError
+from omnifix.errors import CheckpointError, InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["HUB_KWARGS", "is_auto_class", "model_class_for", "named_class", "read_config"]
+__all__ = [
+    "HUB_KWARGS",
+    "is_auto_class",
+    "model_class_for",
+    "named_class",
+    "read_config",
+    "require_model_class",
+]
 
 #: ``from_pretrained`` keywords that also locate the config (``AutoConfig`` takes them too).
 HUB_KWARGS: Final = (
@@ -31,6 +39,23 @@ HUB_KWARGS: Final = (
 )
 #: What the Auto factories map a config without ``architectures`` to, most specific first.
 _AUTO_FACTORIES: Final = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel")
+
+
+def require_model_class(model_class: object) -> None:
+    """Refuse a ``model_class`` that is neither ``None`` nor a class that loads checkpoints.
+
+    Raises:
+        InvalidArgumentError: A name, an instance, or a class without ``from_pretrained``.
+    """
+    loads = callable(getattr(model_class, "from_pretrained", None))
+    if model_class is None or (isinstance(model_class, type) and loads):
+        return
+    named = f" (model_class=transformers.{model_class})" if isinstance(model_class, str) else ""
+    raise InvalidArgumentError(
+        f"model_class={model_class!r} is not a transformers model class: it takes the class "
+        f"itself{named}, a PreTrainedModel subclass or an Auto class. Pass the class, or "
+        "model_class=None to use the class the checkpoint's config names."
+    )
 
 
 def is_auto_class(model_class: type[Any] | None) -> bool:
@@ -68,6 +93,7 @@ def model_class_for(config: PretrainedConfig, model_class: type[Any] | None = No
     """
     import transformers
 
+    require_model_class(model_class)
     if model_class is not None and not is_auto_class(model_class):
         return model_class
     kind = type(config).__name__
@@ -116,7 +142,9 @@ def read_config(
     """
     from transformers import AutoConfig, PretrainedConfig
 
+    require_model_class(model_class)
     where = os.fspath(source)
+    _require_local_config(where, str(hub_kwargs.get("subfolder") or ""))
     try:
         raw, _ = PretrainedConfig.get_config_dict(source, **hub_kwargs)
     # 4.45 raises OSError for a missing directory or config, 4.57+ huggingface_hub's
@@ -131,6 +159,8 @@ def read_config(
     concrete = None if is_auto_class(model_class) else model_class
     if concrete is None and model_class is None:
         concrete = named_class(raw.get("architectures"))
+    elif concrete is not None:
+        _require_matching_class(where, raw, concrete)
     reader: Any = AutoConfig if concrete is None else concrete.config_class
     try:
         with quiet():  # the rope and vocabulary notices every load of these configs logs
@@ -142,3 +172,49 @@ def read_config(
             "a remote-code class with trust_remote_code=True)."
         ) from error
     return config
+
+
+def _require_local_config(where: str, subfolder: str) -> None:
+    """A local path (absolute, or starting with ``.`` or ``~``): a config, or a folder with one.
+
+    Hub ids are ``name`` or ``owner/name``; anything spelled as a path is a path, so that a typo
+    in it says "no such folder" rather than the Hub's rules for repository ids.
+    """
+    path = Path(where).expanduser()
+    if not (path.is_absolute() or where.startswith((".", "~")) or path.exists()):
+        return
+    folder = path / subfolder
+    problem = ""
+    if path.is_file():  # a config.json: AutoConfig reads it
+        return
+    if not path.is_dir():
+        problem = "no such folder"
+    elif not folder.is_dir():
+        problem = f"it has no subfolder {subfolder!r}"
+    elif not (folder / "config.json").is_file():
+        problem = f"{folder} has no config.json"
+    if problem:
+        raise CheckpointError(
+            f"Cannot read the config of {where!r}: {problem}. Pass the folder that holds "
+            "config.json and the weights (as written by save_pretrained), or a Hub model id."
+        )
+
+
+def _require_matching_class(where: str, raw: dict[str, Any], concrete: type[Any]) -> None:
+    """Refuse a class built for another model type than the checkpoint's (weights would be new)."""
+    found = raw.get("model_type")
+    config_class = getattr(concrete, "config_class", None)
+    wanted = getattr(config_class, "model_type", "")
+    sub_types = {
+        getattr(sub, "model_type", key)
+        for key, sub in (getattr(config_class, "sub_configs", None) or {}).items()
+    }
+    if not found or not wanted or found == wanted or found in sub_types:
+        return
+    architectures = named_class(raw.get("architectures"))
+    own = f"model_class=transformers.{architectures.__name__}" if architectures else ""
+    raise UnsupportedModelError(
+        f"{where!r} holds a {found!r} checkpoint, and model_class={concrete.__name__} builds "
+        f"{wanted!r} models: most of its weights would be left freshly random. Pass "
+        f"{own + ' or ' if own else ''}model_class=None (the class the checkpoint names)."
+    )

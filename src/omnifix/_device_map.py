@@ -7,19 +7,25 @@ decides them.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from omnifix.errors import DeviceError, InvalidArgumentError
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from torch import nn
 
 __all__ = [
     "OFFLOAD_TARGETS",
     "STRATEGIES",
     "Placement",
     "accelerator",
+    "check_map",
     "current_accelerator",
     "locate",
     "npu_installed",
@@ -34,6 +40,7 @@ OFFLOAD_TARGETS: Final = ("cpu", "disk")
 #: Types accelerate compares bare (``main_device == "mps"``): written without an index.
 _BARE: Final = ("cpu", "mps", "disk", "meta")
 
+_SHOWN: Final = 4  # names an error lists
 _V = TypeVar("_V")
 
 
@@ -186,3 +193,64 @@ class Placement:
     def offloads(self) -> bool:
         """Whether accelerate streams any weights in (see :attr:`offloaded`)."""
         return bool(self.offloaded)
+
+
+def check_map(model: nn.Module, device_map: Mapping[str, str]) -> None:
+    """Refuse a map (spelled by :func:`spell`) that does not fit ``model``, before it is used.
+
+    Every key must name a module, parameter or buffer of ``model``; every parameter and buffer
+    must be placed by some entry (:func:`locate`, accelerate's rule); tied weights (accelerate's
+    ``find_tied_parameters``) must share one place.
+
+    Raises:
+        InvalidArgumentError: A key ``model`` lacks, or tensors no entry places.
+        DeviceError: Tied weights mapped to two places.
+    """
+    from accelerate.utils import find_tied_parameters
+
+    modules = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    tensors = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    tensors += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    known = {*modules, *tensors}
+    kind = type(model).__name__
+    for key in device_map:
+        if key not in known:
+            close = difflib.get_close_matches(key, modules, n=1)
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            raise InvalidArgumentError(
+                f"The device_map names {key!r}, which {kind} has no module, parameter or buffer "
+                f"called. {hint}Fix: use names from model.named_modules() (e.g. "
+                f"{(modules[1:] or [''])[0]!r}), as from_pretrained does."
+            )
+    unplaced = list(dict.fromkeys(_unplaced(device_map, name) for name in tensors))
+    unplaced = [name for name in unplaced if name is not None]
+    if unplaced:
+        shown = ", ".join(repr(name) for name in unplaced[:_SHOWN])
+        more = f" and {len(unplaced) - _SHOWN} more" if len(unplaced) > _SHOWN else ""
+        raise InvalidArgumentError(
+            f"The device_map places no device for {shown}{more} of {kind}, so from_pretrained "
+            "would leave those weights unplaced. Fix: add entries for them (names from "
+            "model.named_modules()), or map a parent such as '' to one device."
+        )
+    for group in find_tied_parameters(model):
+        places = {name: found[1] for name in group if (found := locate(device_map, name))}
+        if len(set(places.values())) > 1:
+            (first, one), *rest = places.items()
+            second, other = next(item for item in rest if item[1] != one)
+            raise DeviceError(
+                f"The device_map puts {first} on {one!r} and {second} on {other!r}, but they "
+                "share one tensor (tied weights, e.g. lm_head and embed_tokens) that can live "
+                "in one place only. Fix: map both to the same device."
+            )
+
+
+def _unplaced(device_map: Mapping[str, object], name: str) -> str | None:
+    """The outermost module around tensor ``name`` that no entry covers; ``None`` if placed."""
+    if locate(device_map, name) is not None:
+        return None
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        if not any(key == prefix or key.startswith(prefix + ".") for key in device_map):
+            return prefix
+    return name  # pragma: no cover - a key equal to the name would have placed it

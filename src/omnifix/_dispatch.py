@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from omnifix._copies import check_copies
-from omnifix._device_map import OFFLOAD_TARGETS, Placement, locate, place_order, spell
+from omnifix._device_map import OFFLOAD_TARGETS, Placement, check_map, locate, place_order, spell
 from omnifix._devices import normalize_map
 from omnifix._handle import Handle
 from omnifix._modules import find_input_embeddings, iter_hooks, require_module
@@ -380,9 +380,11 @@ def _inferred_map(model: nn.Module) -> dict[str, str]:
     if "meta" in found.values():
         missing = sorted(name for name, where in found.items() if where == "meta")
         raise InvalidArgumentError(
-            f"{', '.join(missing[:3])} of {type(model).__name__} have weights on 'meta' and the "
-            "model has no hf_device_map saying where they run: offloaded behind other hooks, or "
-            f"never loaded. {_OFFLOAD_FIX}"
+            f"{', '.join(repr(name or '(the model)') for name in missing[:3])} of "
+            f"{type(model).__name__} have weights on 'meta' and the model has no hf_device_map "
+            "saying where they run: offloaded behind other hooks, or never loaded. Fix: load the "
+            "weights first (from_pretrained, or accelerate's load_checkpoint_and_dispatch); for "
+            "an offloaded model, keep accelerate's hooks (do not call lean_dispatch on it)."
         )
     return found
 
@@ -449,22 +451,6 @@ def _accelerate_hooks(model: nn.Module) -> Hooked:
         if parts and all(isinstance(part, AlignDevicesHook) for part in parts):
             found.append((module, module.__dict__["_hf_hook"]))
     return found
-
-
-def _check_ties(modules: Iterable[Entry]) -> None:
-    """Refuse a map that sends one tensor (tied weights) to two devices, before moving any."""
-    owner: dict[int, tuple[str, torch.device]] = {}
-    for name, module, device in sorted(modules, key=lambda entry: entry[0].count(".")):
-        for tensor in _tensors(module):
-            earlier = owner.get(id(tensor))
-            if earlier is not None and earlier[1] != device and not name.startswith(earlier[0]):
-                raise DeviceError(
-                    f"The device_map puts {earlier[0] or '(root)'} on {earlier[1]} and "
-                    f"{name or '(root)'} on {device}, but they share a tensor (tied weights, "
-                    "e.g. lm_head and embed_tokens): it can only live on one device. Fix: map "
-                    "both to the same device."
-                )
-            owner[id(tensor)] = (name, device)
 
 
 def _check_placed(modules: Iterable[Entry]) -> None:
@@ -539,10 +525,10 @@ def lean_dispatch(
     # Everything is checked before anything changes: a refused call leaves the model as it was.
     placements, given = _placements(model, device_map)
     _refuse_offload(placements)
-    modules, tensor_entries = _resolve_entries(model, placements)
     if given:
-        _check_ties(modules)
-    else:
+        check_map(model, placements)
+    modules, tensor_entries = _resolve_entries(model, placements)
+    if not given:
         _check_placed(modules)
     placed = {str(entry[-1]) for entry in (*modules, *tensor_entries)}
     check_copies(placed)  # DeviceCopyError: the hooks would hand over corrupted tensors

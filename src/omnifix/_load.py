@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
+import pickle
 import shutil
 import tempfile
 import traceback
@@ -15,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 from omnifix._attention import choose_attention_for, choose_dtype, gpu_capabilities
+from omnifix._checks import require_flags
 from omnifix._compat import dtype_keyword
 from omnifix._config import HUB_KWARGS, model_class_for, read_config
 from omnifix._copies import check_copies
-from omnifix._device_map import Placement, spell
+from omnifix._device_map import Placement, check_map, spell
 from omnifix._devices import cuda_device_count, normalize_device, normalize_map, spreads
 from omnifix._dispatch import lean_dispatch
 from omnifix._embeddings import pin_embeddings
@@ -26,6 +29,7 @@ from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
 from omnifix._plan import plan_placement, require_workload
 from omnifix._plan.budgets import enable_expandable_segments, host_memory
+from omnifix._plan.skeleton import load_skeleton
 from omnifix._report import LoadRecord, remember, sub_model_attention
 from omnifix._units import parse_size
 from omnifix._verify import baseline
@@ -33,6 +37,7 @@ from omnifix._verify import verify_workload as run_workload
 from omnifix.errors import (
     CheckpointError,
     DeviceError,
+    DeviceUnavailableError,
     InsufficientMemoryError,
     InvalidArgumentError,
     OmnifixError,
@@ -51,7 +56,7 @@ if TYPE_CHECKING:
 
     _M = TypeVar("_M", bound=PreTrainedModel)
 
-__all__ = ["explicit_map", "load_safely"]
+__all__ = ["explicit_map", "load_safely", "skeleton_of"]
 
 _SHOWN_ENTRIES: Final = 6  # entries of an explicit device_map that an error message lists
 
@@ -68,6 +73,39 @@ def _config_and_class(
         hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
         config = read_config(source, model_class=model_class, **hub)
     return config, model_class_for(config, model_class)
+
+
+def _require_checkpoint(pretrained: object) -> None:
+    """Refuse what is no checkpoint name before anything is read or downloaded."""
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"pretrained={pretrained!r} is not a checkpoint. Pass the folder save_pretrained "
+            "wrote (a str or a Path), or a Hub model id such as 'Qwen/Qwen2.5-VL-7B-Instruct'."
+        )
+    if Path(pretrained).is_file():
+        raise CheckpointError(
+            f"{os.fspath(pretrained)!r} is a file, and from_pretrained reads a checkpoint folder "
+            f"(config.json and the weights). Pass the folder that holds it: "
+            f"{os.fspath(Path(pretrained).parent)!r}."
+        )
+
+
+def _require_arguments(
+    pretrained: object, max_memory: object, *, hooks: object, allow_offload: object, strict: object
+) -> None:
+    """Refuse what load_safely cannot use, before anything is read or downloaded."""
+    _require_checkpoint(pretrained)
+    require_flags(allow_offload=allow_offload, strict=strict)
+    if max_memory is not None and not isinstance(max_memory, Mapping):
+        raise InvalidArgumentError(
+            f"max_memory={max_memory!r} is not a mapping of devices to sizes. Pass one, as "
+            "from_pretrained takes it: {0: '20GiB'} for a GPU, {'cpu': '10GiB'} for the host."
+        )
+    if hooks not in ("lean", "accelerate"):
+        raise InvalidArgumentError(
+            f'load_safely got hooks={hooks!r}. Pass hooks="lean" (omnifix\'s light hooks for '
+            'a split model, the default) or hooks="accelerate" (keep accelerate\'s).'
+        )
 
 
 def _targets(device: DeviceLike) -> list[torch.device]:
@@ -88,7 +126,11 @@ def _targets(device: DeviceLike) -> list[torch.device]:
 
 
 def _budgets(
-    targets: list[torch.device], max_memory: Mapping[Any, int | str] | None, *, allow_offload: bool
+    targets: list[torch.device],
+    max_memory: Mapping[Any, int | str] | None,
+    *,
+    allow_offload: bool,
+    device: DeviceLike,
 ) -> dict[DeviceLike, int]:
     """Free memory of each target (and the host, to offload to), capped by ``max_memory``."""
     import torch
@@ -99,12 +141,20 @@ def _budgets(
     for target in devices:
         free = torch.cuda.mem_get_info(target)[0] if target.type == "cuda" else host_memory()
         budgets[str(target)] = int(free)
+    used = ", ".join(map(str, budgets))
     for key, cap in (max_memory or {}).items():
-        name = str(normalize_device(key))
+        try:
+            name = str(normalize_device(key))
+        except DeviceUnavailableError as error:  # malformed keys raise their DeviceError
+            if spreads(device):  # every device there is was asked for: the key is what is wrong
+                raise
+            raise InvalidArgumentError(
+                f"max_memory names {key!r}, a device this machine lacks, and this load plans "
+                f"for {used} only. Drop that entry, or choose the device with device=."
+            ) from error
         if name == "cpu" and name not in budgets:
             continue  # accelerate-style max_memory names the cpu; nothing is offloaded here
         if name not in budgets:
-            used = ", ".join(map(str, budgets))
             raise InvalidArgumentError(
                 f"max_memory names {key!r}, which this load does not use (it plans for {used}). "
                 "Drop that entry, or choose the device with device=."
@@ -113,19 +163,36 @@ def _budgets(
     return budgets
 
 
+def skeleton_of(
+    pretrained: str | os.PathLike[str], kwargs: Mapping[str, Any], model_class: type[Any] | None
+) -> nn.Module:
+    """The model ``from_pretrained(pretrained, **kwargs)`` builds, on ``meta`` (no weights)."""
+    return _skeleton(*_config_and_class(pretrained, kwargs, model_class))
+
+
+def _skeleton(config: Any, concrete: type[Any]) -> nn.Module:
+    import torch
+
+    return load_skeleton(config, model_class=concrete, dtype=torch.float32).model
+
+
 def explicit_map(
     device_map: object,
     *,
     allow_offload: bool,
     device: DeviceLike = "auto",
     max_memory: object = None,
+    model: nn.Module | None = None,
 ) -> dict[str, str]:
     """A caller's ``device_map`` for ``from_pretrained``: checked, in the one spelling of maps.
 
+    With ``model`` (its skeleton), also checked against it: names, coverage and tied weights.
+
     Raises:
         InvalidArgumentError: Not a dict (strategy words are what planning replaces), given with
-            ``device=``/``max_memory=``, or offloading weights without ``allow_offload=True``.
-        DeviceError: A value that is not a device of this machine.
+            ``device=``/``max_memory=``, offloading weights without ``allow_offload=True``, a
+            name ``model`` lacks, or weights no entry places.
+        DeviceError: A value that is not a device of this machine, or tied weights split.
     """
     if not isinstance(device_map, Mapping):
         raise InvalidArgumentError(
@@ -135,11 +202,15 @@ def explicit_map(
             "{module_name: device} dict to place modules yourself."
         )
     if not (device is None or device == "auto") or max_memory is not None:
+        given = [f"device={device!r}"] if not (device is None or device == "auto") else []
+        given += [f"max_memory={max_memory!r}"] if max_memory is not None else []
         raise InvalidArgumentError(
-            "An explicit device_map places every module itself, so device= and max_memory= "
+            f"An explicit device_map places every module itself, so {' and '.join(given)} "
             "have nothing to choose. Drop them, or drop device_map= and let load_safely plan."
         )
     normalized = normalize_map(device_map)
+    if model is not None:
+        check_map(model, normalized)
     offloaded = list(Placement.of(normalized).offloaded.items())
     if offloaded and not allow_offload:
         shown = ", ".join(f"{name!r}: {value!r}" for name, value in offloaded[:_SHOWN_ENTRIES])
@@ -178,7 +249,9 @@ def _failed(
             "Fix: free the GPU (or pass device= to use another one), or lower max_memory= for "
             "that GPU to leave room, then retry."
         )
-    elif isinstance(error, (OSError, EOFError)) or type(error).__module__.startswith("safetensors"):
+    elif isinstance(error, (OSError, EOFError, json.JSONDecodeError, pickle.UnpicklingError)) or (
+        type(error).__module__.startswith("safetensors")
+    ):
         local = Path(pretrained) / str(subfolder)
         paths = sorted(local.glob("*.safetensors")) if local.is_dir() else []
         broken = [path.name for path in paths if not _opens(path)]
@@ -341,11 +414,9 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         >>> model.dtype, model.config._attn_implementation, omnifix.placement_report(model).strategy
         (torch.float32, 'sdpa', 'single')
     """
-    if hooks not in ("lean", "accelerate"):
-        raise InvalidArgumentError(
-            f'load_safely got hooks={hooks!r}. Pass hooks="lean" (omnifix\'s light hooks for '
-            'a split model, the default) or hooks="accelerate" (keep accelerate\'s).'
-        )
+    _require_arguments(
+        pretrained, max_memory, hooks=hooks, allow_offload=allow_offload, strict=strict
+    )
     kwargs = dict(from_pretrained_kwargs)
     if kwargs.pop("output_loading_info", False):
         raise InvalidArgumentError(
@@ -374,7 +445,11 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     device_map: Mapping[str, object]
     if user_map is not None:
         device_map = explicit_map(
-            user_map, allow_offload=allow_offload, device=device, max_memory=max_memory
+            user_map,
+            allow_offload=allow_offload,
+            device=device,
+            max_memory=max_memory,
+            model=_skeleton(config, concrete),  # checked against the model it will place
         )
         targets = [normalize_device(value) for value in device_map.values() if value != "disk"]
     else:
@@ -392,7 +467,11 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     if user_map is None:
         # Every visible GPU, uncapped: the planner measures them, knowing the CUDA context is paid.
         measured = spreads(device) and max_memory is None
-        budgets = None if measured else _budgets(targets, max_memory, allow_offload=allow_offload)
+        budgets = (
+            None
+            if measured
+            else _budgets(targets, max_memory, allow_offload=allow_offload, device=device)
+        )
         plan = plan_placement(
             config,
             model_class=concrete,
@@ -401,7 +480,14 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
             attn_implementation=planned_attention,
             workload=workload,
             allow_offload=allow_offload,
-        ).raise_if_refused()  # InsufficientMemoryError: need vs free per device, and options
+        )
+        if not plan.fits and max_memory is not None:  # the caps refused it, maybe not the machine
+            raise InsufficientMemoryError(
+                f"{plan.explain()}\nThese budgets are capped by max_memory={dict(max_memory)!r}: "
+                "raise those caps, or drop max_memory= to plan with the free memory.",
+                plan=plan,
+            )
+        plan.raise_if_refused()  # InsufficientMemoryError: need vs free per device, and options
         device_map = dict(plan.device_map)
 
     # Copies between the GPUs of a split arrive intact (DeviceCopyError), before loading anything.

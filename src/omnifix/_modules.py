@@ -27,6 +27,11 @@ def require_module(model: object, caller: str) -> None:
     """Refuse anything but a :class:`torch.nn.Module`, naming the ``caller`` that needs one."""
     from torch import nn
 
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise UnsupportedModelError(
+            f"{caller} needs a model, got the class {model.__name__} itself; pass an instance "
+            f"(e.g. the result of {model.__name__}.from_pretrained)."
+        )
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
             f"{caller} needs a torch.nn.Module, got {type(model).__name__}; pass the model "
@@ -95,13 +100,18 @@ def hook_execution_device(module: nn.Module) -> torch.device | None:
 
 
 def execution_device(module: nn.Module) -> torch.device | None:
-    """Where ``module`` computes: its hook's device, else its first non-meta tensor's, else None."""
+    """Where ``module`` computes: its hook's device, else its first non-meta tensor's, else None.
+
+    Parameters say it when there are any: a module whose weights are all on ``meta`` was never
+    loaded, whatever real buffers it has (a non-persistent ``embed_scale`` is built on the cpu).
+    """
     hooked = hook_execution_device(module)
     if hooked is not None:
         return hooked
-    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    tensors = chain(own, module.parameters(), module.buffers())
-    return next((tensor.device for tensor in tensors if not tensor.is_meta), None)
+    own: Iterator[torch.Tensor] = chain(module.parameters(recurse=False), module.parameters())
+    if next(module.parameters(), None) is None:  # weightless: its buffers say it
+        own = chain(module.buffers(recurse=False), module.buffers())
+    return next((tensor.device for tensor in own if not tensor.is_meta), None)
 
 
 def execution_devices(model: nn.Module) -> set[str]:

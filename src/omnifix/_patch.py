@@ -14,12 +14,13 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from omnifix._checks import require_flags
 from omnifix._compat import AUTO_DTYPE_DEFAULT, deprecated, transformers_at_least
 from omnifix._device_map import STRATEGIES, Placement
 from omnifix._devices import resolve_device_map
 from omnifix._embeddings import pin_embeddings
 from omnifix._handle import Handle
-from omnifix._load import explicit_map, load_safely
+from omnifix._load import explicit_map, load_safely, skeleton_of
 from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
 from omnifix._plan import require_workload
@@ -128,6 +129,7 @@ def patch_from_pretrained(
         ('cpu', False)
     """
     require_workload(workload)
+    require_flags(allow_offload=allow_offload, strict=strict)
     try:
         from transformers import PreTrainedModel
     except ImportError as error:  # pragma: no cover - transformers is a dependency
@@ -192,7 +194,12 @@ def _wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             if device_map is None:
                 return original(cls, *args, **kwargs)
             if isinstance(device_map, Mapping):
-                normalized: object = explicit_map(device_map, allow_offload=options.allow_offload)
+                named = kwargs.get("pretrained_model_name_or_path", args[0] if args else None)
+                # One checkpoint to read: the map is checked against its model, as load_safely does.
+                skeleton = skeleton_of(named, kwargs, cls) if len(args) <= 1 and named else None
+                normalized: object = explicit_map(
+                    device_map, allow_offload=options.allow_offload, model=skeleton
+                )
             elif isinstance(device_map, str) and device_map.strip().lower() in STRATEGIES:
                 normalized = "auto"  # any strategy word: planned
             else:  # a device ("cuda" with several GPUs comes back as "auto": planned)

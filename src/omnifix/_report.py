@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from omnifix._device_map import place_order, spell
-from omnifix._devices import input_device
+from omnifix._devices import input_device, parse_device
 from omnifix._dispatch import hooks_in_place
 from omnifix._meta import find_meta_tensors
 from omnifix._modules import execution_devices
@@ -105,7 +105,13 @@ class PlacementReport:
         return sum(usage.weights for usage in self.devices) + self.uninitialised
 
     def usage(self, device: DeviceLike) -> DeviceUsage | None:
-        """The entry of ``device`` (``"cuda:0"``, ``0``, ``"cpu"``, a :class:`torch.device`)."""
+        """The entry of ``device`` (``"cuda:0"``, ``0``, ``"cpu"``, a :class:`torch.device`).
+
+        ``None`` for a device the model does not use; a malformed one raises
+        :class:`omnifix.DeviceError`.
+        """
+        if not (isinstance(device, str) and device.strip().lower() == "disk"):
+            parse_device(device)  # a malformed device raises, rather than matching nothing
         place = spell(device)
         return next((usage for usage in self.devices if usage.device == place), None)
 

@@ -58,8 +58,12 @@ def parse_size(value: object, *, what: str) -> int:
     elif isinstance(value, float) and math.isfinite(value):
         size = int(value)
     if size is None or size < 0:
-        raise InvalidArgumentError(
-            f"{what}={value!r} is not a memory size. Pass a number of bytes (>= 0) or a string "
-            "with a unit, such as '24GiB' or '80GB'."
+        number = value.strip() if isinstance(value, str) else ""
+        fix = (
+            f"A string needs a unit: pass {int(number)} (an int counts bytes) or e.g. "
+            f"'{number}GiB'."
+            if number.isdecimal()
+            else "Pass a number of bytes (>= 0) or a string with a unit, such as '24GiB' or '80GB'."
         )
+        raise InvalidArgumentError(f"{what}={value!r} is not a memory size. {fix}")
     return size

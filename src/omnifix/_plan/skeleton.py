@@ -295,7 +295,7 @@ def load_skeleton(model: object, *, model_class: type | None, dtype: torch.dtype
         cls = model_class_for(model, model_class)
         return _cached(cls.__name__, model, cls, dtype)
     raise UnsupportedModelError(
-        f"plan_placement cannot plan a {type(model).__name__}: pass a built-in preset name, a "
-        "checkpoint directory, a transformers config (with model_class=... if its "
+        f"plan_placement cannot plan {model!r} (of type {type(model).__name__}): pass a built-in "
+        "preset name, a checkpoint directory, a transformers config (with model_class=... if its "
         "'architectures' is empty) or a model built on the meta device."
     )

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Final
 
+from omnifix._checks import require_flags
 from omnifix.errors import InvalidArgumentError
 
 __all__ = ["AUDIO_TOKENS_PER_SECOND", "Workload", "require_workload"]
@@ -26,7 +27,8 @@ class Workload:
     per second. ``audio_output`` also counts the Qwen2.5-Omni talker's KV cache and prefill.
 
     Raises:
-        InvalidArgumentError: A negative count, or a batch size below 1.
+        InvalidArgumentError: A negative or infinite count, a batch size below 1, or an
+            ``audio_output`` that is not ``True`` or ``False``.
 
     Example:
         >>> import omnifix
@@ -46,12 +48,18 @@ class Workload:
 
     def __post_init__(self) -> None:
         """Refuse counts that cannot be."""
+        require_flags(audio_output=self.audio_output)
         for name in (field.name for field in fields(self) if field.name != "audio_output"):
             value = getattr(self, name)
             lowest = 1 if name in ("batch_size", "video_tokens_per_second") else 0
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lowest:
                 raise InvalidArgumentError(
                     f"Workload({name}={value!r}) is not a valid count. Pass a number >= {lowest}."
+                )
+            if not math.isfinite(value):  # nan compares False with everything: checked apart
+                raise InvalidArgumentError(
+                    f"Workload({name}={value!r}) is not a valid count. Pass a finite number "
+                    f">= {lowest}."
                 )
             if name not in ("video_seconds", "audio_seconds") and not isinstance(value, int):
                 raise InvalidArgumentError(

@@ -7,9 +7,11 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from omnifix._checks import require_flags
 from omnifix._devices import input_device, resolve_device_map
 from omnifix._handle import Handle
 from omnifix._patch import patch_from_pretrained
+from omnifix._plan import require_workload
 from omnifix.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -129,7 +131,8 @@ def patch_xinference(
         The applied :class:`XinferencePatch`; ``remove()`` it (or use ``with``) to undo.
 
     Raises:
-        InvalidArgumentError: A backend is not a class, or a module has no ``select_device``.
+        InvalidArgumentError: A backend is not a class, a module has no ``select_device``, or
+            ``workload``/``allow_offload`` is not one.
 
     Example:
         >>> import types
@@ -142,6 +145,8 @@ def patch_xinference(
         >>> utils.select_device("auto")
         'auto'
     """
+    require_workload(workload)
+    require_flags(allow_offload=allow_offload)
     targets = list(modules)
     for module in targets:
         if not hasattr(module, "select_device"):
