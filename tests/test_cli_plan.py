@@ -57,7 +57,7 @@ def test_does_not_fit_exits_1_with_options(capsys: pytest.CaptureFixture[str]) -
     assert out.count("Options that fit") == 1
     assert plan.options
     for option in plan.options:
-        assert out.count(option) == 1
+        assert out.count(option.code) == 1
     assert "cuda:0" in out
 
 

@@ -40,6 +40,7 @@ from omnifix.errors import InvalidArgumentError as InvalidArgumentError
 from omnifix.errors import MetaTensorError as MetaTensorError
 from omnifix.errors import OmnifixError as OmnifixError
 from omnifix.errors import OmnifixWarning as OmnifixWarning
+from omnifix.errors import QuantizationUnavailableError as QuantizationUnavailableError
 from omnifix.errors import UnsupportedModelError as UnsupportedModelError
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "OmnifixWarning",
     "PlacementPlan",
     "PlacementReport",
+    "QuantizationUnavailableError",
     "UnsupportedModelError",
     "Workload",
     "__version__",

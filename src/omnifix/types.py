@@ -15,6 +15,7 @@ from omnifix._embeddings import EmbeddingPin as EmbeddingPin
 from omnifix._meta import MetaTensor as MetaTensor
 from omnifix._patch import FromPretrainedPatch as FromPretrainedPatch
 from omnifix._plan import DeviceBudget as DeviceBudget
+from omnifix._plan import PlanOption as PlanOption
 from omnifix._report import DeviceUsage as DeviceUsage
 from omnifix._types import AttentionRequest as AttentionRequest
 from omnifix._types import DeviceLike as DeviceLike
@@ -34,5 +35,6 @@ __all__ = [
     "LeanDispatch",
     "MetaTensor",
     "OffloadLocation",
+    "PlanOption",
     "ResolvedDevice",
 ]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from omnifix._attention import IMPLEMENTATIONS, choose_attention, choose_dtype
 from omnifix._device_map import Placement
 from omnifix._plan.budgets import SIMULATED_CAPABILITY, DeviceBudget, resolve_budgets
+from omnifix._plan.code import call_of
 from omnifix._plan.estimate import CALIBRATION
-from omnifix._plan.options import options
+from omnifix._plan.options import PlanOption, options
+from omnifix._plan.quantization import quantize, resolve_quantization
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose
 from omnifix._plan.workload import Workload, require_workload
@@ -51,9 +53,13 @@ class PlacementPlan:
         dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
         attn_implementation: Attention the numbers assume.
         workload: The workload planned for.
-        options: For a refusal: each change that fits, checked by planning again.
+        options: For a refusal: each change that fits, checked by planning again with exactly
+            that change (:class:`omnifix.types.PlanOption`: the call that checks it, the
+            keywords that load with it, the plan it gives).
         input_device: Where ``input_ids`` go: where the input embeddings run (``None``: refused).
         notes: Assumptions behind the numbers.
+        quantization_config: The ``transformers.BitsAndBytesConfig`` the numbers assume (pass it
+            to ``from_pretrained``; ``load_safely`` does); ``None`` for unquantised weights.
     """
 
     model: str
@@ -64,9 +70,10 @@ class PlacementPlan:
     dtype: torch.dtype
     attn_implementation: AttnImplementation
     workload: Workload
-    options: tuple[str, ...] = field(default=())
+    options: tuple[PlanOption, ...] = field(default=())
     input_device: torch.device | None = None
     notes: tuple[str, ...] = field(default=())
+    quantization_config: Any = None
 
     @property
     def fits(self) -> bool:
@@ -133,7 +140,10 @@ class PlacementPlan:
             "devices": [
                 {**asdict(row), "total": row.total, "fits": row.fits} for row in self.devices
             ],
-            "options": list(self.options),
+            "quantization_config": (
+                None if self.quantization_config is None else self.quantization_config.to_dict()
+            ),
+            "options": [option.to_dict() for option in self.options],
             "notes": list(self.notes),
         }
 
@@ -142,9 +152,14 @@ class PlacementPlan:
         if self.fits:
             return []
         if not self.options:
-            return [_NOTHING_FITS]
-        options = [f"  - {option}" for option in self.options]
-        return ["Options that fit (each checked by planning again):", *options, _APPLY_ONE]
+            gpus = any(row.device.startswith("cuda") for row in self.devices)
+            return [_NOTHING_FITS if gpus else _NOTHING_FITS_CPU]
+        options = [f"  - {option}".replace("\n", "\n  ") for option in self.options]
+        return [
+            "Options that fit (each checked by planning again with exactly that change):",
+            *options,
+            _APPLY_ONE,
+        ]
 
     def _blocks(self) -> list[Block]:
         """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
@@ -221,6 +236,10 @@ _APPLY_ONE: Final = (
 _NOTHING_FITS: Final = (
     "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can change (dtype, "
     "attention, workload, quantisation, offload, cpu) fits here."
+)
+_NOTHING_FITS_CPU: Final = (
+    "Fix: give the cpu more memory, or plan for GPUs (budgets={0: '24GiB'}); nothing that "
+    "omnifix can change (dtype, attention, workload, offload to disk) fits here."
 )
 _NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
 
@@ -301,6 +320,12 @@ def _notes(request: Request) -> tuple[str, ...]:
         )
     if request.attn.startswith(("flash", "flex")):
         notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
+    if request.quantization is not None:
+        notes.append(
+            f"weights: bitsandbytes {request.quantization.describe()}, as transformers replaces "
+            "them (nn.Linear, Conv1D); a forward over several rows (the prefill) dequantises "
+            "one weight at a time, counted as an activation"
+        )
     if any(d.role == "talker" for d in anatomy.decoders):
         notes.append("talker: weights always; its KV cache and prefill only with audio_output=True")
     return tuple(notes)
@@ -317,6 +342,10 @@ def plan_placement(
     attn_implementation: str = "auto",
     workload: Workload | None = None,
     allow_offload: bool = False,
+    quantization: object = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    token: str | bool | None = None,
 ) -> PlacementPlan:
     """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
 
@@ -339,7 +368,16 @@ def plan_placement(
         attn_implementation: ``"auto"`` (flash_attention_2 when it can run here, else sdpa),
             ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
         workload: What the model will do; default :class:`Workload` ().
-        allow_offload: Let weights that fit no GPU go to cpu, then disk.
+        allow_offload: Let weights that fit no GPU go to cpu, then disk (streamed to the main
+            device one module at a time; accelerate's ``dispatch_model`` rule).
+        quantization: bitsandbytes weights: ``"int8"``, ``"nf4"`` or ``"fp4"`` (4-bit with
+            double quantisation; the output embeddings and any vision/audio tower kept in the
+            dtype), or a ``transformers.BitsAndBytesConfig`` taken as it is. Sized from what
+            transformers replaces (``nn.Linear`` and ``Conv1D`` but the skip modules); the plan
+            carries the config to load with (``plan.quantization_config``).
+        revision: For a Hub id: the branch, tag or commit whose config is read.
+        trust_remote_code: For a Hub id or directory whose config is remote code.
+        token: For a gated or private Hub repository (default: ``HF_TOKEN``, the saved login).
 
     Returns:
         The plan; ``plan.fits`` says whether to load with ``plan.device_map``.
@@ -347,8 +385,9 @@ def plan_placement(
     Raises:
         UnsupportedModelError: ``model`` is not something the planner can build.
         CheckpointError: No readable config at a path.
-        InvalidArgumentError: A bad budget, dtype, attention name or workload (media the model
-            has no tower for); a :class:`DeviceError` for a budget key that is not a device.
+        InvalidArgumentError: A bad budget, dtype, attention name, workload (media the model
+            has no tower for) or quantization (or one with ``allow_offload=True``); a
+            :class:`DeviceError` for a budget key that is not a device.
 
     Example:
         >>> import omnifix
@@ -360,8 +399,8 @@ def plan_placement(
         >>> plan.strategy, plan.devices_used, plan.boundaries
         ('split', ('cuda:0', 'cuda:1'), 1)
         >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
-        >>> plan.fits, plan.options[0].split(":")[0]
-        (False, '3 GPUs of 8.0 GiB')
+        >>> plan.fits, plan.options[0].description, plan.options[0].kind
+        (False, '3 GPUs of 8.0 GiB', 'gpus')
     """
     import torch
 
@@ -370,12 +409,23 @@ def plan_placement(
     resolved = resolve_budgets(budgets, allow_offload=allow_offload)
     capabilities = [b.capability or SIMULATED_CAPABILITY for b in resolved if b.is_gpu]
     planned_dtype = choose_dtype(dtype, capabilities=capabilities)
-    skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype)
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code, "token": token}
+    skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype, hub=hub)
     attn = _planned_attention(
         attn_implementation, skeleton.dtype, capabilities, skeleton.model_class
     )
     _check_workload(skeleton, workload)
-    request = Request(skeleton, resolved, attn, workload, allow_offload)
+    quantized = resolve_quantization(quantization, skeleton)
+    if quantized is not None:
+        if allow_offload:
+            raise InvalidArgumentError(
+                "quantization with allow_offload=True: bitsandbytes keeps offloaded modules "
+                "unquantised, which omnifix does not plan. Pass one of them, e.g. "
+                "quantization='nf4' alone."
+            )
+        skeleton = quantize(skeleton, quantized)
+    call = replace(call_of(model, model_class, hub), budgets_given=budgets is not None)
+    request = Request(skeleton, resolved, attn, workload, allow_offload, quantized, call)
     strategy, reason, attempt = choose(request)
     input_name = skeleton.anatomy.input_embeddings
     input_device = None
@@ -394,4 +444,5 @@ def plan_placement(
         options=options(request) if strategy == "refuse" else (),
         input_device=input_device,
         notes=_notes(request),
+        quantization_config=None if quantized is None else quantized.config(skeleton.dtype),
     )
