@@ -355,9 +355,11 @@ def plan_placement(
     (docs/planning.md explains how).
 
     Args:
-        model: A built-in preset name (``"qwen2.5-omni-7b"``; the hub id works too), a local
-            checkpoint directory (its ``config.json``), a transformers config, or a model built
-            on ``meta`` (its own dtype is used when it matches).
+        model: A built-in preset name (``"qwen2.5-omni-7b"``; its Hub id works too, offline),
+            a local checkpoint directory (its ``config.json``), any other Hub id (its
+            ``config.json`` only, read in one request of at most 3 s, else from the cache), a
+            transformers config, or a model built on ``meta`` (its own dtype is used when it
+            matches).
         model_class: The class to build; default: the one the config's ``architectures`` names.
         budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
             lacks are simulated. ``None``: the free memory of each visible GPU now, or the host

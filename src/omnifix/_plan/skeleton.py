@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from omnifix._compat import dtype_keyword, no_init_weights, placement_module, quiet
-from omnifix._config import model_class_for, read_config
+from omnifix._config import is_hub_id, model_class_for, read_config
 from omnifix._device_map import locate, spell
 from omnifix._plan.anatomy import Anatomy, describe
 from omnifix._plan.presets import find_preset, preset_config, preset_model_class
@@ -284,7 +284,7 @@ def load_skeleton(
                 return _cached(text, preset_config(preset), cls, dtype)
         given = {key: value for key, value in (hub or {}).items() if value}
         config = read_config(text, model_class=model_class, **given)
-        label = Path(text).resolve().name or text
+        label = text if is_hub_id(text) else Path(text).resolve().name or text
         return _cached(label, config, model_class_for(config, model_class), dtype)
     if isinstance(model, PretrainedConfig):
         cls = model_class_for(model, model_class)
