@@ -79,7 +79,7 @@ class DtypeTable:
                 {
                     "label": label,
                     "dtype": str(plan.dtype).removeprefix("torch."),
-                    "quantization": None if plan.quantization_config is None else label,
+                    "quantization": None if plan.quantization is None else label,
                     "strategy": plan.strategy,
                     "fits": plan.fits,
                     "devices": [

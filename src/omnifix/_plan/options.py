@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix._plan.budgets import SIMULATED_CAPABILITY, Budget, host_memory
 from omnifix._plan.code import budgets_source, dtype_source, workload_source
-from omnifix._plan.quantization import Quantization, proposed_skips, quantize
+from omnifix._plan.quantization import (
+    Quantization,
+    proposed_skips,
+    quantize,
+    resolve_quantization,
+)
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose, offloaded
 from omnifix._units import format_bytes
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from omnifix._plan.budgets import DeviceBudget
+    from omnifix._plan.skeleton import Skeleton
 
 __all__ = ["OptionKind", "PlanOption", "options"]
 
@@ -115,8 +121,17 @@ def _arguments(request: Request) -> dict[str, str]:
     if request.allow_offload:
         arguments["allow_offload"] = "True"
     if request.quantization is not None:
-        arguments["quantization"] = request.quantization.code(request.skeleton.dtype)
+        arguments["quantization"] = _quantization_source(request.quantization, request.skeleton)
     return arguments
+
+
+def _quantization_source(quantization: Quantization, skeleton: Skeleton) -> str:
+    """``'nf4'`` where the name means exactly ``quantization``, else its ``BitsAndBytesConfig``.
+
+    The name runs on every stack; transformers 4.x builds a 4-bit config only with bitsandbytes.
+    """
+    named = resolve_quantization(quantization.method, skeleton)
+    return repr(quantization.method) if named == quantization else quantization.code(skeleton.dtype)
 
 
 def _option(
@@ -306,7 +321,7 @@ def _quantised(request: Request) -> list[PlanOption]:
             changed,
             "quantization",
             f"{quantization.bits}-bit weights ({quantization.describe()}; weights {weights})",
-            {"quantization": config},
+            {"quantization": _quantization_source(quantization, skeleton)},
             load=f"quantization_config={config}",
         )
         if option is not None:

@@ -13,7 +13,12 @@ from omnifix._plan.budgets import SIMULATED_CAPABILITY, DeviceBudget, resolve_bu
 from omnifix._plan.code import call_of
 from omnifix._plan.estimate import CALIBRATION
 from omnifix._plan.options import PlanOption, options
-from omnifix._plan.quantization import quantize, resolve_quantization
+from omnifix._plan.quantization import (
+    Quantization,
+    quantize,
+    resolve_quantization,
+    stored_quantization,
+)
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose
 from omnifix._plan.workload import Workload, require_workload
@@ -58,8 +63,8 @@ class PlacementPlan:
             keywords that load with it, the plan it gives).
         input_device: Where ``input_ids`` go: where the input embeddings run (``None``: refused).
         notes: Assumptions behind the numbers.
-        quantization_config: The ``transformers.BitsAndBytesConfig`` the numbers assume (pass it
-            to ``from_pretrained``; ``load_safely`` does); ``None`` for unquantised weights.
+        quantization: The bitsandbytes quantisation the numbers assume (``None``: unquantised);
+            :attr:`quantization_config` is its ``BitsAndBytesConfig``.
     """
 
     model: str
@@ -73,7 +78,19 @@ class PlacementPlan:
     options: tuple[PlanOption, ...] = field(default=())
     input_device: torch.device | None = None
     notes: tuple[str, ...] = field(default=())
-    quantization_config: Any = None
+    quantization: Quantization | None = None
+
+    @property
+    def quantization_config(self) -> Any:
+        """The ``transformers.BitsAndBytesConfig`` the numbers assume (``None``: unquantised).
+
+        Pass it to ``from_pretrained`` as ``quantization_config=``; ``load_safely`` does.
+
+        Raises:
+            QuantizationUnavailableError: transformers 4.x builds a 4-bit config only with
+                bitsandbytes installed.
+        """
+        return None if self.quantization is None else self.quantization.config(self.dtype)
 
     @property
     def fits(self) -> bool:
@@ -141,7 +158,7 @@ class PlacementPlan:
                 {**asdict(row), "total": row.total, "fits": row.fits} for row in self.devices
             ],
             "quantization_config": (
-                None if self.quantization_config is None else self.quantization_config.to_dict()
+                None if self.quantization is None else self.quantization.arguments(self.dtype)
             ),
             "options": [option.to_dict() for option in self.options],
             "notes": list(self.notes),
@@ -374,7 +391,8 @@ def plan_placement(
             device one module at a time; accelerate's ``dispatch_model`` rule).
         quantization: bitsandbytes weights: ``"int8"``, ``"nf4"`` or ``"fp4"`` (4-bit with
             double quantisation; the output embeddings and any vision/audio tower kept in the
-            dtype), or a ``transformers.BitsAndBytesConfig`` taken as it is. Sized from what
+            dtype), or a ``transformers.BitsAndBytesConfig`` taken as it is. ``None``: the
+            checkpoint's own ``quantization_config`` where it is bitsandbytes'. Sized from what
             transformers replaces (``nn.Linear`` and ``Conv1D`` but the skip modules); the plan
             carries the config to load with (``plan.quantization_config``).
         revision: For a Hub id: the branch, tag or commit whose config is read.
@@ -417,7 +435,8 @@ def plan_placement(
         attn_implementation, skeleton.dtype, capabilities, skeleton.model_class
     )
     _check_workload(skeleton, workload)
-    quantized = resolve_quantization(quantization, skeleton)
+    stored, unsized = stored_quantization(skeleton.config)
+    quantized = resolve_quantization(stored if quantization is None else quantization, skeleton)
     if quantized is not None:
         if allow_offload:
             raise InvalidArgumentError(
@@ -428,6 +447,14 @@ def plan_placement(
         skeleton = quantize(skeleton, quantized)
     call = replace(call_of(model, model_class, hub), budgets_given=budgets is not None)
     request = Request(skeleton, resolved, attn, workload, allow_offload, quantized, call)
+    notes = _notes(request)
+    if unsized and quantized is None:
+        notes += (
+            (
+                f"the checkpoint is quantised with {unsized}, which omnifix does not size: its "
+                "weights are counted unquantised, in the plan's dtype (an overestimate)"
+            ),
+        )
     strategy, reason, attempt = choose(request)
     input_name = skeleton.anatomy.input_embeddings
     input_device = None
@@ -445,6 +472,6 @@ def plan_placement(
         workload=workload,
         options=options(request) if strategy == "refuse" else (),
         input_device=input_device,
-        notes=_notes(request),
-        quantization_config=None if quantized is None else quantized.config(skeleton.dtype),
+        notes=notes,
+        quantization=quantized,
     )

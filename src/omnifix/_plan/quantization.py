@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from omnifix._plan.skeleton import Skeleton
 
 __all__ = ["Method", "Quantization", "bnb_config", "proposed_skips", "quantize"]
-__all__ += ["require_bitsandbytes", "resolve_quantization"]
+__all__ += ["require_bitsandbytes", "resolve_quantization", "stored_quantization"]
 
 #: The bitsandbytes methods a plan sizes: LLM.int8, and 4-bit NormalFloat or FloatPoint.
 Method = Literal["int8", "nf4", "fp4"]
@@ -70,11 +70,30 @@ class Quantization:
         return text
 
     def config(self, dtype: torch.dtype) -> Any:
-        """The ``transformers.BitsAndBytesConfig`` that loads this (compute in ``dtype``)."""
+        """The ``transformers.BitsAndBytesConfig`` that loads this (compute in ``dtype``).
+
+        Raises:
+            QuantizationUnavailableError: This transformers checks for bitsandbytes when the
+                config is built (4.x for 4-bit), and it is not installed.
+        """
         import transformers
 
         factory: Any = transformers.BitsAndBytesConfig  # untyped in transformers
-        return factory(**self._arguments(dtype))
+        try:
+            return factory(**self._arguments(dtype))
+        except ImportError as error:  # PackageNotFoundError: 4.x checks the installed version
+            raise QuantizationUnavailableError(
+                f"transformers {transformers.__version__} builds a {self.bits}-bit "
+                f"BitsAndBytesConfig only with bitsandbytes installed ({error}). Fix: pip "
+                "install bitsandbytes, or use plan.to_dict()['quantization_config']."
+            ) from None
+
+    def arguments(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The ``BitsAndBytesConfig`` keywords, JSON-ready (the compute dtype by name)."""
+        return {
+            key: str(value).removeprefix("torch.") if key.endswith("dtype") else value
+            for key, value in self._arguments(dtype).items()
+        }
 
     def code(self, dtype: torch.dtype) -> str:
         """:meth:`config` as Python source, e.g. ``transformers.BitsAndBytesConfig(...)``."""
@@ -115,10 +134,17 @@ class Quantization:
 
 
 def _from_config(value: Any) -> Quantization:
-    if getattr(value, "load_in_8bit", False):
+    """A ``BitsAndBytesConfig``, or its dict as ``config.json`` stores it."""
+
+    def field(name: str, default: object = None) -> Any:
+        if isinstance(value, dict):
+            return value.get(name, value.get(f"_{name}", default))
+        return getattr(value, name, default)
+
+    if field("load_in_8bit"):
         method: str = "int8"
-    elif getattr(value, "load_in_4bit", False):
-        method = str(getattr(value, "bnb_4bit_quant_type", "fp4"))
+    elif field("load_in_4bit"):
+        method = str(field("bnb_4bit_quant_type", "fp4"))
     else:
         method = ""
     if method not in get_args(Method):
@@ -126,10 +152,10 @@ def _from_config(value: Any) -> Quantization:
             f"The BitsAndBytesConfig loads neither 8-bit nor 4-bit (nf4/fp4) weights: {value!r}. "
             "Pass load_in_8bit=True, or load_in_4bit=True with bnb_4bit_quant_type='nf4'."
         )
-    skips = getattr(value, "llm_int8_skip_modules", None)
+    skips = field("llm_int8_skip_modules", None)
     return Quantization(
         method,  # type: ignore[arg-type]
-        double_quant=bool(getattr(value, "bnb_4bit_use_double_quant", False)) and method != "int8",
+        double_quant=bool(field("bnb_4bit_use_double_quant")) and method != "int8",
         skip_modules=None if skips is None else tuple(str(skip) for skip in skips),
     )
 
@@ -178,6 +204,23 @@ def resolve_quantization(value: object, skeleton: Skeleton) -> Quantization | No
         f"quantization={value!r} ({type(value).__name__}): omnifix plans bitsandbytes weights "
         "only. Pass 'int8', 'nf4', 'fp4' or a transformers.BitsAndBytesConfig."
     )
+
+
+def stored_quantization(config: Any) -> tuple[object, str | None]:
+    """A checkpoint's own quantisation (``config.json``'s ``quantization_config``).
+
+    Returns ``(quantization, method)``: the :class:`Quantization` to plan with for a
+    bitsandbytes checkpoint (``None`` for none), and the method's name where omnifix cannot size
+    it (GPTQ, AWQ, ...), else ``None``.
+    """
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None, None
+    data = stored if isinstance(stored, dict) else stored.to_dict()
+    method = str(data.get("quant_method", "unknown"))
+    if method != "bitsandbytes":
+        return None, method
+    return _from_config(data), None
 
 
 def bnb_config(value: object, config: Any, model_class: type, dtype: torch.dtype) -> Any:
