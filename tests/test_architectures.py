@@ -20,7 +20,8 @@ import omnifix
 from omnifix import Workload, plan_placement
 from omnifix._plan.anatomy import describe
 from omnifix._plan.presets import preset_config
-from omnifix._plan.skeleton import build_skeleton, load_skeleton, quantized_skeleton
+from omnifix._plan.quantization import quantize, resolve_quantization
+from omnifix._plan.skeleton import build_skeleton, load_skeleton
 
 INSTALLED = Version(Version(transformers.__version__).base_version)
 #: Sliding-window layers keep only their window from this release on (per-layer cache classes).
@@ -205,13 +206,17 @@ def test_gpt2_conv1d_weights_shrink_in_the_8_bit_estimate(name: str) -> None:
     import torch
 
     full = load_skeleton(name, model_class=None, dtype=torch.bfloat16)
-    quantised = quantized_skeleton(full, 8)
+    quantization = resolve_quantization("int8", full)
+    assert quantization is not None
+    quantised = quantize(full, quantization)
     block = "transformer.h.0"
     # Every Conv1D weight becomes one byte per value: the block shrinks to about half.
     assert quantised.sizes[block] < 0.6 * full.sizes[block]
 
 
 def test_a_layer_kind_the_model_does_not_size_is_refused_unless_the_bound_is_accepted() -> None:
+    import torch
+
     config_class = getattr(transformers, "Qwen3NextConfig", None)
     if config_class is None:
         pytest.skip("no Qwen3-Next (linear attention) in this transformers")
@@ -234,7 +239,10 @@ def test_a_layer_kind_the_model_does_not_size_is_refused_unless_the_bound_is_acc
     )
     refused = plan_placement(config, budgets={0: "8GiB"})
     assert not refused.fits
-    assert refused.options[0].startswith("accept_bound=True")
+    [bound] = refused.options
+    assert (bound.kind, dict(bound.arguments)) == ("bound", {"accept_bound": "True"})
+    scope = {"omnifix": omnifix, "torch": torch, "config": config}
+    assert eval(bound.code, scope).fits  # noqa: S307 - the code omnifix printed
     assert any("linear_attention" in note for note in refused.notes)
     with pytest.raises(omnifix.InsufficientMemoryError, match="accept_bound=True"):
         refused.raise_if_refused()

@@ -57,7 +57,7 @@ def test_does_not_fit_exits_1_with_options(capsys: pytest.CaptureFixture[str]) -
     assert out.count("Options that fit") == 1
     assert plan.options
     for option in plan.options:
-        assert out.count(option) == 1
+        assert out.count(option.code) == 1
     assert "cuda:0" in out
 
 
@@ -126,3 +126,45 @@ def test_module_entry_point_json() -> None:
     assert data["model"] == "qwen2.5-vl-7b"
     assert data["fits"] is True
     assert data["device_map"] == {"": "cuda:0"}
+
+
+def test_dtypes_table_per_device_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "12GiB", "--text", "4096", "--dtypes"]
+    assert main([*argv, "--plain"]) == 0  # int8 and nf4 fit
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(lines) == {"float32", "bfloat16", "int8", "nf4"}
+    assert lines["float32"].split()[-1] == "refused"
+    assert lines["nf4"].split()[-1] == "single"
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {row["label"]: row for row in data["dtypes"]}
+    work = omnifix.Workload(text_tokens=4096)
+    for label, dtype, quantization in (
+        ("float32", "float32", None),
+        ("bfloat16", "bfloat16", None),
+        ("int8", "bfloat16", "int8"),
+        ("nf4", "bfloat16", "nf4"),
+    ):
+        plan = omnifix.plan_placement(
+            "qwen2-vl-7b",
+            budgets={0: "12GiB"},
+            dtype=dtype,
+            quantization=quantization,
+            workload=work,
+        )
+        row = rows[label]
+        assert (row["dtype"], row["fits"]) == (dtype, plan.fits)
+        assert row["devices"][0]["weights"] == plan.devices[0].weights
+        assert row["devices"][0]["peak"] == plan.devices[0].total
+        assert format_bytes(plan.devices[0].weights) in lines[label]
+    assert main(["plan", "qwen2-vl-7b", "--gpu", "2GiB", "--dtypes", "--plain"]) == 1  # none fits
+
+
+def test_quantization_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "qwen2-vl-7b", "--gpu", "8GiB", "--quantization", "nf4", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    lm_head, tower = data["quantization_config"]["llm_int8_skip_modules"]
+    assert (lm_head, tower.rpartition(".")[2]) == ("lm_head", "visual")

@@ -228,11 +228,12 @@ def test_one_card_too_small_refuses_with_numbers_and_checked_options() -> None:
     assert f"{format_bytes(short)} short" in message
     assert "cuda:0: needs" in message
     assert message.rstrip().splitlines()[-1].startswith("Fix:")
-    options = "\n".join(plan.options)
-    assert f"2 GPUs of {CARD}.0 GiB" in options
-    assert "BitsAndBytesConfig(load_in_" in options  # 8 bits, or 4 where 8 are too many
-    assert "allow_offload=True" in options
-    assert "device='cpu' (float32" in options
+    kinds = {option.kind: option for option in plan.options}
+    assert kinds["gpus"].description == f"2 GPUs of {CARD}.0 GiB"
+    # 8 bits, or 4 where 8 are too many, as from_pretrained takes it.
+    assert kinds["quantization"].load.startswith("quantization_config=transformers.BitsAndBytes")
+    assert kinds["offload"].arguments == {"allow_offload": "True"}
+    assert kinds["cpu"].load == "device='cpu', dtype=torch.float32"
     with pytest.raises(omnifix.InsufficientMemoryError, match="GiB short") as caught:
         plan.raise_if_refused()
     assert isinstance(caught.value, MemoryError)
@@ -287,7 +288,7 @@ def test_two_12gib_cards_split_a_7b_vl_model() -> None:
 def test_two_10gib_cards_refuse_omni_7b_and_suggest_a_third() -> None:
     plan = plan_placement("qwen2.5-omni-7b", budgets={0: "10GiB", 1: "10GiB"})
     assert plan.strategy == "refuse"
-    assert any(option.startswith("3 GPUs of 10.0 GiB: fits") for option in plan.options)
+    assert any(option.description == "3 GPUs of 10.0 GiB" for option in plan.options)
     three = plan_placement("qwen2.5-omni-7b", budgets=dict.fromkeys(range(3), "10GiB"))
     assert three.fits
     assert three.boundaries == 2
@@ -328,7 +329,7 @@ def test_eager_attention_changes_the_verdict_for_long_video() -> None:
     # transformers 4.45's vision tower scores every pair of the video's 61440 patches).
     assert eager.devices[0].activations - sdpa.devices[0].activations > 50 * GIB
     assert eager.devices[0].phase in ("prefill", "video")
-    assert any(option.startswith("attn_implementation='sdpa'") for option in eager.options)
+    assert any(option.arguments == {"attn_implementation": "'sdpa'"} for option in eager.options)
 
 
 def test_allow_offload_turns_the_refusal_into_an_explicit_offload_map() -> None:
@@ -371,8 +372,8 @@ def test_refusal_offers_the_longest_text_that_fits_and_it_does() -> None:
     work = Workload(text_tokens=200_000)
     plan = plan_placement(VL_7B, budgets={0: "24GiB"}, workload=work)
     assert plan.strategy == "refuse"
-    option = next(o for o in plan.options if o.startswith("a shorter workload: text_tokens="))
-    longest = int(option.split("text_tokens=")[1].split()[0])
+    option = next(o for o in plan.options if o.kind == "workload")
+    longest = int(option.description.split("text_tokens=")[1].split()[0])
     assert 1000 < longest < work.text_tokens
     fits = plan_placement(VL_7B, budgets={0: "24GiB"}, workload=Workload(text_tokens=longest))
     assert fits.fits

@@ -19,7 +19,6 @@ from omnifix._devices import normalize_device as normalize_device
 from omnifix._devices import resolve_device_map as resolve_device_map
 from omnifix._dispatch import lean_dispatch as lean_dispatch
 from omnifix._embeddings import pin_embeddings as pin_embeddings
-from omnifix._handle import Handle as Handle
 from omnifix._load import load_safely as load_safely
 from omnifix._meta import MetaReport as MetaReport
 from omnifix._meta import assert_no_meta as assert_no_meta
@@ -41,6 +40,7 @@ from omnifix.errors import InvalidArgumentError as InvalidArgumentError
 from omnifix.errors import MetaTensorError as MetaTensorError
 from omnifix.errors import OmnifixError as OmnifixError
 from omnifix.errors import OmnifixWarning as OmnifixWarning
+from omnifix.errors import QuantizationUnavailableError as QuantizationUnavailableError
 from omnifix.errors import UnsupportedModelError as UnsupportedModelError
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "DeviceCopyError",
     "DeviceError",
     "DeviceUnavailableError",
-    "Handle",
     "InsufficientMemoryError",
     "InvalidArgumentError",
     "MetaReport",
@@ -58,6 +57,7 @@ __all__ = [
     "OmnifixWarning",
     "PlacementPlan",
     "PlacementReport",
+    "QuantizationUnavailableError",
     "UnsupportedModelError",
     "Workload",
     "__version__",
@@ -86,6 +86,7 @@ _MOVED = {
             "DeviceRequest",
             "DeviceUsage",
             "EmbeddingPin",
+            "Handle",
             "LeanDispatch",
             "MetaTensor",
             "ResolvedDevice",

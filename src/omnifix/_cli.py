@@ -12,6 +12,7 @@ from omnifix._devices import input_device
 from omnifix._doctor import run
 from omnifix._load import load_safely
 from omnifix._plan import Workload, plan_placement
+from omnifix._plan.dtypes import dtype_table
 from omnifix._report import placement_report
 from omnifix._units import parse_size
 from omnifix.errors import InvalidArgumentError, OmnifixError
@@ -94,23 +95,33 @@ def _plan(args: argparse.Namespace) -> int:
     if args.cpu is not None:
         given["cpu"] = _size("--cpu", args.cpu, "64GiB")
     budgets = given or None
-    plan = plan_placement(
-        args.model,
-        budgets=budgets,
-        dtype=args.dtype,
-        attn_implementation=args.attn,
-        workload=workload,
-        allow_offload=args.allow_offload,
-    )
+    kwargs: dict[str, Any] = {
+        "budgets": budgets,
+        "attn_implementation": args.attn,
+        "workload": workload,
+        "allow_offload": args.allow_offload,
+        "revision": args.revision,
+        "trust_remote_code": args.trust_remote_code,
+        "token": args.token,
+    }
+    shown: Any
+    if args.dtypes:
+        shown = dtype_table(args.model, **kwargs)
+        fits = any(plan.fits for _, plan in shown.plans)
+    else:
+        shown = plan_placement(
+            args.model, dtype=args.dtype, quantization=args.quantization, **kwargs
+        )
+        fits = shown.fits
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps(shown.to_dict(), indent=2))
     elif args.plain:
-        print(plan)
+        print(shown)
     else:
         from rich.console import Console
 
-        Console().print(plan)
-    return 0 if plan.fits else 1
+        Console().print(shown)
+    return 0 if fits else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,7 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plan",
         help="where a model goes and whether it fits, offline; exits 1 when it does not fit",
     )
-    plan.add_argument("model", help="a preset name, a local checkpoint directory or config.json")
+    plan.add_argument(
+        "model",
+        help="a preset name, a local checkpoint directory or config.json, or a Hub id (its "
+        "config.json only is read, within seconds; HF_HUB_OFFLINE=1: from the cache)",
+    )
     plan.add_argument(
         "--gpu",
         action="append",
@@ -153,6 +168,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan.add_argument("--new", type=int, default=256, help="new tokens to generate")
     plan.add_argument(
         "--allow-offload", action="store_true", help="let weights go to the cpu or disk"
+    )
+    plan.add_argument(
+        "--quantization",
+        choices=("int8", "nf4", "fp4"),
+        help="bitsandbytes weights (lm_head and vision/audio towers stay in the dtype)",
+    )
+    plan.add_argument(
+        "--dtypes",
+        action="store_true",
+        help="one table: weights and predicted peak per device in float32, bf16/fp16, int8 and "
+        "nf4; exits 1 when none fits",
+    )
+    plan.add_argument("--revision", help="Hub id: the branch, tag or commit to read")
+    plan.add_argument(
+        "--trust-remote-code", action="store_true", help="Hub id: run the repository's config code"
+    )
+    plan.add_argument(
+        "--token", help="Hub id: a token for gated or private repositories (default: HF_TOKEN)"
     )
     for sub in (doctor, plan):  # the same output switches
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")

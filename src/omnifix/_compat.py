@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUDIO_PLACEHOLDERS_EXPANDED",
     "AUTO_DTYPE_DEFAULT",
+    "BNB_EXACT_LINEAR",
     "DTYPE_KEYWORD",
     "PACKED_ATTENTION_SPLITS",
     "QWEN2_5_OMNI",
@@ -36,6 +37,8 @@ __all__ = [
     "SLIDING_WINDOW_CACHE",
     "UNCAST_LOGITS",
     "attention_dict_supported",
+    "bnb_converts",
+    "bnb_default_skips",
     "deprecated",
     "dtype_keyword",
     "installed_version",
@@ -70,6 +73,11 @@ AUDIO_PLACEHOLDERS_EXPANDED: Final = Version("4.48")
 #: The first releases that ship Qwen2.5-VL and Qwen2.5-Omni.
 QWEN2_5_VL: Final = Version("4.49")
 QWEN2_5_OMNI: Final = Version("4.52")
+#: bitsandbytes replaces exactly ``nn.Linear`` (not its subclasses) and GPT-2's ``Conv1D``, and
+#: matches skip patterns from the start of a name, as a regex or as a suffix
+#: (``should_convert_module``); earlier releases replace subclasses of ``nn.Linear`` too and
+#: match ``pattern + "."`` anywhere in a name, or the whole name.
+BNB_EXACT_LINEAR: Final = Version("5.0")
 
 
 def installed_version(distribution: str) -> Version | None:
@@ -136,6 +144,38 @@ def no_init_weights() -> AbstractContextManager[Any]:
         module = importlib.import_module("transformers.modeling_utils")  # 4.x
     context: AbstractContextManager[Any] = module.no_init_weights()
     return context
+
+
+def bnb_default_skips(model: Any) -> list[str]:
+    """The modules transformers' bitsandbytes quantizer keeps by default.
+
+    Those it keeps when ``llm_int8_skip_modules`` is ``None``: tied and output embeddings and
+    the last module (``get_keys_to_not_convert``).
+    """
+    try:
+        module = importlib.import_module("transformers.quantizers.base")  # 5.x
+        keys = module.get_keys_to_not_convert
+    except (ImportError, AttributeError):
+        keys = importlib.import_module("transformers.integrations").get_keys_to_not_convert
+    return [str(key) for key in keys(model)]
+
+
+def bnb_converts(name: str, module: Any, patterns: list[str]) -> bool:
+    """Whether transformers' ``replace_with_bnb_linear`` replaces ``module`` (named ``name``).
+
+    ``patterns`` are the modules it does not convert (skip modules and fp32 modules).
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    if transformers_at_least(BNB_EXACT_LINEAR):
+        if not (type(module) is nn.Linear or isinstance(module, Conv1D)):
+            return False
+        rule = importlib.import_module("transformers.quantizers.quantizers_utils")
+        return bool(rule.should_convert_module(name, patterns))
+    if not isinstance(module, (nn.Linear, Conv1D)) or name in patterns:
+        return False
+    return not any(f"{key}." in name or key == name for key in patterns)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ The first step of both planning and loading.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -13,11 +14,16 @@ from omnifix._compat import quiet, transformers_version
 from omnifix.errors import CheckpointError, InvalidArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from transformers import PretrainedConfig
 
 __all__ = [
     "HUB_KWARGS",
+    "HUB_TIMEOUT",
+    "fetch_config",
     "is_auto_class",
+    "is_hub_id",
     "model_class_for",
     "named_class",
     "read_config",
@@ -37,6 +43,11 @@ HUB_KWARGS: Final = (
     "trust_remote_code",
     "code_revision",
 )
+#: Seconds the Hub may take to connect and answer the one request for ``config.json`` (no
+#: retries): an unreachable or silent Hub fails within a few seconds, not after a retry loop.
+HUB_TIMEOUT: Final = 3.0
+#: A Hub repository id: ``name`` or ``owner/name`` (letters, digits, ``-``, ``_``, ``.``).
+_REPO_ID: Final = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 #: What the Auto factories map a config without ``architectures`` to, most specific first.
 _AUTO_FACTORIES: Final = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModel")
 
@@ -126,6 +137,108 @@ def model_class_for(config: PretrainedConfig, model_class: type[Any] | None = No
     )
 
 
+def is_hub_id(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names a Hub repository: ``owner/name``, not a path that exists."""
+    text = os.fspath(source)
+    return (
+        isinstance(source, str)
+        and "/" in text
+        and _REPO_ID.match(text) is not None
+        and not text.endswith(".json")
+        and not Path(text).exists()
+    )
+
+
+def fetch_config(repo_id: str, **hub_kwargs: Any) -> Path:
+    """The folder holding ``repo_id``'s ``config.json``, read through huggingface_hub.
+
+    First one ``HEAD`` on huggingface_hub's session, of at most :data:`HUB_TIMEOUT` seconds and
+    without retries (huggingface_hub's download retries a failed one for up to a minute). Where
+    it fails, or under ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``, the cache alone.
+    ``revision``, ``subfolder``, ``token`` (default: ``HF_TOKEN`` or the saved login),
+    ``cache_dir`` and ``HF_ENDPOINT`` are honoured. No weights are read.
+
+    Raises:
+        CheckpointError: The Hub cannot be reached (or is off) and the config is not cached, the
+            repository or revision does not exist, or it is gated or private; in one line with
+            the fix.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    revision, subfolder = hub_kwargs.get("revision"), hub_kwargs.get("subfolder") or None
+    cache_dir = hub_kwargs.get("cache_dir")
+    offline = bool(constants.HF_HUB_OFFLINE or hub_kwargs.get("local_files_only"))
+    failed = None if offline else _probe(repo_id, subfolder, revision, hub_kwargs)
+    found: object = None
+    try:
+        if offline or failed is not None:
+            filename = f"{subfolder}/config.json" if subfolder else "config.json"
+            found = try_to_load_from_cache(
+                repo_id, filename, cache_dir=cache_dir, revision=revision
+            )
+        else:
+            found = hf_hub_download(
+                repo_id,
+                "config.json",
+                subfolder=subfolder,
+                revision=revision,
+                token=hub_kwargs.get("token", hub_kwargs.get("use_auth_token")),
+                cache_dir=cache_dir,
+                force_download=bool(hub_kwargs.get("force_download")),
+                etag_timeout=HUB_TIMEOUT,
+            )
+    except Exception as error:  # noqa: BLE001 - every failure is "no config from the Hub"
+        failed = failed or error
+    if not isinstance(found, str):
+        at = f"{repo_id}@{revision}" if revision else repo_id
+        why = _hub_failure(failed, offline=offline)
+        raise CheckpointError(
+            f"Cannot read the config of {at!r} from the Hub: {why}. Fix: pass a local checkpoint "
+            "directory (its config.json is enough to plan) or a built-in preset such as "
+            "'qwen2.5-vl-7b'."
+        )
+    return Path(found).parent
+
+
+def _probe(
+    repo_id: str, subfolder: str | None, revision: str | None, hub_kwargs: Mapping[str, Any]
+) -> Exception | None:
+    """One ``HEAD`` for the config: ``None`` when the Hub has it, else what went wrong."""
+    from huggingface_hub import get_session, get_token, hf_hub_url, utils
+
+    token = hub_kwargs.get("token", hub_kwargs.get("use_auth_token"))
+    if token is None or token is True:
+        token = get_token()
+    headers = {"authorization": f"Bearer {token}"} if isinstance(token, str) else {}
+    url = hf_hub_url(repo_id, "config.json", subfolder=subfolder, revision=revision)
+    try:
+        response = get_session().head(url, headers=headers, timeout=HUB_TIMEOUT)
+        if response.status_code >= 400:  # noqa: PLR2004 - an HTTP error
+            hub_utils: Any = utils  # raise_for_status is typed as private there
+            hub_utils.hf_raise_for_status(response)
+    except Exception as error:  # noqa: BLE001 - any failure: the caller tries the cache
+        return error
+    return None
+
+
+def _hub_failure(error: Exception | None, *, offline: bool) -> str:
+    """Why the Hub gave no config, in a few words."""
+    kind = type(error).__name__
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if offline:
+        return "HF_HUB_OFFLINE is set and its config.json is not in the Hugging Face cache"
+    if kind in ("RepositoryNotFoundError", "GatedRepoError") or status in (401, 403):
+        return "no such repository, or it is private or gated (pass token= or set HF_TOKEN)"
+    if kind in ("RevisionNotFoundError", "EntryNotFoundError", "RemoteEntryNotFoundError"):
+        return f"no config.json at that revision ({kind})"
+    if status is None:  # no answer: a timeout, a refused or unresolvable host, a proxy
+        return (
+            f"the Hub cannot be reached within {HUB_TIMEOUT:g} s ({kind}) and its config.json "
+            "is not in the Hugging Face cache"
+        )
+    return f"the Hub answered {status} ({kind})"
+
+
 def read_config(
     source: str | os.PathLike[str], *, model_class: type[Any] | None = None, **hub_kwargs: Any
 ) -> PretrainedConfig:
@@ -137,7 +250,7 @@ def read_config(
 
     Raises:
         CheckpointError: No readable config at ``source`` (a missing directory or file, broken
-            JSON, a name that is no Hub repository).
+            JSON, a name that is no Hub repository); for a Hub id, as :func:`fetch_config`.
         UnsupportedModelError: The installed transformers does not know the model type.
     """
     from transformers import AutoConfig, PretrainedConfig
@@ -145,6 +258,12 @@ def read_config(
     require_model_class(model_class)
     where = os.fspath(source)
     _require_local_config(where, str(hub_kwargs.get("subfolder") or ""))
+    if is_hub_id(source) and not hub_kwargs.get("trust_remote_code"):
+        # Its config.json from the Hub within seconds; read from the cache like a directory.
+        folder = fetch_config(os.fspath(source), **hub_kwargs)
+        source, hub_kwargs = folder, {}
+    elif is_hub_id(source):  # remote code comes with it: check the Hub answers, then read
+        fetch_config(os.fspath(source), **hub_kwargs)
     try:
         raw, _ = PretrainedConfig.get_config_dict(source, **hub_kwargs)
     # 4.45 raises OSError for a missing directory or config, 4.57+ huggingface_hub's

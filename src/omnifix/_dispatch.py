@@ -264,7 +264,7 @@ def hooks_in_place(model: nn.Module) -> str:
 
 
 class LeanDispatch(Handle):
-    """Handle returned by :func:`omnifix.lean_dispatch` (see :class:`omnifix.Handle`).
+    """Handle returned by :func:`omnifix.lean_dispatch` (see :class:`omnifix.types.Handle`).
 
     ``remove()`` puts back exactly the accelerate hooks that were taken off; weights stay where
     they are. A later ``lean_dispatch`` of the same model removes this handle first.

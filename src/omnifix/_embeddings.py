@@ -96,7 +96,7 @@ def _find_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tens
 
 
 class EmbeddingPin(Handle):
-    """Handle returned by :func:`omnifix.pin_embeddings` (see :class:`omnifix.Handle`).
+    """Handle returned by :func:`omnifix.pin_embeddings` (see :class:`omnifix.types.Handle`).
 
     Pins are reference counted per embedding: pinning an already pinned embedding adds no hook
     but one owner, and the hooks go when the last owner is removed, so removing a second pin

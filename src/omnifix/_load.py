@@ -29,6 +29,7 @@ from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
 from omnifix._plan import plan_placement, require_workload
 from omnifix._plan.budgets import enable_expandable_segments, host_memory
+from omnifix._plan.quantization import bnb_config, require_bitsandbytes
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._report import LoadRecord, remember, sub_model_attention
 from omnifix._units import parse_size
@@ -42,6 +43,7 @@ from omnifix.errors import (
     InvalidArgumentError,
     OmnifixError,
     OmnifixWarning,
+    QuantizationUnavailableError,
     UnsupportedModelError,
 )
 
@@ -106,6 +108,42 @@ def _require_arguments(
             f'load_safely got hooks={hooks!r}. Pass hooks="lean" (omnifix\'s light hooks for '
             'a split model, the default) or hooks="accelerate" (keep accelerate\'s).'
         )
+
+
+def _quantization(
+    quantization: object, kwargs: dict[str, Any], targets: list[torch.device]
+) -> object:
+    """What to plan, checked against the installed bitsandbytes before anything is read.
+
+    ``quantization``, or a ``BitsAndBytesConfig`` given as ``quantization_config`` (taken out
+    of ``kwargs``; other quantisation methods pass through unplanned).
+    """
+    given = kwargs.get("quantization_config")
+    if given is not None and type(given).__name__ == "BitsAndBytesConfig":
+        if quantization is not None:
+            raise InvalidArgumentError(
+                "Both quantization= and quantization_config= were given. Pass one: load_safely "
+                "plans either and passes the config to from_pretrained."
+            )
+        quantization = kwargs.pop("quantization_config")
+    if quantization is not None:
+        kinds = {target.type for target in targets}
+        require_bitsandbytes("bitsandbytes weights", device_types=kinds)
+    return quantization
+
+
+def _dtype_alias(dtype: torch.dtype | str, kwargs: dict[str, Any]) -> torch.dtype | str:
+    """``dtype``, or the caller's ``torch_dtype=`` (taken out of ``kwargs``) when it is "auto"."""
+    alias = kwargs.pop("torch_dtype", None)
+    if alias is None:
+        return dtype
+    if not (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        raise InvalidArgumentError(
+            f"Both dtype={dtype!r} and torch_dtype={alias!r} were given. Pass one: dtype= "
+            "(load_safely passes it under the name the installed transformers expects)."
+        )
+    given: torch.dtype | str = alias
+    return given
 
 
 def _targets(device: DeviceLike) -> list[torch.device]:
@@ -235,13 +273,23 @@ def _opens(path: Path) -> bool:
 
 
 def _failed(
-    error: BaseException, pretrained: str | os.PathLike[str], subfolder: object, folder: str | None
+    error: BaseException,
+    pretrained: str | os.PathLike[str],
+    subfolder: object,
+    folder: str | None,
+    *,
+    quantized: bool = False,
 ) -> BaseException | None:
     """Free what a failed load allocated; the omnifix error to raise, or ``None`` to re-raise."""
     import torch
 
     translated: BaseException | None = None
-    if isinstance(error, torch.cuda.OutOfMemoryError):
+    if quantized and isinstance(error, ImportError) and not isinstance(error, OmnifixError):
+        translated = QuantizationUnavailableError(
+            f"transformers cannot load bitsandbytes weights here: {error} Fix: pip install -U "
+            "bitsandbytes accelerate, or load without quantization."
+        )
+    elif isinstance(error, torch.cuda.OutOfMemoryError):
         translated = InsufficientMemoryError(
             f"Loading {os.fspath(pretrained)!r} ran out of GPU memory although the plan said it "
             f"fits: {error}. Another process probably took memory after the plan measured it, "
@@ -308,6 +356,7 @@ def load_safely(
     hooks: Literal["lean", "accelerate"] = "lean",
     expandable_segments: bool = True,
     verify_workload: bool = False,
+    quantization: object = None,
     **from_pretrained_kwargs: Any,
 ) -> _M: ...
 
@@ -327,6 +376,7 @@ def load_safely(
     hooks: Literal["lean", "accelerate"] = "lean",
     expandable_segments: bool = True,
     verify_workload: bool = False,
+    quantization: object = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel: ...
 
@@ -345,6 +395,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     hooks: Literal["lean", "accelerate"] = "lean",
     expandable_segments: bool = True,
     verify_workload: bool = False,
+    quantization: object = None,
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a transformers model where it fits, or refuse with numbers before loading anything.
@@ -384,6 +435,11 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         hooks: For a model split over several GPUs: ``"lean"`` (:func:`omnifix.lean_dispatch`,
             one light hook per ``device_map`` entry) or ``"accelerate"`` (its hook on every module
             with weights). Offloaded models keep accelerate's, which stream their weights.
+        quantization: bitsandbytes weights, planned and loaded: ``"int8"``, ``"nf4"``,
+            ``"fp4"`` or a ``transformers.BitsAndBytesConfig`` (as for
+            :func:`omnifix.plan_placement`); the plan's ``BitsAndBytesConfig`` is passed to
+            ``from_pretrained``. A ``BitsAndBytesConfig`` given as ``quantization_config=`` is
+            planned the same way.
         **from_pretrained_kwargs: Forwarded to ``from_pretrained`` (``revision``, ``subfolder``,
             ``trust_remote_code``, ``quantization_config``, config overrides...). An explicit
             ``device_map`` dict is checked, not planned; a strategy word is refused.
@@ -401,7 +457,10 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         MetaTensorError: Weights ended up on ``meta`` (e.g. keys missing from the checkpoint).
         AttentionUnavailableError: ``strict=True`` and the attention cannot run here.
         UnsupportedModelError: No model class for the config, or an attention dict before 4.57.
-        InvalidArgumentError: A bad dtype, attention, ``max_memory``, ``device_map`` or ``hooks``.
+        InvalidArgumentError: A bad dtype, attention, ``max_memory``, ``device_map``, ``hooks``
+            or quantization.
+        QuantizationUnavailableError: The quantization cannot load here (bitsandbytes missing,
+            or without a backend for the device); the message names what to install.
         DeviceError: A device that is malformed, missing, or not a CUDA GPU or the cpu.
         DeviceCopyError: Copies between two GPUs of a split arrive changed (checked once per
             pair and process, before loading).
@@ -427,14 +486,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     require_workload(workload)
     _allocator_and_check(kwargs, expandable=expandable_segments, verify=verify_workload)
     # 1. dtype: ours, or the caller's torch_dtype= (the pre-4.56 spelling) when ours is "auto".
-    alias = kwargs.pop("torch_dtype", None)
-    if alias is not None:
-        if not (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
-            raise InvalidArgumentError(
-                f"Both dtype={dtype!r} and torch_dtype={alias!r} were given. Pass one: dtype= "
-                "(load_safely passes it under the name the installed transformers expects)."
-            )
-        dtype = alias
+    dtype = _dtype_alias(dtype, kwargs)
     user_map = kwargs.pop("device_map", None)
 
     # 2. What to load: config (not the weights) and class.
@@ -454,6 +506,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         targets = [normalize_device(value) for value in device_map.values() if value != "disk"]
     else:
         targets = _targets(device)
+    quantization = _quantization(quantization, kwargs, targets)
     capabilities = gpu_capabilities(targets)
     chosen_dtype = choose_dtype(dtype, capabilities=capabilities)
     attention, planned_attention = choose_attention_for(
@@ -480,6 +533,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
             attn_implementation=planned_attention,
             workload=workload,
             allow_offload=allow_offload,
+            quantization=quantization,
         )
         if not plan.fits and max_memory is not None:  # the caps refused it, maybe not the machine
             raise InsufficientMemoryError(
@@ -489,6 +543,12 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
             )
         plan.raise_if_refused()  # InsufficientMemoryError: need vs free per device, and options
         device_map = dict(plan.device_map)
+    if quantization is not None:  # the plan's config, or for the caller's own map one for it
+        kwargs["quantization_config"] = (
+            bnb_config(quantization, config, concrete, chosen_dtype)
+            if plan is None
+            else plan.quantization_config
+        )
 
     # Copies between the GPUs of a split arrive intact (DeviceCopyError), before loading anything.
     check_copies(spell(value) for value in device_map.values())
@@ -506,7 +566,10 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
         assert_no_meta(model, allow_offload=allow_offload)
     except BaseException as error:
         model = None
-        translated = _failed(error, pretrained, kwargs.get("subfolder", ""), folder)
+        subfolder = kwargs.get("subfolder", "")
+        translated = _failed(
+            error, pretrained, subfolder, folder, quantized=quantization is not None
+        )
         if translated is None:
             raise
         raise translated from error

@@ -45,7 +45,7 @@ _ROUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("omnifix_routing
 
 
 class FromPretrainedPatch(Handle):
-    """One active :func:`omnifix.patch_from_pretrained` (see :class:`omnifix.Handle`).
+    """One active :func:`omnifix.patch_from_pretrained` (see :class:`omnifix.types.Handle`).
 
     ``remove()`` takes this patch away; the original ``from_pretrained`` is back when no patch
     is left.

@@ -31,6 +31,7 @@ __all__ = [
     "OmnifixDeprecationWarning",
     "OmnifixError",
     "OmnifixWarning",
+    "QuantizationUnavailableError",
     "UnsupportedModelError",
 ]
 
@@ -132,6 +133,15 @@ class AttentionUnavailableError(UnsupportedModelError, ImportError):
 
     Also an ``ImportError``, which is what transformers raises for a missing flash-attn, so code
     that caught that keeps working.
+    """
+
+
+class QuantizationUnavailableError(UnsupportedModelError, ImportError):
+    """The quantisation asked for cannot load here; the message names what to install.
+
+    bitsandbytes is missing or broken, or has no backend for the device.
+
+    Also an ``ImportError``, which is what transformers raises for a missing bitsandbytes.
     """
 
 

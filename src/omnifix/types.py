@@ -12,9 +12,11 @@ True
 from omnifix._devices import ResolvedDevice as ResolvedDevice
 from omnifix._dispatch import LeanDispatch as LeanDispatch
 from omnifix._embeddings import EmbeddingPin as EmbeddingPin
+from omnifix._handle import Handle as Handle
 from omnifix._meta import MetaTensor as MetaTensor
 from omnifix._patch import FromPretrainedPatch as FromPretrainedPatch
 from omnifix._plan import DeviceBudget as DeviceBudget
+from omnifix._plan import PlanOption as PlanOption
 from omnifix._report import DeviceUsage as DeviceUsage
 from omnifix._types import AttentionRequest as AttentionRequest
 from omnifix._types import DeviceLike as DeviceLike
@@ -31,8 +33,10 @@ __all__ = [
     "DeviceUsage",
     "EmbeddingPin",
     "FromPretrainedPatch",
+    "Handle",
     "LeanDispatch",
     "MetaTensor",
     "OffloadLocation",
+    "PlanOption",
     "ResolvedDevice",
 ]

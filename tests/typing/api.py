@@ -48,7 +48,7 @@ def models(model: nn.Module) -> None:
     lean.remove()
     with omnifix.lean_dispatch(model, device_map={"model.layers.0": 0, "lm_head": "cuda:1"}):
         pass
-    handles: list[omnifix.Handle] = [pin, lean, omnifix.patch_from_pretrained(strict=True)]
+    handles: list[omnifix.types.Handle] = [pin, lean, omnifix.patch_from_pretrained(strict=True)]
     for handle in handles:
         handle.remove()
     with omnifix.patch_from_pretrained(workload=omnifix.Workload(text_tokens=64)) as patch:

@@ -7,6 +7,7 @@ refusal lists the ``options`` that would fit, and ``plan`` holds the entry point
 """
 
 from omnifix._plan.budgets import DeviceBudget
+from omnifix._plan.options import PlanOption
 from omnifix._plan.plan import AttnImplementation, PlacementPlan, plan_placement
 from omnifix._plan.strategies import Strategy
 from omnifix._plan.workload import Workload, require_workload
@@ -15,6 +16,7 @@ __all__ = [
     "AttnImplementation",
     "DeviceBudget",
     "PlacementPlan",
+    "PlanOption",
     "Strategy",
     "Workload",
     "plan_placement",

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from omnifix._attention import IMPLEMENTATIONS, choose_attention, choose_dtype
 from omnifix._device_map import Placement
 from omnifix._plan.budgets import SIMULATED_CAPABILITY, DeviceBudget, resolve_budgets
+from omnifix._plan.code import call_of
 from omnifix._plan.estimate import CALIBRATION
-from omnifix._plan.options import options
+from omnifix._plan.options import PlanOption, bound_option, options
+from omnifix._plan.quantization import (
+    Quantization,
+    quantize,
+    resolve_quantization,
+    stored_quantization,
+)
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose
 from omnifix._plan.workload import Workload, require_workload
@@ -51,9 +58,13 @@ class PlacementPlan:
         dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
         attn_implementation: Attention the numbers assume.
         workload: The workload planned for.
-        options: For a refusal: each change that fits, checked by planning again.
+        options: For a refusal: each change that fits, checked by planning again with exactly
+            that change (:class:`omnifix.types.PlanOption`: the call that checks it, the
+            keywords that load with it, the plan it gives).
         input_device: Where ``input_ids`` go: where the input embeddings run (``None``: refused).
         notes: Assumptions behind the numbers.
+        quantization: The bitsandbytes quantisation the numbers assume (``None``: unquantised);
+            :attr:`quantization_config` is its ``BitsAndBytesConfig``.
     """
 
     model: str
@@ -64,9 +75,22 @@ class PlacementPlan:
     dtype: torch.dtype
     attn_implementation: AttnImplementation
     workload: Workload
-    options: tuple[str, ...] = field(default=())
+    options: tuple[PlanOption, ...] = field(default=())
     input_device: torch.device | None = None
     notes: tuple[str, ...] = field(default=())
+    quantization: Quantization | None = None
+
+    @property
+    def quantization_config(self) -> Any:
+        """The ``transformers.BitsAndBytesConfig`` the numbers assume (``None``: unquantised).
+
+        Pass it to ``from_pretrained`` as ``quantization_config=``; ``load_safely`` does.
+
+        Raises:
+            QuantizationUnavailableError: transformers 4.x builds a 4-bit config only with
+                bitsandbytes installed.
+        """
+        return None if self.quantization is None else self.quantization.config(self.dtype)
 
     @property
     def fits(self) -> bool:
@@ -133,7 +157,10 @@ class PlacementPlan:
             "devices": [
                 {**asdict(row), "total": row.total, "fits": row.fits} for row in self.devices
             ],
-            "options": list(self.options),
+            "quantization_config": (
+                None if self.quantization is None else self.quantization.arguments(self.dtype)
+            ),
+            "options": [option.to_dict() for option in self.options],
             "notes": list(self.notes),
         }
 
@@ -142,9 +169,14 @@ class PlacementPlan:
         if self.fits:
             return []
         if not self.options:
-            return [_NOTHING_FITS]
-        options = [f"  - {option}" for option in self.options]
-        return ["Options that fit (each checked by planning again):", *options, _APPLY_ONE]
+            gpus = any(row.device.startswith("cuda") for row in self.devices)
+            return [_NOTHING_FITS if gpus else _NOTHING_FITS_CPU]
+        options = [f"  - {option}".replace("\n", "\n  ") for option in self.options]
+        return [
+            "Options that fit (each checked by planning again with exactly that change):",
+            *options,
+            _APPLY_ONE,
+        ]
 
     def _blocks(self) -> list[Block]:
         """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
@@ -223,6 +255,10 @@ _APPLY_ONE: Final = (
 _NOTHING_FITS: Final = (
     "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can change (dtype, "
     "attention, workload, quantisation, offload, cpu) fits here."
+)
+_NOTHING_FITS_CPU: Final = (
+    "Fix: give the cpu more memory, or plan for GPUs (budgets={0: '24GiB'}); nothing that "
+    "omnifix can change (dtype, attention, workload, offload to disk) fits here."
 )
 _NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
 
@@ -327,6 +363,12 @@ def _notes(request: Request) -> tuple[str, ...]:
     notes += [f"not understood: {item}" for item in _unknown(request.skeleton)]
     if request.attn.startswith(("flash", "flex")):
         notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
+    if request.quantization is not None:
+        notes.append(
+            f"weights: bitsandbytes {request.quantization.describe()}, as transformers replaces "
+            "them (nn.Linear, Conv1D); a forward over several rows (the prefill) dequantises "
+            "one weight at a time, counted as an activation"
+        )
     if any(d.role == "talker" for d in anatomy.decoders):
         notes.append("talker: weights always; its KV cache and prefill only with audio_output=True")
     return tuple(notes)
@@ -344,6 +386,10 @@ def plan_placement(
     workload: Workload | None = None,
     allow_offload: bool = False,
     accept_bound: bool = False,
+    quantization: object = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    token: str | bool | None = None,
 ) -> PlacementPlan:
     """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
 
@@ -353,9 +399,11 @@ def plan_placement(
     (docs/planning.md explains how).
 
     Args:
-        model: A built-in preset name (``"qwen2.5-omni-7b"``; the hub id works too), a local
-            checkpoint directory (its ``config.json``), a transformers config, or a model built
-            on ``meta`` (its own dtype is used when it matches).
+        model: A built-in preset name (``"qwen2.5-omni-7b"``; its Hub id works too, offline),
+            a local checkpoint directory (its ``config.json``), any other Hub id (its
+            ``config.json`` only, read in one request of at most 3 s, else from the cache), a
+            transformers config, or a model built on ``meta`` (its own dtype is used when it
+            matches).
         model_class: The class to build; default: the one the config's ``architectures`` names.
         budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
             lacks are simulated. ``None``: the free memory of each visible GPU now, or the host
@@ -366,7 +414,17 @@ def plan_placement(
         attn_implementation: ``"auto"`` (flash_attention_2 when it can run here, else sdpa),
             ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...
         workload: What the model will do; default :class:`Workload` ().
-        allow_offload: Let weights that fit no GPU go to cpu, then disk.
+        allow_offload: Let weights that fit no GPU go to cpu, then disk (streamed to the main
+            device one module at a time; accelerate's ``dispatch_model`` rule).
+        quantization: bitsandbytes weights: ``"int8"``, ``"nf4"`` or ``"fp4"`` (4-bit with
+            double quantisation; the output embeddings and any vision/audio tower kept in the
+            dtype), or a ``transformers.BitsAndBytesConfig`` taken as it is. ``None``: the
+            checkpoint's own ``quantization_config`` where it is bitsandbytes'. Sized from what
+            transformers replaces (``nn.Linear`` and ``Conv1D`` but the skip modules); the plan
+            carries the config to load with (``plan.quantization_config``).
+        revision: For a Hub id: the branch, tag or commit whose config is read.
+        trust_remote_code: For a Hub id or directory whose config is remote code.
+        token: For a gated or private Hub repository (default: ``HF_TOKEN``, the saved login).
         accept_bound: Where the memory model does not understand part of the model (the
             plan's notes say what, and the conservative bound used instead), accept a plan
             that fits on that bound. By default such a plan is refused, with this as its option.
@@ -377,8 +435,9 @@ def plan_placement(
     Raises:
         UnsupportedModelError: ``model`` is not something the planner can build.
         CheckpointError: No readable config at a path.
-        InvalidArgumentError: A bad budget, dtype, attention name or workload (media the model
-            has no tower for); a :class:`DeviceError` for a budget key that is not a device.
+        InvalidArgumentError: A bad budget, dtype, attention name, workload (media the model
+            has no tower for) or quantization (or one with ``allow_offload=True``); a
+            :class:`DeviceError` for a budget key that is not a device.
 
     Example:
         >>> import omnifix
@@ -390,8 +449,8 @@ def plan_placement(
         >>> plan.strategy, plan.devices_used, plan.boundaries
         ('split', ('cuda:0', 'cuda:1'), 1)
         >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
-        >>> plan.fits, plan.options[0].split(":")[0]
-        (False, '3 GPUs of 8.0 GiB')
+        >>> plan.fits, plan.options[0].description, plan.options[0].kind
+        (False, '3 GPUs of 8.0 GiB', 'gpus')
     """
     import torch
 
@@ -400,19 +459,39 @@ def plan_placement(
     resolved = resolve_budgets(budgets, allow_offload=allow_offload)
     capabilities = [b.capability or SIMULATED_CAPABILITY for b in resolved if b.is_gpu]
     planned_dtype = choose_dtype(dtype, capabilities=capabilities)
-    skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype)
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code, "token": token}
+    skeleton = load_skeleton(model, model_class=model_class, dtype=planned_dtype, hub=hub)
     attn = _planned_attention(
         attn_implementation, skeleton.dtype, capabilities, skeleton.model_class
     )
     _check_workload(skeleton, workload)
-    request = Request(skeleton, resolved, attn, workload, allow_offload)
+    stored, unsized = stored_quantization(skeleton.config)
+    quantized = resolve_quantization(stored if quantization is None else quantization, skeleton)
+    if quantized is not None:
+        if allow_offload:
+            raise InvalidArgumentError(
+                "quantization with allow_offload=True: bitsandbytes keeps offloaded modules "
+                "unquantised, which omnifix does not plan. Pass one of them, e.g. "
+                "quantization='nf4' alone."
+            )
+        skeleton = quantize(skeleton, quantized)
+    call = replace(call_of(model, model_class, hub), budgets_given=budgets is not None)
+    request = Request(
+        skeleton, resolved, attn, workload, allow_offload, quantization=quantized, call=call
+    )
+    notes = _notes(request)
+    if unsized and quantized is None:
+        notes += (
+            (
+                f"the checkpoint is quantised with {unsized}, which omnifix does not size: its "
+                "weights are counted unquantised, in the plan's dtype (an overestimate)"
+            ),
+        )
     strategy, reason, attempt = choose(request)
     unknown = _unknown(skeleton)
-    bound_options: tuple[str, ...] = ()
+    bound_options: tuple[PlanOption, ...] = ()
     if unknown and strategy != "refuse" and not accept_bound:
-        bound_options = (
-            f"accept_bound=True: {strategy} on the conservative bound the notes state ({reason})",
-        )
+        bound_options = (bound_option(request, strategy, attempt.rows),)
         strategy = "refuse"
         reason = (
             "the memory model does not understand all of this model (see the notes), so it "
@@ -434,5 +513,6 @@ def plan_placement(
         workload=workload,
         options=bound_options or (options(request) if strategy == "refuse" else ()),
         input_device=input_device,
-        notes=_notes(request),
+        notes=notes,
+        quantization=quantized,
     )

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from omnifix._compat import dtype_keyword, no_init_weights, placement_module, quiet
-from omnifix._config import model_class_for, read_config
-from omnifix._device_map import spell
+from omnifix._config import is_hub_id, model_class_for, read_config
+from omnifix._device_map import locate, spell
 from omnifix._plan.anatomy import Anatomy, describe
 from omnifix._plan.presets import find_preset, preset_config, preset_model_class
 from omnifix.errors import InvalidArgumentError, UnsupportedModelError
@@ -37,15 +37,11 @@ __all__ = [
     "load_skeleton",
     "module_sizes",
     "no_split_modules",
-    "quantized_skeleton",
 ]
 
 _CACHE_SIZE: Final = 4
 _CACHE: OrderedDict[tuple[str, str, str], Skeleton] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-#: Bytes per weight value under bitsandbytes: int8 (+ per-row scales, negligible), and NF4/FP4
-#: (two values a byte) plus their blockwise absmax constants (fp32 per 64 values: 1/16 byte).
-_QUANTISED_BYTES: Final = {8: 1.0, 4: 0.5 + 4 / 64}
 
 
 @dataclass(frozen=True)
@@ -62,8 +58,19 @@ class Skeleton:
     sizes: Mapping[str, int]
     #: Position of every module, parameter and buffer in ``named_modules`` order.
     order: Mapping[str, int]
+    #: Bytes of the parameters each module holds itself, largest first: what accelerate's hooks
+    #: copy to the execution device at once when the module's weights are offloaded.
+    streamed: tuple[tuple[str, int], ...]
     #: How to build it again in another dtype (``None`` for a model the user built).
     config: PretrainedConfig | None
+    #: Quantised weights (name, bytes in the compute dtype), largest first: bitsandbytes
+    #: dequantises a weight for a forward over several rows (empty when nothing is quantised).
+    dequantized: tuple[tuple[str, int], ...] = ()
+
+    def largest_streamed(self, offloaded: Mapping[str, str]) -> int:
+        """Bytes of the largest module of the ``offloaded`` entries that is copied in at once."""
+        found = (size for name, size in self.streamed if locate(offloaded, name) is not None)
+        return next(found, 0)
 
 
 def module_sizes(model: nn.Module) -> dict[str, int]:
@@ -194,12 +201,26 @@ def _order(model: nn.Module) -> dict[str, int]:
     return order
 
 
+def _streamed(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """Each module with parameters of its own and their bytes, largest first.
+
+    accelerate's ``attach_align_device_hook`` hooks every such module of an offloaded entry, and
+    each hook brings that module's own parameters to the execution device for its forward.
+    """
+    own = (
+        (name, sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)))
+        for name, module in model.named_modules()
+    )
+    return tuple(sorted(((n, size) for n, size in own if size), key=lambda item: -item[1]))
+
+
 def _skeleton(
     label: str, model: nn.Module, dtype: torch.dtype, config: PretrainedConfig | None
 ) -> Skeleton:
     no_split, anatomy, sizes = no_split_modules(model), describe(model), module_sizes(model)
+    order, streamed = _order(model), _streamed(model)
     return Skeleton(
-        label, model, type(model), dtype, no_split, anatomy, sizes, _order(model), config
+        label, model, type(model), dtype, no_split, anatomy, sizes, order, streamed, config
     )
 
 
@@ -220,43 +241,16 @@ def _cached(
     return built
 
 
-def quantized_skeleton(skeleton: Skeleton, bits: int) -> Skeleton:
-    """A fresh copy of ``skeleton`` whose linear weights are stored as bitsandbytes stores them.
-
-    Every ``nn.Linear`` (and transformers' ``Conv1D``) weight in the skeleton's dtype becomes
-    int8 (8 bits) or packed uint8 with absmax constants (4 bits), except the output heads,
-    which transformers never quantises, and modules kept in float32: an estimate of
-    ``load_in_8bit``/``load_in_4bit``.
-
-    Raises:
-        UnsupportedModelError: The skeleton has no config to rebuild it from.
-    """
-    import torch
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    if skeleton.config is None:
-        raise UnsupportedModelError(
-            f"Cannot re-plan {skeleton.label} with quantised weights: it was passed as a built "
-            "model. Pass its config (or checkpoint directory) to plan_placement instead."
-        )
-    model = build_on_meta(skeleton.config, skeleton.model_class, skeleton.dtype)
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        linear = isinstance(module, (nn.Linear, Conv1D))  # GPT-2's Conv1D: a transposed Linear
-        if not linear or weight is None or name == skeleton.anatomy.lm_head:
-            continue
-        if weight.dtype != skeleton.dtype or name.endswith(("lm_head", "codec_head")):
-            continue
-        stored = int(weight.numel() * _QUANTISED_BYTES[bits])
-        module._parameters["weight"] = nn.Parameter(  # noqa: SLF001 - sizing only, never run
-            torch.empty(stored, dtype=torch.uint8, device="meta"), requires_grad=False
-        )
-    return _skeleton(f"{skeleton.label} ({bits}-bit)", model, skeleton.dtype, skeleton.config)
-
-
-def load_skeleton(model: object, *, model_class: type | None, dtype: torch.dtype) -> Skeleton:
+def load_skeleton(
+    model: object,
+    *,
+    model_class: type | None,
+    dtype: torch.dtype,
+    hub: Mapping[str, Any] | None = None,
+) -> Skeleton:
     """The skeleton of whatever ``plan_placement`` was given, in ``dtype``.
+
+    ``hub`` (``revision``, ``trust_remote_code``, ``token``) locates a Hub id's config.
 
     Raises:
         UnsupportedModelError: Not a preset, directory, config or model; a preset or model type
@@ -288,8 +282,9 @@ def load_skeleton(model: object, *, model_class: type | None, dtype: torch.dtype
             if preset is not None:
                 cls = model_class or preset_model_class(preset)
                 return _cached(text, preset_config(preset), cls, dtype)
-        config = read_config(text, model_class=model_class)
-        label = Path(text).resolve().name or text
+        given = {key: value for key, value in (hub or {}).items() if value}
+        config = read_config(text, model_class=model_class, **given)
+        label = text if is_hub_id(text) else Path(text).resolve().name or text
         return _cached(label, config, model_class_for(config, model_class), dtype)
     if isinstance(model, PretrainedConfig):
         cls = model_class_for(model, model_class)

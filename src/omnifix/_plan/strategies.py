@@ -18,6 +18,7 @@ from omnifix._plan.budgets import (
     allocator_settings,
     host_memory,
 )
+from omnifix._plan.code import Call
 from omnifix._plan.estimate import CALIBRATION, PhasePeaks, estimate
 from omnifix._plan.skeleton import infer_device_map
 from omnifix._units import format_bytes
@@ -26,6 +27,7 @@ from omnifix.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from omnifix._plan.quantization import Quantization
     from omnifix._plan.skeleton import Skeleton
     from omnifix._plan.workload import Workload
 
@@ -54,6 +56,10 @@ class Request:
     allow_offload: bool
     #: The CUDA allocator configuration the GPUs' reserved peaks are predicted for.
     allocator: Allocator = field(default_factory=allocator_settings)
+    #: The bitsandbytes quantisation the skeleton's weights are sized for, if any.
+    quantization: Quantization | None = None
+    #: How the user called the planner, to write each option as a call.
+    call: Call = field(default_factory=Call)
 
     @property
     def gpus(self) -> tuple[Budget, ...]:
@@ -106,9 +112,13 @@ def evaluate(request: Request, device_map: dict[str, str]) -> Attempt:
         dtype=skeleton.dtype,
         attn_implementation=request.attn,
     )
-    # Offloaded weights are streamed to the main device, one entry at a time.
-    streamed = max((skeleton.sizes.get(name, 0) for name in placement.offloaded), default=0)
-    extra = {placement.main: streamed}
+    # Offloaded weights are streamed to the main device one hooked module at a time.
+    extra = {placement.main: skeleton.largest_streamed(placement.offloaded)}
+    # bitsandbytes dequantises a weight for a forward over several rows (the prefill).
+    for name, size in skeleton.dequantized:
+        device = placement.runs_on(name) or placement.main
+        if device not in extra or extra[device] < size:
+            extra[device] = max(extra.get(device, 0), size)
     devices = [b.device for b in request.gpus]
     devices += [d for d in OFFLOAD_TARGETS if d in weights or d in usage]
     devices += [d for d in weights if d not in devices]  # spilled to an unbudgeted device
@@ -342,7 +352,9 @@ def _offload_or_refuse(
     """Offload when allowed and it fits, else refuse with ``why`` and the closest attempt."""
     if request.allow_offload:
         offloading = offload(request)
-        if offloading.fits:
+        # With GPUs, a map that computes on none of them is no offload (it runs on the cpu).
+        computes = Placement.of(offloading.device_map).main != "cpu" or not request.gpus
+        if offloading.fits and computes:
             where = offloaded(offloading)
             reason = f"the GPUs cannot hold it; allow_offload=True puts {where} (much slower than "
             return "offload", reason + "a GPU-only placement)", offloading
@@ -388,10 +400,15 @@ def _single_reason(row: DeviceBudget) -> str:
 
 
 def offloaded(attempt: Attempt) -> str:
-    """``9.5 GiB on cpu, copied to cuda:0 for every forward pass``."""
+    """``9.5 GiB of weights on cpu, copied to cuda:0 one module at a time for every forward``.
+
+    Only what accelerate streams: with the cpu as the main device, the cpu's own weights stay.
+    """
+    placement = Placement.of(attempt.device_map)
+    places = set(placement.offloaded.values())
     where = " and ".join(
         f"{format_bytes(row.weights)} of weights on {row.device}"
         for row in attempt.rows
-        if row.device in OFFLOAD_TARGETS and row.weights
+        if row.device in places and row.weights
     )
-    return f"{where}, copied to {Placement.of(attempt.device_map).main} for every forward pass"
+    return f"{where}, copied to {placement.main} one module at a time for every forward pass"
