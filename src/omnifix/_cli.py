@@ -75,8 +75,12 @@ def _plan(args: argparse.Namespace) -> int:
         audio_seconds=args.audio,
         max_new_tokens=args.new,
     )
-    # No --gpu and no --cpu: the planner measures this machine.
-    given: dict[int | str, str] = dict(enumerate(args.gpu))
+    # No --gpu and no --cpu: the planner measures this machine. One --gpu with
+    # --gpus-per-node N budgets N such GPUs.
+    sizes = list(args.gpu)
+    if len(sizes) == 1 and args.gpus_per_node:
+        sizes *= args.gpus_per_node
+    given: dict[int | str, str] = dict(enumerate(sizes))
     if args.cpu is not None:
         given["cpu"] = args.cpu
     budgets = given or None
@@ -87,6 +91,11 @@ def _plan(args: argparse.Namespace) -> int:
         attn_implementation=args.attn,
         workload=workload,
         allow_offload=args.allow_offload,
+        engine=args.engine,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tensor_parallel=args.tensor_parallel,
+        pipeline_parallel=args.pipeline_parallel,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -96,6 +105,8 @@ def _plan(args: argparse.Namespace) -> int:
         from rich.console import Console
 
         Console().print(plan)
+        if plan.parallel is not None and plan.parallel.launch is not None:
+            print(plan.parallel.launch.text)  # unwrapped, so that it pastes
     return 0 if plan.fits else 1
 
 
@@ -140,6 +151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan.add_argument(
         "--allow-offload", action="store_true", help="let weights go to the cpu or disk"
     )
+    plan.add_argument(
+        "--engine",
+        help="plan tensor/pipeline parallelism for vllm, sglang or torchrun and print its "
+        "command lines",
+    )
+    plan.add_argument("--nodes", type=int, help="hosts, each with the --gpu budgets (default 1)")
+    plan.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="GPUs per host (default: one per --gpu; one --gpu is repeated this many times)",
+    )
+    plan.add_argument("--tensor-parallel", type=int, help="tensor-parallel size to use")
+    plan.add_argument("--pipeline-parallel", type=int, help="pipeline stages to use")
     for sub in (doctor, plan):  # the same output switches
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.add_argument("--plain", action="store_true", help="plain text instead of rich tables")
