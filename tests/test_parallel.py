@@ -9,11 +9,17 @@ from functools import cache
 from typing import Any
 
 import pytest
+import transformers
+from packaging.version import Version
 
 import omnifix
 from omnifix import InvalidArgumentError, Workload
 from omnifix._cli import main
 
+pytestmark = pytest.mark.skipif(
+    Version(Version(transformers.__version__).base_version) < Version("4.49"),
+    reason="the Qwen2.5-VL presets planned here need transformers>=4.49",
+)
 FLAGS = pathlib.Path(__file__).parent / "data" / "engine_flags"
 LONG = Workload(text_tokens=32768, image_tokens=1280)
 

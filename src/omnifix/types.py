@@ -15,6 +15,8 @@ from omnifix._embeddings import EmbeddingPin as EmbeddingPin
 from omnifix._meta import MetaTensor as MetaTensor
 from omnifix._patch import FromPretrainedPatch as FromPretrainedPatch
 from omnifix._plan import DeviceBudget as DeviceBudget
+from omnifix._plan import EngineLaunch as EngineLaunch
+from omnifix._plan import ParallelLayout as ParallelLayout
 from omnifix._report import DeviceUsage as DeviceUsage
 from omnifix._types import AttentionRequest as AttentionRequest
 from omnifix._types import DeviceLike as DeviceLike
@@ -30,9 +32,11 @@ __all__ = [
     "DeviceRequest",
     "DeviceUsage",
     "EmbeddingPin",
+    "EngineLaunch",
     "FromPretrainedPatch",
     "LeanDispatch",
     "MetaTensor",
     "OffloadLocation",
+    "ParallelLayout",
     "ResolvedDevice",
 ]

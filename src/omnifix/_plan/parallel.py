@@ -228,13 +228,17 @@ def _slice_tower(tower: Tower, size: int) -> Tower:
     )
 
 
-def _rank_anatomy(anatomy: Anatomy, size: int, encoder: EncoderMode) -> Anatomy:
+def _rank_anatomy(anatomy: Anatomy, engine: Engine, size: int, encoder: EncoderMode) -> Anatomy:
+    """One rank's anatomy: sliced heads and MLPs; serving engines make last-token logits only."""
     towers = anatomy.towers
     if encoder == "weights":
         towers = tuple(_slice_tower(tower, size) for tower in towers)
-    return replace(
+    sliced = replace(
         anatomy, decoders=tuple(_slice_decoder(d, size) for d in anatomy.decoders), towers=towers
     )
+    if engine == "torchrun":  # transformers' own generate, as the single-host planner models it
+        return sliced
+    return replace(sliced, last_token_logits=True, logits_upcast=False)
 
 
 def _tensors(skeleton: Skeleton) -> Iterator[str]:
@@ -313,11 +317,12 @@ def _stage_map(skeleton: Skeleton, stages: int, device: Callable[[int], str]) ->
     return found
 
 
-def _try(request: Request, size: int, stages: int, encoder: EncoderMode, budget: Budget) -> _Try:
+def _try(request: Request, layout: tuple[Engine, int, int, EncoderMode], budget: Budget) -> _Try:
+    engine, size, stages, encoder = layout
     skeleton = request.skeleton
     rank = replace(
         skeleton,
-        anatomy=_rank_anatomy(skeleton.anatomy, size, encoder),
+        anatomy=_rank_anatomy(skeleton.anatomy, engine, size, encoder),
         sizes=_rank_sizes(skeleton, size, encoder),
     )
     if budget.is_gpu:
@@ -487,7 +492,7 @@ def _search(
     layouts, valid = _layouts(request, parallel, engine, grid)
     rejected: list[_Try] = []
     for size, stages, mode in layouts:
-        attempt = _try(request, size, stages, mode, grid.budget)
+        attempt = _try(request, (engine, size, stages, mode), grid.budget)
         if attempt.fits:
             return attempt, rejected, valid
         rejected.append(attempt)
