@@ -237,3 +237,10 @@ def test_flag_data_names_its_source() -> None:
         assert data["sources"]
         assert all("repo" in source and "path" in source for source in data["sources"])
         assert isinstance(argparse.Namespace(**data["flags"]), argparse.Namespace)
+
+
+def test_a_refusal_without_options_says_what_would_help() -> None:
+    refused = plan("qwen2.5-vl-7b", "sglang", "1GiB", 1)
+    assert not refused.fits
+    assert refused.options == ()
+    assert refused.explain().endswith("nor up to 8 times as many hosts or fewer text tokens, fits.")

@@ -153,7 +153,7 @@ class PlacementPlan:
         if self.fits:
             return []
         if not self.options:
-            return [_NOTHING_FITS]
+            return [_NO_LAYOUT_FITS if self.parallel else _NOTHING_FITS]
         options = [f"  - {option}" for option in self.options]
         return ["Options that fit (each checked by planning again):", *options, _APPLY_ONE]
 
@@ -245,6 +245,10 @@ _APPLY_ONE: Final = (
 _NOTHING_FITS: Final = (
     "Fix: use GPUs with more free memory or more GPUs; nothing that omnifix can change (dtype, "
     "attention, workload, quantisation, offload, cpu) fits here."
+)
+_NO_LAYOUT_FITS: Final = (
+    "Fix: use GPUs with more memory, or more hosts (nodes=); no tensor x pipeline layout of these "
+    "GPUs, nor up to 8 times as many hosts or fewer text tokens, fits."
 )
 _NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
 
