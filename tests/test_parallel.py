@@ -16,7 +16,7 @@ import omnifix
 from omnifix import InvalidArgumentError, Workload
 from omnifix._cli import main
 
-pytestmark = pytest.mark.skipif(
+QWEN25 = pytest.mark.skipif(
     Version(Version(transformers.__version__).base_version) < Version("4.49"),
     reason="the Qwen2.5-VL presets planned here need transformers>=4.49",
 )
@@ -61,6 +61,7 @@ def plan(model: str, engine: str, size: str, count: int, **options: Any) -> omni
     return omnifix.plan_placement(model, budgets=budgets, engine=engine, **options)
 
 
+@QWEN25
 def test_long_context_needs_tensor_parallelism_and_takes_the_smallest_that_fits() -> None:
     found = plan("qwen2.5-vl-7b", "vllm", "8GiB", 4, workload=LONG)
     assert found.fits
@@ -74,6 +75,7 @@ def test_long_context_needs_tensor_parallelism_and_takes_the_smallest_that_fits(
     assert row.fits
 
 
+@QWEN25
 def test_tensor_parallelism_slices_the_layers_and_the_kv_cache_per_rank() -> None:
     whole = plan("qwen2.5-vl-7b", "vllm", "80GiB", 2, workload=LONG, tensor_parallel=1)
     halves = plan("qwen2.5-vl-7b", "vllm", "80GiB", 2, workload=LONG, tensor_parallel=2)
@@ -84,6 +86,7 @@ def test_tensor_parallelism_slices_the_layers_and_the_kv_cache_per_rank() -> Non
     assert two.kv_cache == pytest.approx(one.kv_cache / 2, rel=0.01)
 
 
+@QWEN25
 def test_pipeline_stages_cross_hosts_when_one_host_is_not_enough() -> None:
     found = plan("qwen2.5-vl-7b", "vllm", "6GiB", 2, nodes=2, workload=Workload(text_tokens=4096))
     assert found.fits
@@ -101,6 +104,7 @@ def test_pipeline_stages_cross_hosts_when_one_host_is_not_enough() -> None:
     assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
 
 
+@QWEN25
 def test_refusal_lists_options_each_checked_by_planning_again() -> None:
     work = Workload(text_tokens=16384, image_tokens=1280)
     refused = plan("qwen2.5-vl-7b", "sglang", "6GiB", 2, nodes=2, workload=work)
@@ -115,9 +119,11 @@ def test_refusal_lists_options_each_checked_by_planning_again() -> None:
     assert again.fits
 
 
+@QWEN25
 @pytest.mark.parametrize(
     ("engine", "valid"), [("vllm", (1, 2, 4, 8)), ("sglang", (1, 2, 4)), ("torchrun", (1, 2))]
 )
+@QWEN25
 def test_a_size_that_does_not_split_the_heads_names_the_sizes_that_do(
     engine: str, valid: tuple[int, ...]
 ) -> None:
@@ -129,23 +135,27 @@ def test_a_size_that_does_not_split_the_heads_names_the_sizes_that_do(
     assert ", ".join(map(str, valid)) in str(error.value)
 
 
+@QWEN25
 def test_more_gpus_per_node_than_budgets_is_refused_with_the_counts_that_work() -> None:
     with pytest.raises(InvalidArgumentError, match="gpus_per_node=4") as error:
         plan("qwen2.5-vl-3b", "vllm", "24GiB", 2, gpus_per_node=4)
     assert error.value.valid == (1, 2)
 
 
+@QWEN25
 def test_an_unknown_engine_names_the_engines() -> None:
     with pytest.raises(InvalidArgumentError, match="'vllm', 'sglang', 'torchrun'") as error:
         plan("qwen2.5-vl-3b", "tgi", "24GiB", 2)
     assert error.value.argument == "engine"
 
 
+@QWEN25
 def test_torchrun_has_no_pipeline_stages() -> None:
     with pytest.raises(InvalidArgumentError, match="pipeline_parallel=2"):
         plan("qwen2.5-vl-3b", "torchrun", "24GiB", 2, pipeline_parallel=2)
 
 
+@QWEN25
 @pytest.mark.parametrize(
     ("engine", "count", "options"),
     [
@@ -155,6 +165,7 @@ def test_torchrun_has_no_pipeline_stages() -> None:
         ("sglang", 2, {"nodes": 2, "workload": Workload(text_tokens=4096)}),
     ],
 )
+@QWEN25
 def test_every_engine_flag_exists_in_the_pinned_release_with_a_valid_value(
     engine: str, count: int, options: dict[str, Any]
 ) -> None:
@@ -166,6 +177,7 @@ def test_every_engine_flag_exists_in_the_pinned_release_with_a_valid_value(
         check_argv(engine, argv)
 
 
+@QWEN25
 def test_vllm_keeps_the_vision_tower_whole_per_gpu_where_that_fits() -> None:
     found = plan("qwen2.5-vl-7b", "vllm", "12GiB", 4, workload=LONG)
     assert found.parallel is not None
@@ -180,6 +192,7 @@ def test_vllm_keeps_the_vision_tower_whole_per_gpu_where_that_fits() -> None:
     assert int(argv[argv.index("--max-model-len") + 1]) == LONG.prompt_tokens + 256
 
 
+@QWEN25
 def test_torchrun_command_parses_with_the_installed_torchrun_and_the_script_compiles() -> None:
     from torch.distributed.run import get_args_parser
 
@@ -198,12 +211,14 @@ def test_torchrun_command_parses_with_the_installed_torchrun_and_the_script_comp
     assert eval(repr(LONG), {"Workload": Workload}) == LONG  # noqa: S307 - our own repr
 
 
+@QWEN25
 def test_cli_prints_the_launch_and_json_carries_it() -> None:
     args = ["plan", "qwen2.5-vl-7b", "--gpu", "8GiB", "--gpus-per-node", "4", "--engine", "vllm"]
     args += ["--text", "32768", "--image", "1280", "--json"]
     assert main(args) == 0
 
 
+@QWEN25
 def test_cli_json_has_the_layout(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["plan", "qwen2.5-vl-7b", "--gpu", "8GiB", "--gpus-per-node", "4", "--engine", "vllm"]
     args += ["--text", "32768", "--image", "1280"]
@@ -219,11 +234,13 @@ def test_cli_json_has_the_layout(capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
+@QWEN25
 def test_cli_bad_engine_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "qwen2.5-vl-3b", "--gpu", "24GiB", "--engine", "tgi"]) == 2
     assert "InvalidArgumentError" in capsys.readouterr().err
 
 
+@QWEN25
 def test_json_round_trips() -> None:
     found = plan("qwen2.5-vl-7b", "vllm", "8GiB", 4, workload=LONG)
     data = json.loads(json.dumps(found.to_dict()))
@@ -239,8 +256,20 @@ def test_flag_data_names_its_source() -> None:
         assert isinstance(argparse.Namespace(**data["flags"]), argparse.Namespace)
 
 
+@QWEN25
 def test_a_refusal_without_options_says_what_would_help() -> None:
     refused = plan("qwen2.5-vl-7b", "sglang", "1GiB", 1)
     assert not refused.fits
     assert refused.options == ()
     assert refused.explain().endswith("nor up to 8 times as many hosts or fewer text tokens, fits.")
+
+
+def test_qwen2_vl_plans_on_every_supported_transformers() -> None:
+    # Qwen2-VL-7B (28 heads, 4 KV heads; a tower of 16 heads and a 5120-wide MLP) from 4.45 on.
+    found = plan("qwen2-vl-7b", "vllm", "8GiB", 4, workload=LONG)
+    assert found.fits
+    assert found.parallel is not None
+    assert found.parallel.valid_tensor_parallel == (1, 2, 4)
+    assert found.parallel.launch is not None
+    for _, argv in found.parallel.launch.commands:
+        check_argv("vllm", argv)
