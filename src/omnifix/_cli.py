@@ -88,9 +88,13 @@ def _plan(args: argparse.Namespace) -> int:
         audio_seconds=args.audio,
         max_new_tokens=args.new,
     )
-    # No --gpu and no --cpu: the planner measures this machine.
+    # No --gpu and no --cpu: the planner measures this machine. One --gpu with
+    # --gpus-per-node N budgets N such GPUs.
+    sizes = list(args.gpu)
+    if len(sizes) == 1 and args.gpus_per_node:
+        sizes *= args.gpus_per_node
     given: dict[int | str, int] = {
-        index: _size("--gpu", size, "24GiB") for index, size in enumerate(args.gpu)
+        index: _size("--gpu", size, "24GiB") for index, size in enumerate(sizes)
     }
     if args.cpu is not None:
         given["cpu"] = _size("--cpu", args.cpu, "64GiB")
@@ -110,7 +114,15 @@ def _plan(args: argparse.Namespace) -> int:
         fits = any(plan.fits for _, plan in shown.plans)
     else:
         shown = plan_placement(
-            args.model, dtype=args.dtype, quantization=args.quantization, **kwargs
+            args.model,
+            dtype=args.dtype,
+            quantization=args.quantization,
+            engine=args.engine,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            tensor_parallel=args.tensor_parallel,
+            pipeline_parallel=args.pipeline_parallel,
+            **kwargs,
         )
         fits = shown.fits
     if args.json:
@@ -121,6 +133,9 @@ def _plan(args: argparse.Namespace) -> int:
         from rich.console import Console
 
         Console().print(shown)
+        launch = getattr(getattr(shown, "parallel", None), "launch", None)
+        if launch is not None:
+            print(launch.text)  # unwrapped, so that it pastes
     return 0 if fits else 1
 
 
@@ -187,6 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan.add_argument(
         "--token", help="Hub id: a token for gated or private repositories (default: HF_TOKEN)"
     )
+    plan.add_argument(
+        "--engine",
+        help="plan tensor/pipeline parallelism for vllm, sglang or torchrun and print its "
+        "command lines",
+    )
+    plan.add_argument("--nodes", type=int, help="hosts, each with the --gpu budgets (default 1)")
+    plan.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="GPUs per host (default: one per --gpu; one --gpu is repeated this many times)",
+    )
+    plan.add_argument("--tensor-parallel", type=int, help="tensor-parallel size to use")
+    plan.add_argument("--pipeline-parallel", type=int, help="pipeline stages to use")
     for sub in (doctor, plan):  # the same output switches
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.add_argument("--plain", action="store_true", help="plain text instead of rich tables")

@@ -46,6 +46,7 @@ __all__ = [
     "placement_module",
     "quiet",
     "requirements",
+    "tensor_parallel_keyword",
     "transformers_at_least",
     "transformers_version",
 ]
@@ -189,6 +190,26 @@ def attention_dict_supported() -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return getattr(probe, "_attn_implementation", None) == "eager"
+
+
+@functools.cache
+def tensor_parallel_keyword() -> Literal["distributed_config", "tp_plan"] | None:
+    """How ``from_pretrained`` takes tensor parallelism in the installed transformers.
+
+    ``"distributed_config"`` where ``transformers.DistributedConfig`` takes a ``tp_plan`` (5.x,
+    where ``tp_plan=`` is deprecated), ``"tp_plan"`` where configs carry a ``base_model_tp_plan``
+    (4.50 to 4.57), ``None`` where neither exists (4.45).
+    """
+    import inspect
+
+    import transformers
+
+    distributed = getattr(transformers, "DistributedConfig", None)
+    if distributed is not None and "tp_plan" in inspect.signature(distributed).parameters:
+        return "distributed_config"
+    if hasattr(transformers.PretrainedConfig, "base_model_tp_plan"):
+        return "tp_plan"
+    return None
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from omnifix._dispatch import lean_dispatch
 from omnifix._embeddings import pin_embeddings
 from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
+from omnifix._parallel_load import PARALLEL_MODES, load_tensor_parallel
 from omnifix._plan import plan_placement, require_workload
 from omnifix._plan.budgets import enable_expandable_segments, host_memory
 from omnifix._plan.quantization import bnb_config, require_bitsandbytes
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
 
+    from omnifix._parallel_load import ParallelMode
     from omnifix._plan import PlacementPlan, Workload
     from omnifix._types import AttentionRequest, DeviceLike
     from omnifix._verify import Baseline
@@ -357,6 +359,7 @@ def load_safely(
     expandable_segments: bool = True,
     verify_workload: bool = False,
     quantization: object = None,
+    parallel: ParallelMode | None = None,
     **from_pretrained_kwargs: Any,
 ) -> _M: ...
 
@@ -377,6 +380,7 @@ def load_safely(
     expandable_segments: bool = True,
     verify_workload: bool = False,
     quantization: object = None,
+    parallel: ParallelMode | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel: ...
 
@@ -396,6 +400,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     expandable_segments: bool = True,
     verify_workload: bool = False,
     quantization: object = None,
+    parallel: ParallelMode | None = None,
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a transformers model where it fits, or refuse with numbers before loading anything.
@@ -440,6 +445,11 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
             :func:`omnifix.plan_placement`); the plan's ``BitsAndBytesConfig`` is passed to
             ``from_pretrained``. A ``BitsAndBytesConfig`` given as ``quantization_config=`` is
             planned the same way.
+        parallel: ``"tensor"``: under ``torchrun``, load one slice of every layer per process
+            through transformers' own tensor parallelism, after planning each rank's slice
+            against its device (for a model that fits no single GPU of a host with several;
+            docs/beyond-one-host.md). ``device``, ``max_memory``, ``allow_offload`` and a
+            ``device_map`` do not apply. ``None``: the whole model in this process.
         **from_pretrained_kwargs: Forwarded to ``from_pretrained`` (``revision``, ``subfolder``,
             ``trust_remote_code``, ``quantization_config``, config overrides...). An explicit
             ``device_map`` dict is checked, not planned; a strategy word is refused.
@@ -491,6 +501,18 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
 
     # 2. What to load: config (not the weights) and class.
     config, concrete = _config_and_class(pretrained, kwargs, model_class)
+    if parallel is not None:
+        _check_parallel(parallel, user_map, device, max_memory, allow_offload=allow_offload)
+        return load_tensor_parallel(
+            pretrained,
+            config=config,
+            model_class=concrete,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            workload=workload,
+            strict=strict,
+            from_pretrained_kwargs=kwargs,
+        )
 
     # 3. Where: an explicit caller's map, or a plan over the measured budgets.
     plan: PlacementPlan | None = None
@@ -583,6 +605,36 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     # 7. With verify_workload: the declared workload, once, against each GPU's budget.
     _finish(model, plan, device_map, chosen_dtype, hooks, before=before)
     return model
+
+
+def _check_parallel(
+    parallel: object, user_map: object, device: object, max_memory: object, *, allow_offload: bool
+) -> None:
+    """Refuse ``parallel=`` values and the options a tensor-parallel load has no use for."""
+    if parallel not in PARALLEL_MODES:
+        raise InvalidArgumentError(
+            f"parallel={parallel!r} is not a parallel mode. Pass parallel='tensor' (one slice of "
+            "every layer per torchrun process), or None to load the whole model here.",
+            argument="parallel",
+            valid=PARALLEL_MODES,
+        )
+    given = [
+        name
+        for name, unused in (
+            ("device_map", user_map is not None),
+            ("device", device != "auto"),
+            ("max_memory", max_memory is not None),
+            ("allow_offload", allow_offload),
+        )
+        if unused
+    ]
+    if given:
+        raise InvalidArgumentError(
+            f"parallel='tensor' places each slice on its process's own device, so "
+            f"{', '.join(given)} has nothing to choose. Drop {', '.join(given)}, or drop "
+            "parallel= to plan one process's placement.",
+            argument="parallel",
+        )
 
 
 def _warn_sub_models(model: nn.Module, attention: str) -> None:

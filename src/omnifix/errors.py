@@ -44,7 +44,18 @@ class OmnifixError(Exception):
 
 
 class InvalidArgumentError(OmnifixError, ValueError):
-    """An argument has a value omnifix cannot use (a negative batch size, say)."""
+    """An argument has a value omnifix cannot use (a negative batch size, say).
+
+    Attributes:
+        argument: The argument's name, where one argument is at fault (``"tensor_parallel"``).
+        valid: The values that would work, where omnifix knows them (``(1, 2, 4)``).
+    """
+
+    def __init__(self, message: str, *, argument: str = "", valid: tuple[object, ...] = ()) -> None:
+        """The message, and the argument at fault with the values that would work."""
+        super().__init__(message)
+        self.argument = argument
+        self.valid = valid
 
 
 class DeviceError(InvalidArgumentError):

@@ -16,6 +16,8 @@ from omnifix._handle import Handle as Handle
 from omnifix._meta import MetaTensor as MetaTensor
 from omnifix._patch import FromPretrainedPatch as FromPretrainedPatch
 from omnifix._plan import DeviceBudget as DeviceBudget
+from omnifix._plan import EngineLaunch as EngineLaunch
+from omnifix._plan import ParallelLayout as ParallelLayout
 from omnifix._plan import PlanOption as PlanOption
 from omnifix._report import DeviceUsage as DeviceUsage
 from omnifix._types import AttentionRequest as AttentionRequest
@@ -32,11 +34,13 @@ __all__ = [
     "DeviceRequest",
     "DeviceUsage",
     "EmbeddingPin",
+    "EngineLaunch",
     "FromPretrainedPatch",
     "Handle",
     "LeanDispatch",
     "MetaTensor",
     "OffloadLocation",
+    "ParallelLayout",
     "PlanOption",
     "ResolvedDevice",
 ]

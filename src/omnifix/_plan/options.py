@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from omnifix._plan.budgets import DeviceBudget
     from omnifix._plan.skeleton import Skeleton
 
-__all__ = ["OptionKind", "PlanOption", "bound_option", "options"]
+__all__ = ["OptionKind", "PlanOption", "bound_option", "options", "plan_option"]
 
 #: What an option changes.
 OptionKind = Literal[
@@ -166,6 +166,27 @@ def _option(
         code=changed.call.source(code_arguments),
         strategy=strategy,
         devices=attempt.rows,
+    )
+
+
+def plan_option(
+    request: Request,
+    kind: OptionKind,
+    description: str,
+    changes: Mapping[str, str],
+    *,
+    strategy: Strategy,
+    rows: tuple[DeviceBudget, ...],
+) -> PlanOption:
+    """An option already checked by its caller: ``request``'s call with ``changes`` (as source)."""
+    return PlanOption(
+        kind=kind,
+        description=description,
+        arguments=dict(changes),
+        load="",
+        code=request.call.source({**_arguments(request), **changes}),
+        strategy=strategy,
+        devices=rows,
     )
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, cast, get_args
 
 from omnifix._attention import IMPLEMENTATIONS, choose_attention, choose_dtype
 from omnifix._device_map import Placement
@@ -13,6 +14,8 @@ from omnifix._plan.budgets import SIMULATED_CAPABILITY, DeviceBudget, resolve_bu
 from omnifix._plan.code import call_of
 from omnifix._plan.estimate import CALIBRATION
 from omnifix._plan.options import PlanOption, bound_option, options
+from omnifix._plan.parallel import ParallelLayout, ParallelRequest, plan_parallel
+from omnifix._plan.presets import preset_repo
 from omnifix._plan.quantization import (
     Quantization,
     quantize,
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from rich.console import Group
 
     from omnifix._attention import Capability
+    from omnifix._plan.engines import Engine
     from omnifix._plan.skeleton import Skeleton
 
 __all__ = ["AttnImplementation", "PlacementPlan", "plan_placement"]
@@ -50,11 +54,14 @@ class PlacementPlan:
 
     Attributes:
         model: What was planned (preset name, directory name or class name).
-        strategy: ``"single"``, ``"split"``, ``"offload"`` or ``"refuse"``.
+        strategy: ``"single"``, ``"split"``, ``"offload"``, ``"parallel"`` or ``"refuse"``.
         reason: Why this strategy, in one sentence with the numbers.
         device_map: For ``from_pretrained(device_map=...)``: ``"cuda:N"``, ``"cpu"``, ``"disk"``
             (as :func:`omnifix.resolve_device_map` spells them); for a refusal, the closest try.
-        devices: Predicted use of every budgeted GPU, and of ``cpu``/``disk`` where mapped.
+            For a parallel plan: the pipeline stage (``"stage N"``) of each module, not a map
+            for ``from_pretrained``.
+        devices: Predicted use of every budgeted GPU, and of ``cpu``/``disk`` where mapped;
+            for a parallel plan, one GPU of each pipeline stage (``"stage N"``).
         dtype: Dtype the numbers assume (pass it to ``from_pretrained``).
         attn_implementation: Attention the numbers assume.
         workload: The workload planned for.
@@ -65,6 +72,8 @@ class PlacementPlan:
         notes: Assumptions behind the numbers.
         quantization: The bitsandbytes quantisation the numbers assume (``None``: unquantised);
             :attr:`quantization_config` is its ``BitsAndBytesConfig``.
+        parallel: For a parallel plan (``engine=``, ``nodes=``, ...): the layout, why, and the
+            engine's command lines (``plan.parallel.launch``); else ``None``.
     """
 
     model: str
@@ -79,6 +88,7 @@ class PlacementPlan:
     input_device: torch.device | None = None
     notes: tuple[str, ...] = field(default=())
     quantization: Quantization | None = None
+    parallel: ParallelLayout | None = None
 
     @property
     def quantization_config(self) -> Any:
@@ -162,6 +172,7 @@ class PlacementPlan:
             ),
             "options": [option.to_dict() for option in self.options],
             "notes": list(self.notes),
+            "parallel": None if self.parallel is None else self.parallel.to_dict(),
         }
 
     def _options(self) -> list[str]:
@@ -170,7 +181,9 @@ class PlacementPlan:
             return []
         if not self.options:
             gpus = any(row.device.startswith("cuda") for row in self.devices)
-            return [_NOTHING_FITS if gpus else _NOTHING_FITS_CPU]
+            return [
+                _NO_LAYOUT_FITS if self.parallel else _NOTHING_FITS if gpus else _NOTHING_FITS_CPU
+            ]
         options = [f"  - {option}".replace("\n", "\n  ") for option in self.options]
         return [
             "Options that fit (each checked by planning again with exactly that change):",
@@ -178,7 +191,7 @@ class PlacementPlan:
             _APPLY_ONE,
         ]
 
-    def _blocks(self) -> list[Block]:
+    def _blocks(self, *, launch: bool = True) -> list[Block]:
         """What :meth:`__str__` and :meth:`__rich__` show, top to bottom."""
         cells: dict[str, Callable[[DeviceBudget], str]] = {
             "budget": lambda row: "unlimited" if row.unlimited else format_bytes(row.budget),
@@ -201,6 +214,7 @@ class PlacementPlan:
                 f"({_dtype_name(self.dtype)}, {self.attn_implementation}) - {verdict}"
             ),
             f"workload: {self.workload}",
+            *([f"layout: {self.parallel}"] if self.parallel else []),
             f"why: {self.reason}",
             Table(
                 ("", *devices),
@@ -212,10 +226,11 @@ class PlacementPlan:
             Table(
                 ("device", "modules"),
                 tuple(_map_summary(self.device_map)),
-                title="device_map",
+                title="pipeline stages" if self.parallel else "device_map",
                 fold=frozenset({"modules"}),
             ),
             *self._options(),
+            *(_launch_lines(self.parallel) if launch else []),
         ]
 
     def __str__(self) -> str:
@@ -223,8 +238,19 @@ class PlacementPlan:
         return plain(self._blocks())
 
     def __rich__(self) -> Group:
-        """The same as :meth:`__str__`, as rich tables (``rich.print(plan)``, ``omnifix plan``)."""
-        return rich(self._blocks())
+        """The same as :meth:`__str__`, as rich tables (``rich.print(plan)``, ``omnifix plan``).
+
+        Without a parallel plan's command lines, which a terminal would wrap: print
+        ``plan.parallel.launch.text`` for those.
+        """
+        return rich(self._blocks(launch=False))
+
+
+def _launch_lines(layout: ParallelLayout | None) -> list[Block]:
+    """The engine's command lines of a parallel plan that fits."""
+    if layout is None or layout.launch is None:
+        return []
+    return [f"launch with {layout.engine}:", layout.launch.text]
 
 
 def _verdict_style(_device: str, text: str) -> str:  # green: fits, red: does not; else plain
@@ -259,6 +285,10 @@ _NOTHING_FITS: Final = (
 _NOTHING_FITS_CPU: Final = (
     "Fix: give the cpu more memory, or plan for GPUs (budgets={0: '24GiB'}); nothing that "
     "omnifix can change (dtype, attention, workload, offload to disk) fits here."
+)
+_NO_LAYOUT_FITS: Final = (
+    "Fix: use GPUs with more memory, or more hosts (nodes=); no tensor x pipeline layout of these "
+    "GPUs, nor up to 8 times as many hosts or fewer text tokens, fits."
 )
 _NUMBERED: Final = re.compile(r"^(?P<stem>.*\.)(?P<index>\d+)$")
 
@@ -374,6 +404,41 @@ def _notes(request: Request) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def _model_id(model: object, label: str) -> str:
+    """What an engine is told to load: a preset's hub id, the path or name given, else the label."""
+    if isinstance(model, str):
+        return preset_repo(model) or model
+    if isinstance(model, os.PathLike):
+        return str(os.fspath(model))
+    return label
+
+
+def _parallel_plan(request: Request, parallel: ParallelRequest) -> PlacementPlan:
+    skeleton = request.skeleton
+    answer = plan_parallel(request, parallel, dtype_name=_dtype_name(skeleton.dtype))
+    return PlacementPlan(
+        model=skeleton.label,
+        strategy="parallel" if answer.fits else "refuse",
+        reason=answer.reason,
+        device_map=answer.device_map,
+        devices=answer.rows,
+        dtype=skeleton.dtype,
+        attn_implementation=cast("AttnImplementation", request.attn),
+        workload=request.workload,
+        options=answer.options,
+        notes=(
+            *_notes(request),
+            (
+                "parallel: one GPU per pipeline stage is shown; the other tensor-parallel ranks "
+                "of a stage hold the same; norms, rotary tables and the tower merger stay whole "
+                "on every GPU; the engine's own buffers (CUDA graphs, communication) are not "
+                "modelled"
+            ),
+        ),
+        parallel=answer.layout,
+    )
+
+
 def plan_placement(
     model: object,
     *,
@@ -390,6 +455,11 @@ def plan_placement(
     revision: str | None = None,
     trust_remote_code: bool = False,
     token: str | bool | None = None,
+    engine: Engine | None = None,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    tensor_parallel: int | None = None,
+    pipeline_parallel: int | None = None,
 ) -> PlacementPlan:
     """Plan where ``model`` goes for ``workload`` on ``budgets``, before loading anything.
 
@@ -428,6 +498,13 @@ def plan_placement(
         accept_bound: Where the memory model does not understand part of the model (the
             plan's notes say what, and the conservative bound used instead), accept a plan
             that fits on that bound. By default such a plan is refused, with this as its option.
+        engine: Plan tensor/pipeline parallelism for ``"vllm"``, ``"sglang"`` or ``"torchrun"``
+            (transformers' own, through ``load_safely(..., parallel="tensor")``) and write its
+            command lines (``plan.parallel.launch``); docs/beyond-one-host.md explains it.
+        nodes: Hosts, each with the GPUs of ``budgets`` (default 1).
+        gpus_per_node: GPUs per host, the first of ``budgets`` (default: every GPU budgeted).
+        tensor_parallel: Use this tensor-parallel size (default: the smallest layout that fits).
+        pipeline_parallel: Use this many pipeline stages (default: as for ``tensor_parallel``).
 
     Returns:
         The plan; ``plan.fits`` says whether to load with ``plan.device_map``.
@@ -437,7 +514,9 @@ def plan_placement(
         CheckpointError: No readable config at a path.
         InvalidArgumentError: A bad budget, dtype, attention name, workload (media the model
             has no tower for) or quantization (or one with ``allow_offload=True``); a
-            :class:`DeviceError` for a budget key that is not a device.
+            :class:`DeviceError` for a budget key that is not a device; an unknown engine, more
+            ``gpus_per_node`` than GPU budgets, or a tensor/pipeline size that does not split
+            the model (the message lists the sizes that do).
 
     Example:
         >>> import omnifix
@@ -451,6 +530,10 @@ def plan_placement(
         >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
         >>> plan.fits, plan.options[0].description, plan.options[0].kind
         (False, '3 GPUs of 8.0 GiB', 'gpus')
+        >>> gpus = {i: "24GiB" for i in range(4)}
+        >>> plan = omnifix.plan_placement("qwen2.5-vl-7b", budgets=gpus, engine="vllm")
+        >>> plan.strategy, plan.parallel.tensor_parallel, plan.parallel.pipeline_parallel
+        ('parallel', 1, 1)
     """
     import torch
 
@@ -487,6 +570,16 @@ def plan_placement(
                 "weights are counted unquantised, in the plan's dtype (an overestimate)"
             ),
         )
+    parallel = ParallelRequest(
+        engine=engine,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        model_id=_model_id(model, skeleton.label),
+    )
+    if parallel.asked:
+        return _parallel_plan(request, parallel)
     strategy, reason, attempt = choose(request)
     unknown = _unknown(skeleton)
     bound_options: tuple[PlanOption, ...] = ()

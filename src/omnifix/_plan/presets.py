@@ -21,11 +21,15 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = ["PRESETS", "PresetName", "find_preset", "preset_config", "preset_model_class"]
+__all__ += ["preset_repo"]
 
 PresetName = Literal[
     "qwen2-vl-7b",
     "qwen2.5-vl-3b",
     "qwen2.5-vl-7b",
+    "qwen2.5-vl-72b",
+    "qwen3-vl-235b-a22b",
+    "qwen3-omni-30b-a3b",
     "qwen2.5-omni-3b",
     "qwen2.5-omni-7b",
     "qwen2-audio-7b",
@@ -103,6 +107,18 @@ def _class(name: str, field: str) -> Any:
             f"Upgrade it: pip install 'transformers>={needed}'"
         )
     return cls
+
+
+def preset_repo(name: str) -> str | None:
+    """The hub repository of the preset ``name`` means; ``None`` when it names no preset.
+
+    Example:
+        >>> from omnifix._plan.presets import preset_repo
+        >>> preset_repo("qwen2.5-vl-7b"), preset_repo("./my-checkpoint")
+        ('Qwen/Qwen2.5-VL-7B-Instruct', None)
+    """
+    preset = find_preset(name, required=False)
+    return None if preset is None else str(_read(preset)["repo"])
 
 
 def preset_config(name: str) -> PretrainedConfig:

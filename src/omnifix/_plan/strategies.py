@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["Attempt", "Request", "Strategy", "balance", "choose", "evaluate", "fill"]
 __all__ += ["offload", "offloaded", "single"]
 
-#: How a plan places the model.
-Strategy = Literal["single", "split", "offload", "refuse"]
+#: How a plan places the model (``"parallel"``: tensor/pipeline parallel, see ``plan.parallel``).
+Strategy = Literal["single", "split", "offload", "parallel", "refuse"]
 #: Phases of the encoders that run before the language model.
 _TOWER_PHASES: Final = frozenset({"vision", "video", "audio"})
 #: The most maps the balancing pass tries (one ``infer_auto_device_map`` call each).
