@@ -47,8 +47,8 @@ _QUANTISED: Final = re.compile(r"u?int\d+|fp[48]|float8.*|nf4|q\d.*|4bit|8bit", 
 
 #: The library's parameter names in its messages, as the flags that set them.
 _FLAGS: Final = {
-    "attn_implementation": "--attn",
     "allow_offload=True": "--allow-offload",
+    "attn_implementation": "--attn",
     "allow_offload": "--allow-offload",
     "batch_size": "--batch-size",
     "max_new_tokens": "--max-new-tokens",
@@ -56,7 +56,7 @@ _FLAGS: Final = {
     "image_tokens": "--image",
     "video_seconds": "--video",
     "audio_seconds": "--audio",
-    "dtype": "--dtype",
+    "dtype=": "--dtype ",  # only as a parameter: "dtype" is also a word of the prose
 }
 
 _DESCRIPTION: Final = (
@@ -179,10 +179,18 @@ def _dtype(text: str) -> str:
 
 
 def _in_cli_terms(message: str) -> str:
-    """The library's message with its parameter names spelled as this command's flags."""
+    """The library's message with its parameter names spelled as this command's flags.
+
+    Example:
+        >>> from omnifix._cli import _in_cli_terms
+        >>> _in_cli_terms("dtype=fp64 is not a dtype: set image_tokens to 0, or allow_offload=True")
+        '--dtype fp64 is not a dtype: set --image to 0, or --allow-offload'
+    """
     for name, flag in _FLAGS.items():
-        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w])", flag, message)
-    return message.replace("=", " ") if message.startswith("--") else message
+        end = "" if name.endswith("=") else r"(?!\w)"  # "dtype=" is followed by its value
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}{end}", flag, message)
+        message = message.replace(f"{flag}=", f"{flag} ")
+    return message
 
 
 @contextlib.contextmanager
