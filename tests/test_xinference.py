@@ -22,8 +22,10 @@ tests check what the backend decides and passes to ``from_pretrained``.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import importlib
 import json
+import pickle
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+_PICKLING = dict(copyreg.dispatch_table)
 xutils = pytest.importorskip(
     "xinference.model.utils",
     reason="Xinference is installed in the newest test stack only (ci/stacks/tf5.nodeps.txt)",
@@ -49,6 +52,12 @@ _MULTIMODAL = "xinference.model.llm.transformers.multimodal"
 AUDIO = importlib.import_module(f"{_MULTIMODAL}.qwen2_audio").Qwen2AudioChatModel
 VL = importlib.import_module(f"{_MULTIMODAL}.qwen2_vl").Qwen2VLChatModel
 OMNI = importlib.import_module(f"{_MULTIMODAL}.qwen-omni").QwenOmniChatModel  # a hyphenated module
+#: How exceptions pickle in an Xinference process: xoscar, which carries them between its actors,
+#: registers tblib's pickling for every exception class when it is imported. Kept for the test
+#: below, and undone for the rest of the suite, which runs in this process.
+XOSCAR_PICKLING = dict(copyreg.dispatch_table)
+copyreg.dispatch_table.clear()
+copyreg.dispatch_table.update(_PICKLING)
 BACKENDS = (AUDIO, VL, OMNI)
 FAMILY = {AUDIO: "qwen2-audio", VL: "qwen2-vl", OMNI: "qwen2.5-omni"}
 #: What each backend's family declares (Xinference picks the class from it; Omni its version).
@@ -278,6 +287,23 @@ def test_qwen2_audio_loads_takes_inputs_and_chats_on_the_cpu(tiny_dirs, request_
     assert {tensor.device.type for tensor in inputs.data.values()} == {"cpu"}
     completion = chat_model.chat(HI, {"max_tokens": inputs.input_ids.shape[-1] + 2})
     assert completion["usage"]["completion_tokens"] >= 1
+
+
+def test_omnifix_errors_cross_xinference_actors():
+    """An error raised in a model actor reaches the caller through xoscar's exception pickling."""
+    plan = omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
+    errors = [omnifix.InsufficientMemoryError(plan.explain(), plan=plan)]
+    with pytest.raises(omnifix.DeviceUnavailableError) as missing:
+        omnifix.normalize_device("cuda:3")
+    errors.append(missing.value)
+    assert len(XOSCAR_PICKLING) > len(_PICKLING)  # xoscar registered its pickling
+    with mock.patch.dict(copyreg.dispatch_table, XOSCAR_PICKLING):
+        copies = [pickle.loads(pickle.dumps(error)) for error in errors]  # noqa: S301 - ours
+    for error, copy in zip(errors, copies, strict=True):
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+    assert copies[0].plan.to_dict() == plan.to_dict()
+    assert copies[1].requested == "cuda:3"
 
 
 @pytest.mark.usefixtures("recipe")
