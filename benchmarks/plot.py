@@ -23,6 +23,11 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+#: Figures are 7 inches wide at this resolution (the accuracy plot, with its long case names, 9.5):
+#: about the width of a documentation page, so their 8-9 point labels stay legible there.
+DPI = 100
+
+
 def accuracy(data: dict[str, Any], out: Path) -> None:
     """Per-GPU relative error of omnifix's prediction and of the two anchors, case by case."""
     import matplotlib.pyplot as plt
@@ -34,22 +39,22 @@ def accuracy(data: dict[str, Any], out: Path) -> None:
                 continue
             labels.append(f"{case['case']} {device}")
             rows.append((gpu["error"], gpu["weights_kv_error"], gpu["weights_only_error"]))
-    fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(9.5, 0.3 * len(rows) + 1.5))
     positions = range(len(rows))
     for column, (name, marker) in enumerate(
         (("omnifix", "o"), ("weights + KV (hf-mem)", "s"), ("weights only (accelerate)", "^"))
     ):
-        ax.scatter([100 * r[column] for r in rows], positions, marker=marker, label=name, s=18)
+        ax.scatter([100 * r[column] for r in rows], positions, marker=marker, label=name, s=24)
     ax.axvline(0, color="black", linewidth=0.8)
     for bound in (-10, 10):
         ax.axvline(bound, color="grey", linewidth=0.6, linestyle="--")
-    ax.set_yticks(list(positions), labels, fontsize=6)
+    ax.set_yticks(list(positions), labels, fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel("(predicted - measured) / measured peak, % per GPU")
     ax.set_title("Peak memory prediction, runs that completed")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=9, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=DPI)
     plt.close(fig)
 
 
@@ -60,7 +65,7 @@ def capacity(data: dict[str, Any], out: Path) -> None:
     summary = data.get("summary", {})
     kinds = list(summary)
     placements = ("auto", "balanced", "balanced_low_0", "omnifix")
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     width = 0.2
     for index, placement in enumerate(placements):
         values = []
@@ -75,9 +80,9 @@ def capacity(data: dict[str, Any], out: Path) -> None:
     ax.set_xticks(range(len(kinds)), [f"{k}\n({summary[k].get('unit', '')})" for k in kinds])
     ax.set_ylabel('largest input / "auto"')
     ax.set_title("Capacity on two GPUs capped at 24 GiB (dashed: 1.5x goal)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=DPI)
     plt.close(fig)
 
 
@@ -86,10 +91,10 @@ SHORT = {
     "a": "1 GPU\nno hooks",
     "b": "1 GPU\naccelerate",
     "c": "1 GPU\nomnifix",
-    "d": "2 GPUs balanced\naccelerate",
-    "e": "2 GPUs plan\naccelerate",
-    "f": "2 GPUs plan\nomnifix lean",
-    "g": "2 GPUs balanced\nomnifix lean",
+    "d": "2 GPUs\nbalanced\naccelerate",
+    "e": "2 GPUs\nplan\naccelerate",
+    "f": "2 GPUs\nplan\nomnifix lean",
+    "g": "2 GPUs\nbalanced\nomnifix lean",
 }
 
 
@@ -99,7 +104,7 @@ def overhead(data: dict[str, Any], out: Path) -> None:
 
     families = sorted({case["family"] for case in data["cases"]})
     configs = sorted({case["config"] for case in data["cases"]})
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
     width = 0.8 / len(families)
     for index, family in enumerate(families):
         ratios = {
@@ -116,12 +121,12 @@ def overhead(data: dict[str, Any], out: Path) -> None:
     for target in (1.01, 1.05):
         ax.axhline(target, color="grey", linewidth=0.6, linestyle="--")
     ax.set_ylim(0.8, max(1.6, ax.get_ylim()[1]))
-    ax.set_xticks(range(len(configs)), [f"{c}\n{SHORT.get(c, '')}" for c in configs], fontsize=7)
+    ax.set_xticks(range(len(configs)), [f"{c}\n{SHORT.get(c, '')}" for c in configs], fontsize=8)
     ax.set_ylabel("ms/token / (one GPU, no hooks)")
     ax.set_title("Per-token decode cost of device hooks (dashed: 1.01x and 1.05x goals)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=DPI)
     plt.close(fig)
 
 

@@ -3,8 +3,9 @@
 # whatever devices this machine has, with a printed placement report. Extra arguments go to the demo.
 #
 # torch: if the system Python already has torch (a GPU image, say), the venv reuses it; otherwise
-# torch 2.13.0 is installed first so that nothing resolves a multi-GB CUDA build on a CPU machine
-# (set OMNIFIX_TORCH to choose another spec).
+# torch 2.13.0 is installed first, so that nothing later resolves another build (set OMNIFIX_TORCH to
+# choose another spec; on Linux the package index's torch is the CUDA build, and
+# OMNIFIX_TORCH_INDEX=https://download.pytorch.org/whl/cpu gives the CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,7 +16,8 @@ if [[ ! -f .venv/.omnifix-stamp || $(cat .venv/.omnifix-stamp) != "$stamp" ]]; t
     "$PY" -m venv --system-site-packages .venv
   else
     "$PY" -m venv .venv
-    .venv/bin/python -m pip install -q "${OMNIFIX_TORCH:-torch==2.13.0}"
+    index=${OMNIFIX_TORCH_INDEX:-} # e.g. https://download.pytorch.org/whl/cpu: the CPU build on Linux
+    .venv/bin/python -m pip install -q "${OMNIFIX_TORCH:-torch==2.13.0}" ${index:+--index-url "$index"}
   fi
   .venv/bin/python -m pip install -q -e .
   echo "$stamp" >.venv/.omnifix-stamp

@@ -13,6 +13,32 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from types import ModuleType
 
+#: Test modules whose outcome does not depend on the transformers version (the command line's
+#: surface, the package's structure, the benchmark harnesses): marked ``any_stack``, which
+#: scripts/test.sh runs on the newest stack only. What they drive underneath (planning, loading,
+#: tiny models) is tested on every stack by the other modules.
+ANY_STACK = frozenset(
+    {
+        "test_benchmarks_accuracy.py",
+        "test_benchmarks_capacity.py",
+        "test_benchmarks_overhead.py",
+        "test_benchmarks_timing.py",
+        "test_cli.py",
+        "test_cli_demo.py",
+        "test_cli_plan.py",
+        "test_package.py",
+        "test_structure.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of :data:`ANY_STACK`'s modules ``any_stack``."""
+    for item in items:
+        if item.path.name in ANY_STACK:
+            item.add_marker(pytest.mark.any_stack)
+
+
 #: The benchmark scripts: a folder on no import path, whose modules import each other by name.
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

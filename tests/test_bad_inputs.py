@@ -70,6 +70,16 @@ Memory = omnifix.InsufficientMemoryError
 Unsupported = omnifix.UnsupportedModelError
 Checkpoint = omnifix.CheckpointError
 
+
+class CommandLine(omnifix.OmnifixError):
+    """What the command line shows for a bad input: exit status 2 and one line on stderr.
+
+    The command line prints no error class; the catalogue raises this for its message.
+    """
+
+
+BUILTIN[CommandLine] = Exception
+
 CASES = [
     # normalize_device: spellings, words that are no device, types that are no device.
     Case("omnifix.normalize_device('cdua')", Device, "'cdua'", "Did you mean 'cuda'?"),
@@ -732,91 +742,104 @@ CASES = [
     # The command line: an omnifix error on stderr and exit status 2, never a traceback.
     Case(
         "cli('plan', 'qwen2-vl-7b', '--video', 'nan')",
-        Invalid,
-        "video_seconds=nan",
-        "Pass a finite number >= 0.",
+        CommandLine,
+        "--video 'nan'",
+        "pass seconds, 0 or more, such as 10 or 2.5.",
         "cli('plan', 'qwen2-vl-7b', '--video', '10', '--gpu', '80GiB')",
     ),
     Case(
         "cli('plan', 'qwen2-vl-7b', '--audio', 'inf')",
-        Invalid,
-        "audio_seconds=inf",
-        "Pass a finite number >= 0.",
+        CommandLine,
+        "--audio 'inf'",
+        "pass seconds, 0 or more, such as 10 or 2.5.",
     ),
     Case(
         "cli('plan', 'qwen2-vl-7b', '--video', '-1')",
-        Invalid,
-        "video_seconds=-1",
-        "Pass a number >= 0.",
+        CommandLine,
+        "--video '-1'",
+        "pass seconds, 0 or more, such as 10 or 2.5.",
     ),
     Case(
-        "cli('plan', 'qwen2-vl-7b', '--batch', '0')", Invalid, "batch_size=0", "Pass a number >= 1."
+        "cli('plan', 'qwen2-vl-7b', '--batch', '0')",
+        CommandLine,
+        "--batch '0'",
+        "pass a whole number, 1 or more, such as 4.",
     ),
     Case(
         "cli('plan', 'qwen2-vl-7b', '--text', '-5')",
-        Invalid,
-        "text_tokens=-5",
-        "Pass a number >= 0.",
+        CommandLine,
+        "--text '-5'",
+        "pass a whole number, 0 or more, such as 512.",
     ),
     Case(
         "cli('plan', 'qwen2-vl-7b', '--gpu', '0')",
-        Invalid,
+        CommandLine,
         "--gpu '0'",
-        "--gpu 24GiB",
+        "pass a size such as 24GiB or 80GB.",
         "cli('plan', 'qwen2-vl-7b', '--gpu', '24GiB')",
     ),
-    Case("cli('plan', 'qwen2-vl-7b', '--gpu', 'lots')", Invalid, "--gpu 'lots'", "--gpu 24GiB"),
-    Case("cli('plan', 'qwen2-vl-7b', '--cpu', 'nan')", Invalid, "--cpu 'nan'", "--cpu 64GiB"),
+    Case(
+        "cli('plan', 'qwen2-vl-7b', '--gpu', 'lots')",
+        CommandLine,
+        "--gpu 'lots'",
+        "pass a size such as 24GiB or 80GB.",
+    ),
+    Case(
+        "cli('plan', 'qwen2-vl-7b', '--cpu', 'nan')",
+        CommandLine,
+        "--cpu 'nan'",
+        "pass a size such as 24GiB or 80GB.",
+    ),
     Case(
         "cli('plan', 'qwen2-vl-7b', '--gpu', '24GiB', '--dtype', 'float33')",
-        Invalid,
-        "'float33'",
-        "Did you mean 'float32'?",
+        CommandLine,
+        "--dtype 'float33'",
+        "pass one of auto, bfloat16, float16, float32.",
     ),
     Case(
         "cli('plan', 'qwen2-vl-7b', '--gpu', '24GiB', '--attn', 'flash')",
-        Invalid,
+        CommandLine,
         "'flash'",
         "'sdpa'",
     ),
     Case(
         "cli('plan', 'qwen3-vl-999b')",
-        Unsupported,
+        CommandLine,
         "'qwen3-vl-999b'",
         "Did you mean 'qwen3-vl-8b'?",
     ),
-    Case("cli('plan', empty_dir)", Checkpoint, "empty", "save_pretrained"),
+    Case("cli('plan', empty_dir)", CommandLine, "empty", "save_pretrained"),
     Case(
         "cli('plan', config_file, '--gpu', '1GiB', '--video', '5')",
-        Invalid,
+        CommandLine,
         "vision",
         "to 0 for this model.",
         "cli('plan', config_file, '--gpu', '1GiB')",
     ),
     Case(
         "cli('demo', '--family', 'qwen2', '--device', 'cdua')",
-        Device,
+        CommandLine,
         "'cdua'",
         "Did you mean 'cuda'?",
     ),
     Case(
         "cli('demo', '--family', 'qwen2', '--device', 'cuda:7')",
-        Missing,
+        CommandLine,
         "'cuda:7'",
         "or one listed.",
         "cli('demo', '--family', 'qwen2', '--device', 'cpu')",
     ),
     Case(
         "cli('demo', '--family', 'qwen2', '--device', 'meta')",
-        Device,
+        CommandLine,
         "'meta'",
         "Pass a real device",
     ),
     Case(
         "cli('demo', '--family', 'qwen2', '--max-new-tokens', '-1')",
-        Invalid,
-        "max_new_tokens=-1",
-        "Pass a number >= 0.",
+        CommandLine,
+        "--max-new-tokens '-1'",
+        "pass a whole number, 0 or more, such as 512.",
     ),
     # Integrations and omnifix.testing.
     Case("xinference.patch_xinference(42)", Invalid, "42", "not instances or module paths."),
@@ -961,13 +984,18 @@ def cli(*argv: str) -> int:
     """``omnifix ARGV``; an omnifix error it reports (exit 2) is raised again, here, as itself."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = _cli.main(list(argv))
+        try:
+            status = _cli.main(list(argv))
+        except SystemExit as exited:  # argparse's own errors exit from parse_args
+            status = int(exited.code or 0)
     text = err.getvalue()
     assert "Traceback" not in text
-    if status == 2:  # the command line's "bad arguments"
-        prefix, name, message = text.split(": ", 2)
-        assert prefix == "omnifix"
-        raise getattr(omnifix.errors, name)(message.strip())
+    if status == 2:  # the command line's "bad arguments": one line, then perhaps where help is
+        first, *rest = text.strip().splitlines()
+        assert rest in ([], [f"Run 'omnifix {argv[0]} --help' for the options."]), text
+        prefix, message = first.split(": ", 1)
+        assert prefix == f"omnifix {argv[0]}"
+        raise CommandLine(message)
     return status
 
 
@@ -1013,7 +1041,11 @@ def catalogue_markdown() -> str:
     """The catalogue as docs/errors.md lists it: input, error (builtin), fix."""
     rows = ["| input | error | fix |", "|---|---|---|"]
     for case in CASES:
-        error = f"`{case.error.__name__}` ({BUILTIN[case.error].__name__})"
+        error = (
+            "exit status 2, one line on stderr"
+            if case.error is CommandLine
+            else f"`{case.error.__name__}` ({BUILTIN[case.error].__name__})"
+        )
         fix = f"`{case.works}`" if case.works else f"message ends: {case.fix!r}"
         rows.append(f"| `{case.code}` | {error} | {fix.replace('|', '/')} |")
     return "\n".join(rows)

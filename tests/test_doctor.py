@@ -574,6 +574,9 @@ def test_requirements_are_omnifix_own_metadata() -> None:
     assert [(p.name, p.required) for p in report.versions] == [
         ("torch", ">=99"),
         ("accelerate", "<1"),
+        ("huggingface_hub", None),
+        ("tokenizers", None),
+        ("safetensors", None),
         ("flash-attn", None),
     ]
     assert [shlex.split(error.fix)[-1] for error in report.errors] == ["torch>=99", "accelerate<1"]
@@ -742,3 +745,38 @@ def test_real_gpus_json_from_a_subprocess() -> None:
     assert result.returncode == data["exit_code"] == (1 if data["errors"] else 0)
     assert len(data["gpus"]) == torch.cuda.device_count()
     assert all(gpu["free_bytes"] is not None for gpu in data["gpus"])
+
+
+def test_reports_what_transformers_loads_with() -> None:
+    report = diagnose()
+    shown = {package.name: package for package in report.versions}
+    for name in ("huggingface_hub", "tokenizers", "safetensors"):
+        assert shown[name].version == importlib.metadata.version(name)
+        assert re.search(rf"^{name} +\S+ +by transformers$", render_text(report), re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("installed", "warned"),
+    [
+        ({}, set()),  # the tested releases (or older): nothing to say
+        ({"transformers": "5.24.9"}, set()),  # a patch release of the newest tested line
+        ({"transformers": "5.25.0"}, {"transformers"}),
+        ({"transformers": "6.0.0rc1", "accelerate": "1.17.0"}, {"transformers", "accelerate"}),
+    ],
+)
+def test_warns_when_newer_than_the_newest_tested(
+    installed: dict[str, str], warned: set[str]
+) -> None:
+    from omnifix._compat import NEWEST_TESTED
+
+    tested = {name: f"{version}.0" for name, version in NEWEST_TESTED.items()}
+    with distributions({**tested, **installed}):
+        report = diagnose()
+    newer = [f for f in report.findings if "newer than the newest" in f.message]
+    assert {f.message.split()[0] for f in newer} == warned
+    assert all(f.level == "warn" for f in newer)
+    assert report.exit_code == diagnose().exit_code  # a warning, not an error
+    for finding in newer:
+        name = finding.message.split()[0]
+        assert f"({NEWEST_TESTED[name]}.x)" in finding.message
+        assert finding.fix.startswith(f'If something fails, pip install "{name}<')

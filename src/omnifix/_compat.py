@@ -30,6 +30,7 @@ __all__ = [
     "AUTO_DTYPE_DEFAULT",
     "BNB_EXACT_LINEAR",
     "DTYPE_KEYWORD",
+    "NEWEST_TESTED",
     "PACKED_ATTENTION_SPLITS",
     "QWEN2_5_OMNI",
     "QWEN2_5_VL",
@@ -49,6 +50,7 @@ __all__ = [
     "tensor_parallel_keyword",
     "transformers_at_least",
     "transformers_version",
+    "untested_versions",
 ]
 
 #: ``from_pretrained(dtype=...)``; earlier releases only know ``torch_dtype=`` (renamed in
@@ -80,6 +82,11 @@ QWEN2_5_OMNI: Final = Version("4.52")
 #: match ``pattern + "."`` anywhere in a name, or the whole name.
 BNB_EXACT_LINEAR: Final = Version("5.0")
 
+#: The newest release lines of transformers and accelerate the whole test suite passed on. The
+#: test suite's newest stack installs the newest releases whenever it is built; ``omnifix doctor``
+#: warns about an installed release past these lines. Raise them once every stack passes.
+NEWEST_TESTED: Final = {"transformers": Version("5.24"), "accelerate": Version("1.16")}
+
 
 def installed_version(distribution: str) -> Version | None:
     """The installed version of ``distribution``; ``None`` if it is not installed or unreadable."""
@@ -87,6 +94,23 @@ def installed_version(distribution: str) -> Version | None:
         return Version(importlib.metadata.version(distribution))
     except (importlib.metadata.PackageNotFoundError, InvalidVersion):
         return None
+
+
+def untested_versions() -> dict[str, Version]:
+    """The installed transformers/accelerate releases past :data:`NEWEST_TESTED`'s lines.
+
+    Example:
+        >>> from packaging.version import Version
+        >>> from omnifix._compat import NEWEST_TESTED, untested_versions
+        >>> all(version > NEWEST_TESTED[name] for name, version in untested_versions().items())
+        True
+    """
+    found: dict[str, Version] = {}
+    for name, tested in NEWEST_TESTED.items():
+        version = installed_version(name)
+        if version is not None and version.release[:2] > tested.release[:2]:
+            found[name] = version
+    return found
 
 
 @functools.cache

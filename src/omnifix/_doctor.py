@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix import _table
 from omnifix._attention import AMPERE
-from omnifix._compat import installed_version, requirements
+from omnifix._compat import NEWEST_TESTED, installed_version, requirements, untested_versions
 from omnifix._devices import available_devices, cuda_device_count, normalize_device
 from omnifix._table import Table
 from omnifix._units import MIB, format_bytes
@@ -34,6 +34,9 @@ Level = Literal["ok", "warn", "error"]
 _NEARLY_FULL_BYTES: Final = 256 * MIB
 #: Less than this share of a GPU's memory free: other processes hold the rest.
 _BUSY_SHARE: Final = 0.10
+#: What transformers loads with, shown beside omnifix's own requirements: checkpoints come
+#: through huggingface_hub, tokenizers and safetensors files, whose versions explain many failures.
+_USED_BY_TRANSFORMERS: Final = ("huggingface_hub", "tokenizers", "safetensors")
 #: The distributions a load imports: each one installed must import (flash-attn as flash_attn).
 _IMPORTED: Final = ("torch", "transformers", "accelerate", "flash-attn")
 #: Builds flash-attn again for the installed torch (not from a wheel cached for another one).
@@ -156,6 +159,21 @@ def _unusable(index: int, name: str, probe: str, error: Exception) -> Finding:
         "Check it with nvidia-smi (another process in exclusive mode, an Xid error); hide it with "
         "CUDA_VISIBLE_DEVICES if it is broken.",
     )
+
+
+def _untested() -> list[Finding]:
+    """A warning for each of transformers/accelerate newer than omnifix's newest tested release."""
+    findings = []
+    for name, version in untested_versions().items():
+        tested = NEWEST_TESTED[name]
+        major, minor = tested.release[:2]
+        message = (
+            f"{name} {version} is newer than the newest {name} omnifix was tested with "
+            f"({tested}.x): it may work, but no test has checked it."
+        )
+        fix = f'If something fails, pip install "{name}<{major}.{minor + 1}" and report it.'
+        findings.append(Finding("warn", message, fix))
+    return findings
 
 
 def _gpu_facts(torch: Any, findings: list[Finding]) -> tuple[Gpu, ...]:
@@ -330,8 +348,12 @@ def diagnose() -> Diagnosis:
     python, system = platform.python_version(), f"{platform.system()} {platform.machine()}"
     base = Diagnosis(__version__, python, system, (), visible, (), ("cpu",), "cpu", (), ())
     required = requirements()
-    checked = [_package(name, spec) for name, spec in [*required.items(), ("flash-attn", None)]]
+    used = [(name, None) for name in _USED_BY_TRANSFORMERS]
+    checked = [
+        _package(name, spec) for name, spec in [*required.items(), *used, ("flash-attn", None)]
+    ]
     packages, findings = [package for package, _ in checked], [f for _, f in checked if f]
+    findings += _untested()
     if not required:
         missing = "omnifix's metadata is not installed, so its requirements cannot be checked."
         findings.append(Finding("error", missing, "pip install -e . (in a clone of omnifix)"))
@@ -373,7 +395,10 @@ def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
     for package in diagnosis.versions:
         installed = f"{package.version or 'not installed'}"
         installed += f" ({package.note})" if package.note else ""
-        required = "optional" if package.required is None else package.required or "any"
+        required = package.required or "any"
+        if package.required is None:
+            used = package.name in _USED_BY_TRANSFORMERS
+            required = "by transformers" if used else "optional"
         versions.append((package.name, installed, required))
     gpus = []
     for gpu in diagnosis.gpus:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from omnifix._device_map import place_order, spell
 from omnifix._devices import input_device, parse_device
@@ -103,6 +103,20 @@ class PlacementReport:
     def total_weights(self) -> int:
         """Bytes of every parameter and buffer: on devices, offloaded, and uninitialised."""
         return sum(usage.weights for usage in self.devices) + self.uninitialised
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (bytes as ints, dtypes and devices as their names).
+
+        Example:
+            >>> import omnifix, omnifix.testing
+            >>> data = omnifix.placement_report(omnifix.testing.tiny_model("qwen2")).to_dict()
+            >>> data["strategy"], data["input_device"], data["devices"][0]["device"]
+            ('single', 'cpu', 'cpu')
+        """
+        data = asdict(self)
+        data["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        data["input_device"] = None if self.input_device is None else str(self.input_device)
+        return data
 
     def usage(self, device: DeviceLike) -> DeviceUsage | None:
         """The entry of ``device`` (``"cuda:0"``, ``0``, ``"cpu"``, a :class:`torch.device`).

@@ -74,7 +74,7 @@ def rich(blocks: Sequence[Block]) -> Group:
     parts: list[object] = []
     for block in blocks:
         if not isinstance(block, Table):
-            parts.append(Text(block))
+            parts.append(Text(block, overflow="ignore"))  # a long word (code) stays whole
             continue
         if not block.rows:
             parts += [Text(block.title, style="bold"), Text("none")] if block.title else ["none"]
@@ -86,9 +86,12 @@ def rich(blocks: Sequence[Block]) -> Group:
             box=box.SIMPLE_HEAD,
             pad_edge=False,
         )
-        for name, rich_column in zip(block.columns, table.columns, strict=True):
+        for index, (name, rich_column) in enumerate(zip(block.columns, table.columns, strict=True)):
             rich_column.overflow = "fold"  # never "…": a cut number or name misleads
             rich_column.no_wrap = name not in block.fold
+            # Wrapped at spaces only: no cell narrower than its longest word (or its name).
+            words = [name, *(word for row in block.rows for word in row[index].split())]
+            rich_column.min_width = max(map(len, words))
         for row in block.rows:
             cells = []
             for column, text in zip(block.columns, row, strict=True):

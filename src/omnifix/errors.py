@@ -93,7 +93,9 @@ class MetaTensorError(OmnifixError, RuntimeError):
         self.report = report
 
 
-class InsufficientMemoryError(OmnifixError, MemoryError):
+# MemoryError first: its own ``__new__`` must be the class's, or pickling that rebuilds the error
+# with ``cls.__new__(cls)`` (tblib's, which Xinference's xoscar installs) raises TypeError.
+class InsufficientMemoryError(MemoryError, OmnifixError):
     """The model and its workload do not fit the memory of the devices it may use.
 
     Attributes:
