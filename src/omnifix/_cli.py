@@ -60,6 +60,7 @@ _FLAGS: Final = {
     "audio_seconds": "--audio",
     "dtype=": "--dtype ",  # only as a parameter: "dtype" is also a word of the prose
     "quantization=": "--quantization ",
+    "engine=": "--engine ",
     "gpus_per_node": "--gpus-per-node",
     "tensor_parallel": "--tensor-parallel",
     "pipeline_parallel": "--pipeline-parallel",
@@ -206,7 +207,7 @@ def _in_cli_terms(message: str) -> str:
         end = "" if name.endswith("=") else r"(?!\w)"  # "dtype=" is followed by its value
         message = re.sub(rf"(?<![\w.-]){re.escape(name)}{end}", flag, message)
         message = message.replace(f"{flag}=", f"{flag} ")
-    return message
+    return re.sub(r"(--[\w-]+)  ", r"\1 ", message)  # "engine= one" -> "--engine one"
 
 
 @contextlib.contextmanager

@@ -531,7 +531,7 @@ def plan_placement(
         >>> plan.fits, plan.options[0].description, plan.options[0].kind
         (False, '3 GPUs of 8.0 GiB', 'gpus')
         >>> gpus = {i: "24GiB" for i in range(4)}
-        >>> plan = omnifix.plan_placement("qwen2.5-vl-7b", budgets=gpus, engine="vllm")
+        >>> plan = omnifix.plan_placement("qwen2-vl-7b", budgets=gpus, engine="vllm")
         >>> plan.strategy, plan.parallel.tensor_parallel, plan.parallel.pipeline_parallel
         ('parallel', 1, 1)
     """
