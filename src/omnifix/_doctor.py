@@ -13,11 +13,10 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from omnifix import _table
 from omnifix._attention import AMPERE
 from omnifix._compat import NEWEST_TESTED, installed_version, requirements, untested_versions
 from omnifix._devices import available_devices, cuda_device_count, normalize_device
-from omnifix._table import Table
+from omnifix._table import Block, Table, plain, rich
 from omnifix._units import MIB, format_bytes
 from omnifix._version import __version__
 
@@ -389,7 +388,7 @@ def _colour(column: str, text: str) -> str:
     return colours.get(text, "") if column in {"bf16", "usable", "level"} else ""
 
 
-def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
+def _blocks(diagnosis: Diagnosis) -> list[Block]:
     """The report, top to bottom: what both renderers print."""
     versions = [("omnifix", diagnosis.omnifix, "-")]
     for package in diagnosis.versions:
@@ -434,12 +433,12 @@ def _blocks(diagnosis: Diagnosis) -> list[_table.Block]:
 
 def render_text(diagnosis: Diagnosis) -> str:
     """The report as plain text (``omnifix doctor --plain``, or without ``rich``)."""
-    return _table.plain(_blocks(diagnosis))
+    return plain(_blocks(diagnosis))
 
 
 def render_rich(diagnosis: Diagnosis, console: Console) -> None:
     """Print the report to a ``rich`` console, as tables."""
-    console.print(_table.rich(_blocks(diagnosis)))
+    console.print(rich(_blocks(diagnosis)))
 
 
 def run(*, as_json: bool = False, plain: bool = False) -> int:
