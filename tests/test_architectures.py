@@ -21,7 +21,7 @@ from omnifix import Workload, plan_placement
 from omnifix._plan.anatomy import describe
 from omnifix._plan.presets import preset_config
 from omnifix._plan.quantization import quantize, resolve_quantization
-from omnifix._plan.skeleton import build_skeleton, load_skeleton
+from omnifix._plan.skeleton import build_on_meta, build_skeleton, load_skeleton
 
 INSTALLED = Version(Version(transformers.__version__).base_version)
 #: Sliding-window layers keep only their window from this release on (per-layer cache classes).
@@ -254,3 +254,76 @@ def test_a_layer_kind_the_model_does_not_size_is_refused_unless_the_bound_is_acc
 def test_presets_read_their_published_configs() -> None:
     config = preset_config("gpt2")
     assert (config.n_layer, config.n_embd, config.vocab_size) == (12, 768, 50257)
+
+
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of the distinct storages a real cache holds (a sliced view keeps its whole base)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        tensors = [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
+    elif isinstance(cache, tuple):  # 4.4x's legacy format: a (keys, values) pair per layer
+        tensors = [t for pair in cache for t in pair]
+    else:  # releases before per-layer cache classes
+        tensors = [*cache.key_cache, *cache.value_cache]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _tiny_sliding_configs() -> list[Any]:
+    sizes: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 128,
+        "sliding_window": 8,
+    }
+    configs = [pytest.param("MistralConfig", sizes, id="mistral")]
+    gemma = {**sizes, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+    configs.append(
+        pytest.param(
+            "Gemma3TextConfig",
+            gemma,
+            id="gemma3",
+            marks=pytest.mark.skipif(
+                not hasattr(transformers, "Gemma3TextConfig"), reason="no Gemma 3 here"
+            ),
+        )
+    )
+    return configs
+
+
+@pytest.mark.parametrize(("config_name", "sizes"), _tiny_sliding_configs())
+def test_the_prefill_peak_holds_what_a_real_cache_holds(config_name: str, sizes: Any) -> None:
+    # transformers' sliding-window cache layers keep a view of the whole prompt's keys and values
+    # until the first decode step replaces it with the window: at the end of the prefill every
+    # layer holds the prompt. Measured on a real forward, prompt then one decode step.
+    import torch
+
+    from omnifix._plan.estimate import estimate
+
+    config = getattr(transformers, config_name)(**sizes)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()  # float32
+    prompt, batch = 40, 2
+    ids = torch.randint(0, 128, (batch, prompt))
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        after_prefill = _cache_bytes(out.past_key_values)
+        step = model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+        after_step = _cache_bytes(step.past_key_values)
+    measured = max(after_prefill, after_step)
+
+    meta = build_on_meta(config, type(model), torch.float32)
+    work = Workload(batch_size=batch, text_tokens=prompt, max_new_tokens=1)
+    usage = estimate(
+        describe(meta),
+        execution_device=lambda _: "cpu",
+        load=work,
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+    )["cpu"]
+    predicted = usage.kv_cache + usage.prompt_kv
+    one_token = batch * 4 * 2 * 2 * 16 * 4  # every layer's K and V of one more token, fp32
+    assert measured <= predicted <= measured + one_token

@@ -57,7 +57,10 @@ class Calibration:
     eager_score_bytes_fused: int
     #: cuBLAS/cuBLASLt workspaces of the first matmul on a GPU (the 2k case: 59 MiB above linear).
     workspace: int
-    #: What the CUDA context takes from ``mem_get_info`` (typical for torch 2.x on an H100).
+    #: What a process holds on a GPU outside the caching allocator once ``generate`` has run:
+    #: the CUDA context and the kernels loaded lazily on first use (``mem_get_info``'s used
+    #: bytes less ``memory_reserved``). Fitted: 701 and 725 MiB after the fit set's text and
+    #: image runs (Qwen2.5-VL-7B; H200, torch 2.11, transformers 5.17); the larger is taken.
     cuda_context: int
     #: What the CUDA caching allocator reserves beyond the allocated peak, as a share of it,
     #: with the default configuration. Fitted: ``reserved - allocated`` at the peak of
@@ -103,7 +106,7 @@ CALIBRATION: Final = Calibration(
     eager_score_bytes=10,
     eager_score_bytes_fused=8,
     workspace=64 * MIB,
-    cuda_context=512 * MIB,
+    cuda_context=725 * MIB,
     reserved_gap=0.05,
     reserved_gap_expandable=0.01,
     margin_bytes=256 * MIB,
@@ -137,6 +140,8 @@ _INPUT_BYTES_PER_TOKEN: Final = 8 * 5
 _FP32: Final = 4
 #: Language-model phases: they run with the device's whole KV cache alive.
 _LM_PHASES: Final = ("prefill", "talker", "logits", "logits copy")
+#: The phases of the prompt's forward pass (the prompt's sliding-window keys still held).
+_PROMPT_PHASES: Final = ("prefill", "logits", "logits copy")
 
 
 @dataclass
@@ -144,6 +149,10 @@ class PhasePeaks:
     """One device's predicted use above its weights, per phase (bytes)."""
 
     kv_cache: int = 0
+    #: What the prefill holds beyond :attr:`kv_cache`: transformers' sliding-window cache layers
+    #: keep a view of the whole prompt's keys and values until the first decode step replaces
+    #: it with the window, so the prompt phases run with every layer's prompt alive.
+    prompt_kv: int = 0
     inputs: int = 0
     #: Peak above weights + inputs of each phase that runs here (KV cache included where alive).
     phases: dict[str, int] = field(default_factory=dict)
@@ -294,6 +303,15 @@ class _Estimate:
         per_token = decoder.kv_bytes_per_token(self.itemsize) * self.load.batch_size
         return per_token * (span + (cross if decoder.keeps_cross(index) else 0))
 
+    def prompt_kv(self, decoder: Decoder, index: int, prompt: int) -> int:
+        """What layer ``index`` holds at the end of the prefill beyond its window (see PhasePeaks)."""
+        window = decoder.window(index)
+        if decoder.role == "encoder" or not window:  # every token kept, or no self-attention
+            return 0
+        span = min(window, prompt + self.load.max_new_tokens)
+        per_token = decoder.kv_bytes_per_token(self.itemsize) * self.load.batch_size
+        return per_token * max(0, prompt - span)
+
     def moe(self, decoder: Decoder, rows: int) -> float:
         """Bytes of a sparse layer's MLP at its peak, beside the hidden-size buffers.
 
@@ -339,6 +357,8 @@ class _Estimate:
             mlp = max((sparse if decoder.is_sparse(i) else dense for i in indices), default=dense)
             peaks = self.peaks(device)
             peaks.kv_cache += sum(self.kv_cache(decoder, i, tokens, cross) for i in indices)
+            if decoder.role == "text":
+                peaks.prompt_kv += sum(self.prompt_kv(decoder, i, tokens) for i in indices)
             peaks.add_phase(
                 phase,
                 max(mlp, attention),
@@ -445,7 +465,8 @@ def estimate(
     for peaks in run.usage.values():
         for phase in _LM_PHASES:
             if phase in peaks.phases:
-                peaks.phases[phase] += peaks.kv_cache
+                held = peaks.prompt_kv if phase in _PROMPT_PHASES else 0
+                peaks.phases[phase] += peaks.kv_cache + held
     for tower in anatomy.towers:
         run.tower(tower)
     if include_inputs and anatomy.input_embeddings is not None:
