@@ -15,6 +15,12 @@ allocated peak beside them. Cases are tagged ``fit`` (the Qwen2/2.5 runs the mem
 constants were fitted on) or ``validation`` (architectures no constant was fitted on); the
 summary gives each set's median and worst error and slack, and the out-of-memory count.
 
+On a GPU each case runs in a fresh process, as a user's program does: what the process holds
+outside the allocator (the CUDA context, the kernels loaded lazily on first use) is then that one
+model's, not everything the earlier cases loaded. The cap limits the allocator only, so a case
+whose measured peak (allocator + outside bytes) ends above its budget would have run out on a card
+of that size: it is recorded as ``over budget`` and counted with the out-of-memory runs.
+
 The allocator configuration is the one ``load_safely`` starts CUDA with, ``expandable_segments``
 (``--allocator default`` for the default configuration); it is set before torch is imported and
 the planner reads the same setting. JSON goes to ``$OMNIFIX_GPU_OUT`` (a directory) or
@@ -28,9 +34,12 @@ new cases after that many seconds (default 420, so that the run ends within 8 mi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,16 +159,21 @@ def _tiny_config(preset: str) -> Any:
     return config
 
 
+#: Outcomes of a case that ran: within its budget, out of memory, or above it outside the cap.
+_RAN = ("ok", "oom", "over budget")
+
+
 def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for group in ("fit", "validation"):
-        done = [c for c in cases if c["group"] == group and c.get("outcome") in ("ok", "oom")]
-        ok = [c for c in done if c["outcome"] == "ok"]
-        errors = [c["error"] for c in ok if c.get("error") is not None]
-        slack = [c["slack"] for c in ok if c.get("slack") is not None]
+        done = [c for c in cases if c["group"] == group and c.get("outcome") in _RAN]
+        finished = [c for c in done if c["outcome"] != "oom"]  # generate ran to its end
+        errors = [c["error"] for c in finished if c.get("error") is not None]
+        slack = [c["slack"] for c in finished if c.get("slack") is not None]
         summary[group] = {
             "cases": len(done),
             "oom": sum(1 for c in done if c["outcome"] == "oom"),
+            "over_budget": sum(1 for c in done if c["outcome"] == "over budget"),
             "architectures": sorted({c["preset"] for c in done}),
             "error_median": round(statistics.median(map(abs, errors)), 4) if errors else None,
             "error_worst": max(errors, key=abs) if errors else None,
@@ -280,6 +294,8 @@ def _measure(record: dict[str, Any], gpu: int) -> None:
         record["error"] = round(record["predicted"] / peak - 1, 4)
         record["slack"] = round(1 - peak / record["budget"], 4)
         record["error_allocated"] = round(record["predicted_allocated"] / allocated - 1, 4)
+        if peak > record["budget"]:  # the kernels loaded after the cap was set took the rest
+            record["outcome"] = "over budget"
 
 
 def run_case(case: Case, *, tiny: bool, gpu: int, plan_only: bool = False) -> dict[str, Any]:
@@ -311,7 +327,12 @@ def run_case(case: Case, *, tiny: bool, gpu: int, plan_only: bool = False) -> di
         return record
     contexts: dict[int, int] = {}
     if not tiny:
+        from _memory import outside_allocator
+
+        torch.empty(1, device=gpu)  # the CUDA context alone
+        record["outside_at_init"] = outside_allocator(gpu)
         contexts = warm_up([gpu])
+        record["outside_at_start"] = contexts[gpu]
         record["cap_fraction"] = set_caps({gpu: record["budget"]}, contexts)[gpu]
         torch.cuda.reset_peak_memory_stats(gpu)
     model: Any = None
@@ -347,7 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=420.0)
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--no-isolate",
+        dest="isolate",
+        action="store_false",
+        help="run every GPU case in this process (the context then grows from case to case)",
+    )
+    parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # one case, in a child
     args = parser.parse_args(argv)
+    if args.case:
+        return _child(args)
     from _results import write_results
 
     from omnifix import UnsupportedModelError
@@ -377,8 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         except UnsupportedModelError as error:
             records.append({"case": case.key, "group": case.group, "outcome": f"skipped: {error}"})
             continue
-        record = run_case(case, tiny=args.tiny, gpu=args.gpu, plan_only=args.plan_only)
-        record["allocator"] = asdict(allocator_settings())
+        if args.tiny or args.plan_only or not args.isolate:
+            record = run_case(case, tiny=args.tiny, gpu=args.gpu, plan_only=args.plan_only)
+            record["allocator"] = asdict(allocator_settings())
+        else:
+            record = _in_fresh_process(case, args)
         records.append(record)
         print(
             {k: record.get(k) for k in ("case", "outcome", "error", "slack", "seconds")}, flush=True
@@ -387,6 +420,31 @@ def main(argv: list[str] | None = None) -> int:
     summary = _summary(records)
     write_results(out, "tight_budget", __doc__ or "", records, summary=summary)
     print(summary, flush=True)
+    return 0
+
+
+def _in_fresh_process(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``case`` in a child process of its own; its record, or why it gave none."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "record.json"
+        command = [sys.executable, __file__, "--case", case.key, "--out", str(out)]
+        command += ["--allocator", args.allocator, "--gpu", str(args.gpu)]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)  # noqa: S603
+        if out.exists():
+            record: dict[str, Any] = json.loads(out.read_text())
+            return record
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"case": case.key, "group": case.group, "outcome": f"failed: {tail[0]}"}
+
+
+def _child(args: argparse.Namespace) -> int:
+    """``--case KEY --out FILE``: run that one case here and write its record to FILE."""
+    from omnifix._plan.budgets import allocator_settings
+
+    (case,) = [c for c in CASES if c.key == args.case]
+    record = run_case(case, tiny=False, gpu=args.gpu)
+    record["allocator"] = asdict(allocator_settings())
+    args.out.write_text(json.dumps(record))
     return 0
 
 

@@ -2,8 +2,10 @@
 
 Each case plans with explicit budgets, builds the preset on ``meta``, gives it random weights on the
 plan's devices (as ``from_pretrained`` would place a checkpoint), runs ``generate`` on the workload
-and compares each GPU's measured peak (``torch.cuda.max_memory_allocated`` plus what the CUDA
-context and libraries hold outside the allocator) with the plan's predicted total. Results go to
+and compares each GPU's measured peak (``torch.cuda.max_memory_reserved``, what the caching
+allocator holds and what a memory cap limits, plus what the CUDA context and libraries hold outside
+the allocator) with the plan's predicted total, which is a reserved peak under the allocator
+configuration in effect. The allocated peak is recorded beside it. Results go to
 ``OMNIFIX_PLANNER_RECORD`` (JSON lines) for ``docs/planning.md``.
 """
 
@@ -68,6 +70,7 @@ def _run(
     torch.cuda.empty_cache()
     # Anything still allocated belongs to earlier tests, not to this case: measure above it.
     before = {gpu: torch.cuda.memory_allocated(gpu) for gpu in gpus}
+    reserved_before = {gpu: torch.cuda.memory_reserved(gpu) for gpu in gpus}
     model: Any = build_skeleton(preset)
     bench_models.materialize(model, plan.device_map)
     model.eval()
@@ -94,9 +97,13 @@ def _run(
             )
     except torch.cuda.OutOfMemoryError as error:
         status = f"oom: {str(error).splitlines()[0]}"
+    outside = {gpu: _outside_allocator(gpu) for gpu in gpus}
     measured = {
-        gpu: torch.cuda.max_memory_allocated(gpu) - before[gpu] + _outside_allocator(gpu)
+        gpu: torch.cuda.max_memory_reserved(gpu) - reserved_before[gpu] + outside[gpu]
         for gpu in gpus
+    }
+    allocated = {
+        gpu: torch.cuda.max_memory_allocated(gpu) - before[gpu] + outside[gpu] for gpu in gpus
     }
     predicted = {gpu: plan.device(f"cuda:{gpu}").total for gpu in gpus}
     if pin is not None:
@@ -118,6 +125,8 @@ def _run(
                 "predicted_gib": round(predicted[gpu] / GIB, 3),
                 "measured_gib": round(measured[gpu] / GIB, 3),
                 "error": round(predicted[gpu] / measured[gpu] - 1, 4),
+                "allocated_gib": round(allocated[gpu] / GIB, 3),
+                "outside_allocator_gib": round(outside[gpu] / GIB, 3),
             }
             for gpu in gpus
         },
@@ -146,6 +155,7 @@ def test_predicted_peak_matches_the_measured_one(
             f"transformers {transformers.__version__}, torch {torch.__version__}, "
             f"{torch.cuda.get_device_name(0)}"
         )
+        result["allocator_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         with Path(path).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(result) + "\n")
     assert result["status"] == "ok", result
