@@ -118,8 +118,9 @@ class DeviceBudget:
     #: Kept free on top of the predicted peak (the memory model's error).
     margin: int = 0
     #: The phase that sets the activation peak: ``"prefill"``, ``"logits"``, ``"logits copy"``
-    #: (the input GPU of a split, where the root hook copies the logits back), ``"vision"``,
-    #: ``"video"``, ``"audio"`` or ``"talker"``; ``""`` where nothing computes.
+    #: (the input GPU of a split, where the root hook copies the logits back), ``"decode"`` (the
+    #: last decode step, with the whole KV cache), ``"vision"``, ``"video"``, ``"audio"``,
+    #: ``"encoder"`` or ``"talker"``; ``""`` where nothing computes.
     phase: str = ""
 
     @property

@@ -70,7 +70,9 @@ class Calibration:
     reserved_gap: float
     #: The same with ``expandable_segments:True``: measured 0.3 % to 0.9 % on those runs.
     reserved_gap_expandable: float
-    #: Kept free on every GPU for the estimate's error ...
+    #: Kept free on every GPU for the estimate's error: what a process holds outside the
+    #: allocator varies by the kernels it loads (695 to 793 MiB after ``generate`` over 17 models
+    #: and workloads, one H200) ...
     margin_bytes: int
     #: ... plus this share of the predicted KV cache + activations (the model's error bound).
     margin_fraction: float
@@ -109,7 +111,7 @@ CALIBRATION: Final = Calibration(
     cuda_context=725 * MIB,
     reserved_gap=0.05,
     reserved_gap_expandable=0.01,
-    margin_bytes=256 * MIB,
+    margin_bytes=64 * MIB,
     margin_fraction=0.05,
     eager_block_fraction=0.40,
     fresh_blocks=1,
@@ -138,9 +140,7 @@ _MEL_FRAMES_PER_SECOND: Final = 100
 #: Bytes per input id, attention-mask entry and position id (int64), x3 for M-RoPE positions.
 _INPUT_BYTES_PER_TOKEN: Final = 8 * 5
 _FP32: Final = 4
-#: Language-model phases: they run with the device's whole KV cache alive.
-_LM_PHASES: Final = ("prefill", "talker", "logits", "logits copy")
-#: The phases of the prompt's forward pass (the prompt's sliding-window keys still held).
+#: The phases of the prompt's forward pass: they run with the prompt's KV cache alive.
 _PROMPT_PHASES: Final = ("prefill", "logits", "logits copy")
 
 
@@ -148,11 +148,15 @@ _PROMPT_PHASES: Final = ("prefill", "logits", "logits copy")
 class PhasePeaks:
     """One device's predicted use above its weights, per phase (bytes)."""
 
+    #: The KV cache at the end of ``generate``: every layer's span of prompt and new tokens.
     kv_cache: int = 0
-    #: What the prefill holds beyond :attr:`kv_cache`: transformers' sliding-window cache layers
-    #: keep a view of the whole prompt's keys and values until the first decode step replaces
-    #: it with the window, so the prompt phases run with every layer's prompt alive.
-    prompt_kv: int = 0
+    #: The KV cache while the prompt's forward pass runs: the prompt's tokens in every layer.
+    #: A sliding-window layer holds them all too: transformers' sliding-window cache layers keep
+    #: a view of the whole prompt's keys and values until the first decode step replaces it.
+    prefill_kv: int = 0
+    #: What a decode step needs above the KV cache: the largest layer's cache once more (each
+    #: step concatenates a new one before the old is freed) and one token's logits.
+    decode_step: int = 0
     inputs: int = 0
     #: Peak above weights + inputs of each phase that runs here (KV cache included where alive).
     phases: dict[str, int] = field(default_factory=dict)
@@ -303,14 +307,13 @@ class _Estimate:
         per_token = decoder.kv_bytes_per_token(self.itemsize) * self.load.batch_size
         return per_token * (span + (cross if decoder.keeps_cross(index) else 0))
 
-    def prompt_kv(self, decoder: Decoder, index: int, prompt: int) -> int:
-        """What layer ``index`` holds at the end of the prefill beyond its window (see PhasePeaks)."""
-        window = decoder.window(index)
-        if decoder.role == "encoder" or not window:  # every token kept, or no self-attention
+    def prefill_kv(self, decoder: Decoder, index: int, prompt: int, cross: int) -> int:
+        """KV cache bytes of layer ``index`` at the end of the prefill (see PhasePeaks)."""
+        if decoder.role == "encoder":
             return 0
-        span = min(window, prompt + self.load.max_new_tokens)
+        span = 0 if decoder.window(index) == 0 else prompt  # 0: no self-attention
         per_token = decoder.kv_bytes_per_token(self.itemsize) * self.load.batch_size
-        return per_token * max(0, prompt - span)
+        return per_token * (span + (cross if decoder.keeps_cross(index) else 0))
 
     def moe(self, decoder: Decoder, rows: int) -> float:
         """Bytes of a sparse layer's MLP at its peak, beside the hidden-size buffers.
@@ -356,9 +359,11 @@ class _Estimate:
                 attention += square * decoder.heads * b
             mlp = max((sparse if decoder.is_sparse(i) else dense for i in indices), default=dense)
             peaks = self.peaks(device)
-            peaks.kv_cache += sum(self.kv_cache(decoder, i, tokens, cross) for i in indices)
+            layer_kv = [self.kv_cache(decoder, i, tokens, cross) for i in indices]
+            peaks.kv_cache += sum(layer_kv)
             if decoder.role == "text":
-                peaks.prompt_kv += sum(self.prompt_kv(decoder, i, tokens) for i in indices)
+                peaks.prefill_kv += sum(self.prefill_kv(decoder, i, tokens, cross) for i in indices)
+                peaks.decode_step = max(peaks.decode_step, *layer_kv)
             peaks.add_phase(
                 phase,
                 max(mlp, attention),
@@ -371,9 +376,10 @@ class _Estimate:
             logits = load.batch_size * rows_out * decoder.vocab
             upcast = _FP32 if self.anatomy.logits_upcast else 0
             hidden_states = 2 * load.batch_size * tokens * decoder.hidden * b
-            self.peaks(self.runs_on(self.anatomy.lm_head)).add_phase(
-                "logits", logits * (b + upcast) + hidden_states
-            )
+            head = self.peaks(self.runs_on(self.anatomy.lm_head))
+            head.add_phase("logits", logits * (b + upcast) + hidden_states)
+            # A decode step's logits, and generate's fp32 copy of them for its processors.
+            head.decode_step += load.batch_size * decoder.vocab * (b + upcast + _FP32)
 
     def logits_copy(self) -> None:
         """The logits copied back to the input device when ``lm_head`` computes elsewhere.
@@ -463,10 +469,13 @@ def estimate(
             run.decoder(decoder)
     run.logits_copy()
     for peaks in run.usage.values():
-        for phase in _LM_PHASES:
+        for phase in _PROMPT_PHASES:
             if phase in peaks.phases:
-                held = peaks.prompt_kv if phase in _PROMPT_PHASES else 0
-                peaks.phases[phase] += peaks.kv_cache + held
+                peaks.phases[phase] += peaks.prefill_kv
+        if "talker" in peaks.phases:  # the thinker's reply decoded: its whole cache is alive
+            peaks.phases["talker"] += peaks.kv_cache
+        if peaks.kv_cache:  # the last decode step, with the whole cache
+            peaks.add_phase("decode", peaks.kv_cache + peaks.decode_step)
     for tower in anatomy.towers:
         run.tower(tower)
     if include_inputs and anatomy.input_embeddings is not None:
