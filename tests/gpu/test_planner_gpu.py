@@ -161,3 +161,49 @@ def test_predicted_peak_matches_the_measured_one(
     assert result["status"] == "ok", result
     for device, row in result["devices"].items():
         assert abs(row["error"]) <= TOLERANCE, (device, result)
+
+
+_FRESH_PROCESS = """
+import json, sys
+import torch
+import omnifix
+from omnifix._plan.skeleton import build_skeleton
+sys.path.insert(0, "benchmarks")
+from _models import materialize, workload_inputs
+
+torch.cuda.init()
+torch.empty(1, device=0)
+def outside():
+    free, total = torch.cuda.mem_get_info(0)
+    return total - free - torch.cuda.memory_reserved(0)
+work = omnifix.Workload(text_tokens=1024, max_new_tokens=16)
+plan = omnifix.plan_placement("qwen3-8b", workload=work, attn_implementation="sdpa")
+before = outside()
+model = materialize(build_skeleton("qwen3-8b"), {"": 0}).eval()
+with torch.inference_mode():
+    model.generate(**workload_inputs(model, work), max_new_tokens=16, do_sample=False)
+print(json.dumps({"grew": outside() - before, "overhead": plan.devices[0].overhead}))
+"""
+
+
+@pytest.mark.gpu
+def test_a_measured_budget_still_counts_the_kernels_loaded_after_it() -> None:
+    # Free memory measured once CUDA has started has paid its context, not the kernels a first
+    # generate loads later, outside the allocator: the plan must count those. A fresh process,
+    # since this one has loaded its kernels already.
+    import subprocess
+    import sys
+
+    from omnifix._plan.estimate import CALIBRATION
+
+    root = Path(__file__).parents[2]
+    done = subprocess.run(  # noqa: S603 - this test's own script
+        [sys.executable, "-c", _FRESH_PROCESS],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["grew"] > 0
+    assert figures["grew"] <= figures["overhead"] - CALIBRATION.workspace, figures

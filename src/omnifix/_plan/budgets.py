@@ -145,7 +145,8 @@ class DeviceBudget:
 
 
 def outside_allocator(row: DeviceBudget) -> int:
-    """What ``row`` counts outside the caching allocator: the CUDA context, where not measured."""
+    """What ``row`` counts outside the caching allocator: the CUDA context and lazily loaded
+    kernels, less the context a measured budget has already paid."""
     return max(0, row.overhead - CALIBRATION.workspace)
 
 

@@ -372,8 +372,9 @@ def _notes(request: Request) -> tuple[str, ...]:
         else "logits: every prompt token (this model's forward takes no logits_to_keep)",
         (
             f"fixed per GPU: cuBLAS workspace {format_bytes(CALIBRATION.workspace)}, CUDA "
-            f"context {format_bytes(CALIBRATION.cuda_context)} where the budget is not measured "
-            "free memory"
+            f"context and kernels {format_bytes(CALIBRATION.cuda_context)} (less the "
+            f"{format_bytes(CALIBRATION.cuda_context_at_init)} CUDA starts with, where the budget "
+            "is free memory measured now)"
         ),
     ]
     allocator = request.allocator

@@ -140,7 +140,9 @@ def _row(
     overhead = 0
     if used and gpu:
         paid = budget is not None and budget.measured
-        overhead = cal.workspace + (0 if paid else cal.cuda_context)
+        # Measured free memory has paid the context CUDA starts with, not the kernels to come.
+        outside = cal.cuda_context - (cal.cuda_context_at_init if paid else 0)
+        overhead = cal.workspace + outside
     margin = reserved = 0
     if used and device != "disk":
         margin = int(cal.margin_bytes + cal.margin_fraction * (usage.kv_cache + activations))
