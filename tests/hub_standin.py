@@ -4,7 +4,8 @@ huggingface_hub reads a file of a repository with ``HEAD`` then ``GET``
 ``{endpoint}/{repo_id}/resolve/{revision}/{filename}``; the ``HEAD`` answer names the commit
 (``X-Repo-Commit``), the file's ``ETag`` and size. This serves the files of its repositories that
 way, at ``main`` or at a commit, refuses private repositories without the right bearer token
-(401) and unknown files (404, ``X-Error-Code: EntryNotFound``), and records every request.
+(401) and unknown files (404, ``X-Error-Code: EntryNotFound``), answers a ``Range: bytes=A-B``
+request with those bytes alone (206), and records every request (and every range asked for).
 
 ``silent()`` is a server that accepts connections and never answers: a Hub that hangs.
 """
@@ -32,7 +33,17 @@ class Hub:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: ``(path, range)`` of every GET, the range ``None`` for a whole file.
+    gets: list[tuple[str, str | None]] = field(default_factory=list)
     endpoint: str = ""
+
+
+def _slice(data: bytes, asked: str | None) -> bytes:
+    """The bytes a ``Range: bytes=A-B`` header asks for (all of them without one)."""
+    if asked is None or not asked.startswith("bytes="):
+        return data
+    first, _, last = asked.removeprefix("bytes=").partition("-")
+    return data[int(first) : int(last) + 1 if last else None]
 
 
 def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
@@ -58,7 +69,11 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 )
                 return
             data = files[filename]
-            self.send_response(200)
+            asked = self.headers.get("range") if body else None
+            if body:
+                hub.gets.append((self.path, asked))
+            data = _slice(data, asked)
+            self.send_response(206 if asked else 200)
             self.send_header("X-Repo-Commit", COMMIT)
             self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
             self.send_header("Content-Length", str(len(data)))

@@ -25,6 +25,7 @@ from omnifix._plan.quantization import (
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose
 from omnifix._plan.workload import Workload, require_workload
+from omnifix._stored import stored_weights
 from omnifix._table import Block, Table, plain, rich
 from omnifix._units import format_bytes
 from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from omnifix._attention import Capability
     from omnifix._plan.engines import Engine
     from omnifix._plan.skeleton import Skeleton
+    from omnifix._stored import StoredWeights
 
 __all__ = ["AttnImplementation", "PlacementPlan", "plan_placement"]
 
@@ -364,6 +366,17 @@ def _unknown(skeleton: Skeleton) -> tuple[str, ...]:
     )
 
 
+def _stored_notes(weights: StoredWeights | None, dtype: torch.dtype) -> tuple[str, ...]:
+    """What the checkpoint's safetensors headers say, next to the dtype the plan loads."""
+    if weights is None:
+        return ()
+    note = (
+        f"stored weights (safetensors headers): {weights.describe()} values; the plan loads the "
+        f"floating ones in {_dtype_name(dtype)}"
+    )
+    return (note,)
+
+
 def _notes(request: Request) -> tuple[str, ...]:
     anatomy = request.skeleton.anatomy
     notes = [
@@ -391,6 +404,7 @@ def _notes(request: Request) -> tuple[str, ...]:
         f"the allocated peak; allocator settings {where})"
     )
     notes += [f"not understood: {item}" for item in _unknown(request.skeleton)]
+    notes += request.stored
     if request.attn.startswith(("flash", "flex")):
         notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
     if request.quantization is not None:
@@ -471,9 +485,10 @@ def plan_placement(
     Args:
         model: A built-in preset name (``"qwen2.5-omni-7b"``; its Hub id works too, offline),
             a local checkpoint directory (its ``config.json``), any other Hub id (its
-            ``config.json`` only, read in one request of at most 3 s, else from the cache), a
+            ``config.json``, read in one request of at most 3 s, else from the cache), a
             transformers config, or a model built on ``meta`` (its own dtype is used when it
-            matches).
+            matches). A directory's or Hub id's safetensors headers are read too (never the
+            weights): the notes give the values stored per dtype.
         model_class: The class to build; default: the one the config's ``architectures`` names.
         budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
             lacks are simulated. ``None``: the free memory of each visible GPU now, or the host
@@ -511,7 +526,8 @@ def plan_placement(
 
     Raises:
         UnsupportedModelError: ``model`` is not something the planner can build.
-        CheckpointError: No readable config at a path.
+        CheckpointError: No readable config at a path; a safetensors header or index that is
+            cut short or corrupt (the message names the file).
         InvalidArgumentError: A bad budget, dtype, attention name, workload (media the model
             has no tower for) or quantization (or one with ``allow_offload=True``); a
             :class:`DeviceError` for a budget key that is not a device; an unknown engine, more
@@ -550,6 +566,7 @@ def plan_placement(
     _check_workload(skeleton, workload)
     stored, unsized = stored_quantization(skeleton.config)
     quantized = resolve_quantization(stored if quantization is None else quantization, skeleton)
+    weights = stored_weights(model, revision=revision, token=token)
     if quantized is not None:
         if allow_offload:
             raise InvalidArgumentError(
@@ -560,7 +577,14 @@ def plan_placement(
         skeleton = quantize(skeleton, quantized)
     call = replace(call_of(model, model_class, hub), budgets_given=budgets is not None)
     request = Request(
-        skeleton, resolved, attn, workload, allow_offload, quantization=quantized, call=call
+        skeleton,
+        resolved,
+        attn,
+        workload,
+        allow_offload,
+        quantization=quantized,
+        call=call,
+        stored=_stored_notes(weights, skeleton.dtype),
     )
     notes = _notes(request)
     if unsized and quantized is None:

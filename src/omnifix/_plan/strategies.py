@@ -60,6 +60,8 @@ class Request:
     quantization: Quantization | None = None
     #: How the user called the planner, to write each option as a call.
     call: Call = field(default_factory=Call)
+    #: What the checkpoint's safetensors headers say (the plan's notes).
+    stored: tuple[str, ...] = ()
 
     @property
     def gpus(self) -> tuple[Budget, ...]:

@@ -1,0 +1,130 @@
+"""The checkpoint's stored dtypes, read from its safetensors headers without the weights.
+
+Real tiny Llama checkpoints written by ``save_pretrained`` (or by ``safetensors`` itself, for
+packed integer weights), planned through the public API and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+import transformers
+
+import omnifix
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+SRC = str(Path(omnifix.__file__).parent.parent)
+_CONFIG = transformers.LlamaConfig(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _llama(dtype: torch.dtype, *, fp32_norms: bool = False) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_CONFIG).to(dtype)
+    if fp32_norms:
+        for name, module in model.named_modules():
+            if name.endswith("norm"):
+                module.float()
+    return model
+
+
+def _save(model: torch.nn.Module, path: Path, **kwargs: Any) -> Path:
+    """``save_pretrained`` with safetensors, and config.json without its dtype fields."""
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _counts(model: torch.nn.Module) -> dict[torch.dtype, int]:
+    counts: dict[torch.dtype, int] = {}
+    for tensor in model.state_dict().values():
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return counts
+
+
+def _stored_note(notes: tuple[str, ...] | list[str]) -> str:
+    found = [note for note in notes if note.startswith("stored weights")]
+    assert len(found) == 1, notes
+    return found[0]
+
+
+def test_a_plan_states_the_stored_parameters_per_dtype(tmp_path: Path) -> None:
+    model = _llama(torch.bfloat16, fp32_norms=True)
+    path = _save(model, tmp_path / "mixed")
+    counts = _counts(model)
+    assert set(counts) == {torch.float32, torch.bfloat16}
+    plan = omnifix.plan_placement(path, budgets={0: "1GiB"})
+    note = _stored_note(plan.notes)
+    assert f"{counts[torch.bfloat16]:,} bfloat16" in note
+    assert f"{counts[torch.float32]:,} float32" in note
+    assert plan.fits
+    # Sharded: the index names the shards, each header is read.
+    sharded = _save(model, tmp_path / "sharded", max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert _stored_note(omnifix.plan_placement(sharded, budgets={0: "1GiB"}).notes) == note
+    # The command line shows the same.
+    argv = [sys.executable, "-m", "omnifix", "plan", str(path), "--gpu", "1GiB", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)  # noqa: S603
+    assert _stored_note(json.loads(done.stdout)["notes"]) == note
+
+
+def _header(path: Path, header: Mapping[str, Any] | bytes, *, length: int | None = None) -> None:
+    data = header if isinstance(header, bytes) else json.dumps(header).encode()
+    size = len(data) if length is None else length
+    path.write_bytes(struct.pack("<Q", size) + data)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["truncated", "too-long", "not-json", "bad-dtype", "missing-shard", "bad-index"],
+)
+def test_a_corrupt_safetensors_header_is_a_checkpoint_error_naming_the_file(
+    tmp_path: Path, broken: str
+) -> None:
+    path = _save(_llama(torch.bfloat16), tmp_path / broken)
+    weights = path / "model.safetensors"
+    named = "model.safetensors"
+    if broken == "truncated":
+        weights.write_bytes(weights.read_bytes()[:5])
+    elif broken == "too-long":
+        _header(
+            weights, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, length=1 << 40
+        )
+    elif broken == "not-json":
+        _header(weights, b"{not json")
+    elif broken == "bad-dtype":
+        _header(weights, {"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}})
+    else:
+        weights.unlink()
+        index = path / "model.safetensors.index.json"
+        named = index.name if broken == "bad-index" else "model-00002-of-00002.safetensors"
+        text = (
+            "not json"
+            if broken == "bad-index"
+            else json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": named}})
+        )
+        index.write_text(text)
+    with pytest.raises(omnifix.CheckpointError) as caught:
+        omnifix.plan_placement(path, budgets={0: "1GiB"})
+    message = str(caught.value)
+    assert named in message
+    assert "\n" not in message
+    assert message.endswith("then retry.")
