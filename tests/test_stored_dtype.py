@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 import transformers
+from safetensors.torch import save_file
 
 import omnifix
 
@@ -84,6 +85,53 @@ def test_a_plan_states_the_stored_parameters_per_dtype(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "omnifix", "plan", str(path), "--gpu", "1GiB", "--json"]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)  # noqa: S603
     assert _stored_note(json.loads(done.stdout)["notes"]) == note
+
+
+def test_a_checkpoint_quantised_by_a_method_omnifix_does_not_size_fits_only_on_the_bound(
+    tmp_path: Path,
+) -> None:
+    path = _save(_llama(torch.bfloat16), tmp_path / "gptq")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (path / "config.json").write_text(json.dumps(config))
+    refused = omnifix.plan_placement(path, budgets={0: "1GiB"})
+    assert not refused.fits
+    assert refused.options[0].kind == "bound"
+    assert any("gptq" in note and "not understood" in note for note in refused.notes)
+    accepted = omnifix.plan_placement(path, budgets={0: "1GiB"}, accept_bound=True)
+    assert accepted.fits
+
+
+def _packed(path: Path) -> Path:
+    """A Llama checkpoint whose linear weights are int8 with a float32 scale per row, and whose
+    config.json has no quantization_config (as some hand-made exports are)."""
+    model = _llama(torch.bfloat16)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        linear = name.endswith("proj.weight") or name == "lm_head.weight"
+        if linear:
+            scale = tensor.float().abs().amax(dim=1) / 127
+            tensors[name] = (tensor.float() / scale[:, None]).round().to(torch.int8)
+            tensors[name.removesuffix("weight") + "weight_scale"] = scale
+        else:
+            tensors[name] = tensor.contiguous()
+    path.mkdir()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(path)
+    return path
+
+
+def test_packed_integer_weights_without_a_quantization_config_fit_only_on_the_bound(
+    tmp_path: Path,
+) -> None:
+    path = _packed(tmp_path / "int8")
+    refused = omnifix.plan_placement(path, budgets={0: "1GiB"})
+    assert not refused.fits
+    assert refused.options[0].kind == "bound"
+    unknown = [note for note in refused.notes if note.startswith("not understood")]
+    assert any("int8" in note and "quantization_config" in note for note in unknown), unknown
+    assert "int8" in _stored_note(refused.notes)
+    assert omnifix.plan_placement(path, budgets={0: "1GiB"}, accept_bound=True).fits
 
 
 def _header(path: Path, header: Mapping[str, Any] | bytes, *, length: int | None = None) -> None:

@@ -352,18 +352,34 @@ def _check_workload(skeleton: Skeleton, workload: Workload) -> None:
             )
 
 
-def _unknown(skeleton: Skeleton) -> tuple[str, ...]:
+def _unknown(request: Request) -> tuple[str, ...]:
     """What the memory model does not understand about the model, with the bound it uses."""
-    anatomy = skeleton.anatomy
+    anatomy = request.skeleton.anatomy
     if anatomy.decoders or anatomy.towers:
-        return anatomy.unknown
+        return (*anatomy.unknown, *request.unsized)
     return (
         *anatomy.unknown,
+        *request.unsized,
         (
             "no language model or tower recognised (no stack of layers with a vocabulary, "
             "patches or mel bins): the bound counts weights, overhead and margin only"
         ),
     )
+
+
+def _unsized(method: str | None, stored: object, weights: StoredWeights | None) -> tuple[str, ...]:
+    """The checkpoint's quantised weights the memory model does not size, with the bound used."""
+    bound = "the bound counts them unquantised, in the plan's dtype"
+    if method:
+        return (f"the checkpoint is quantised with {method}, which omnifix does not size: {bound}",)
+    if stored is None and weights is not None and weights.packed:
+        packed = ", ".join(f"{count:,} in {dtype}" for dtype, count in weights.packed)
+        packed_note = (
+            f"the checkpoint stores weights packed ({packed}) as quantised weights are, but its "
+            f"config.json has no quantization_config: {bound}"
+        )
+        return (packed_note,)
+    return ()
 
 
 def _stored_notes(weights: StoredWeights | None, dtype: torch.dtype) -> tuple[str, ...]:
@@ -403,7 +419,7 @@ def _notes(request: Request) -> tuple[str, ...]:
         f"GPU figures are what the CUDA caching allocator reserves at the peak ({gap} above "
         f"the allocated peak; allocator settings {where})"
     )
-    notes += [f"not understood: {item}" for item in _unknown(request.skeleton)]
+    notes += [f"not understood: {item}" for item in _unknown(request)]
     notes += request.stored
     if request.attn.startswith(("flash", "flex")):
         notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
@@ -488,7 +504,8 @@ def plan_placement(
             ``config.json``, read in one request of at most 3 s, else from the cache), a
             transformers config, or a model built on ``meta`` (its own dtype is used when it
             matches). A directory's or Hub id's safetensors headers are read too (never the
-            weights): the notes give the values stored per dtype.
+            weights): the notes give the values stored per dtype, and packed (quantised)
+            weights that ``config.json`` does not declare are not understood.
         model_class: The class to build; default: the one the config's ``architectures`` names.
         budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
             lacks are simulated. ``None``: the free memory of each visible GPU now, or the host
@@ -511,8 +528,9 @@ def plan_placement(
         trust_remote_code: For a Hub id or directory whose config is remote code.
         token: For a gated or private Hub repository (default: ``HF_TOKEN``, the saved login).
         accept_bound: Where the memory model does not understand part of the model (the
-            plan's notes say what, and the conservative bound used instead), accept a plan
-            that fits on that bound. By default such a plan is refused, with this as its option.
+            plan's notes say what, and the conservative bound used instead; also a checkpoint
+            quantised by a method omnifix does not size), accept a plan that fits on that bound.
+            By default such a plan is refused, with this as its option.
         engine: Plan tensor/pipeline parallelism for ``"vllm"``, ``"sglang"`` or ``"torchrun"``
             (transformers' own, through ``load_safely(..., parallel="tensor")``) and write its
             command lines (``plan.parallel.launch``); docs/beyond-one-host.md explains it.
@@ -584,16 +602,10 @@ def plan_placement(
         allow_offload,
         quantization=quantized,
         call=call,
+        unsized=_unsized(unsized if quantized is None else None, stored, weights),
         stored=_stored_notes(weights, skeleton.dtype),
     )
     notes = _notes(request)
-    if unsized and quantized is None:
-        notes += (
-            (
-                f"the checkpoint is quantised with {unsized}, which omnifix does not size: its "
-                "weights are counted unquantised, in the plan's dtype (an overestimate)"
-            ),
-        )
     parallel = ParallelRequest(
         engine=engine,
         nodes=nodes,
@@ -605,7 +617,7 @@ def plan_placement(
     if parallel.asked:
         return _parallel_plan(request, parallel)
     strategy, reason, attempt = choose(request)
-    unknown = _unknown(skeleton)
+    unknown = _unknown(request)
     bound_options: tuple[PlanOption, ...] = ()
     if unknown and strategy != "refuse" and not accept_bound:
         bound_options = (bound_option(request, strategy, attempt.rows),)
