@@ -19,6 +19,7 @@ import transformers
 from safetensors.torch import save_file
 
 import omnifix
+from omnifix._compat import AUTO_DTYPE_DEFAULT, dtype_keyword, transformers_at_least
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -65,6 +66,39 @@ def _stored_note(notes: tuple[str, ...] | list[str]) -> str:
     found = [note for note in notes if note.startswith("stored weights")]
     assert len(found) == 1, notes
     return found[0]
+
+
+def _from_pretrained(path: Path, **kwargs: Any) -> torch.nn.Module:
+    model: torch.nn.Module = transformers.LlamaForCausalLM.from_pretrained(path, **kwargs)
+    return model
+
+
+def test_from_pretrained_in_auto_dtype_loads_the_stored_dtype_when_config_names_none(
+    tmp_path: Path,
+) -> None:
+    # config.json names no dtype: from_pretrained(dtype="auto") loads the weights' own dtype,
+    # and so must the planned load that patch_from_pretrained puts in its place.
+    path = _save(_llama(torch.bfloat16), tmp_path / "bf16")
+    auto = {dtype_keyword(): "auto"}
+    plain = _from_pretrained(path, **auto)
+    with omnifix.patch_from_pretrained():
+        planned = _from_pretrained(path, device_map="auto", **auto)
+    assert plain.dtype == torch.bfloat16
+    assert planned.dtype == plain.dtype
+
+
+@pytest.mark.skipif(
+    not transformers_at_least(AUTO_DTYPE_DEFAULT),
+    reason="from_pretrained loads the checkpoint's dtype by default from transformers 5 on",
+)
+def test_from_pretrained_without_a_dtype_loads_the_stored_dtype(tmp_path: Path) -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        path = _save(_llama(dtype), tmp_path / str(dtype))
+        plain = _from_pretrained(path)
+        with omnifix.patch_from_pretrained():
+            planned = _from_pretrained(path, device_map="auto")
+        assert plain.dtype == dtype
+        assert planned.dtype == dtype
 
 
 def test_a_plan_states_the_stored_parameters_per_dtype(tmp_path: Path) -> None:
