@@ -198,3 +198,33 @@ def test_a_hub_id_s_stored_dtypes_come_from_its_headers_alone(
     (offline,) = _plan({**online, "HF_HUB_OFFLINE": "1"}, ("tiny/single", {}))
     assert offline == {**single, "stored": None}
     assert len(hub.requests) == count
+
+
+#: Plans argv[1] twice (the first pays the imports) and prints the second plan's seconds, whether
+#: it fits, and whether it has a stored-weights note.
+_TIMED = """
+import json, sys, time, omnifix
+omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
+start = time.monotonic()
+plan = omnifix.plan_placement(sys.argv[1], budgets={0: "8GiB"})
+stored = any(note.startswith("stored weights") for note in plan.notes)
+print(json.dumps([time.monotonic() - start, plan.fits, stored]))
+"""
+
+
+def test_a_hub_that_hangs_on_the_weights_leaves_the_headers_out_after_the_hub_timeout(
+    weights_hub: tuple[hub_standin.Hub, dict[str, str]], env: dict[str, str]
+) -> None:
+    hub, _ = weights_hub
+    hub.hang = {"model.safetensors", "model.safetensors.index.json"}
+    done = subprocess.run(  # noqa: S603 - our own interpreter running the script above
+        [sys.executable, "-c", _TIMED, "tiny/single"],
+        env={**env, "HF_ENDPOINT": hub.endpoint},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds, fits, stored = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fits
+    assert not stored
+    assert seconds < HUB_TIMEOUT + 1.5

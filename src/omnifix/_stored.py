@@ -14,9 +14,10 @@ import inspect
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from omnifix._config import HUB_TIMEOUT
 from omnifix.errors import CheckpointError
@@ -248,10 +249,10 @@ def read_hub(
 ) -> StoredWeights | None:
     """The stored weights of the Hub repository ``repo_id``, from its headers alone.
 
-    Through ``HfApi.get_safetensors_metadata`` (ranged requests of at most
-    :data:`~omnifix._config.HUB_TIMEOUT` seconds each where huggingface_hub takes a timeout);
-    under ``HF_HUB_OFFLINE=1``, or where the Hub does not answer, from the Hugging Face cache.
-    ``None`` where neither has them (no safetensors, nothing cached): the plan goes without.
+    Through ``HfApi.get_safetensors_metadata`` (ranged requests), given
+    :data:`~omnifix._config.HUB_TIMEOUT` seconds in all; under ``HF_HUB_OFFLINE=1``, or where
+    the Hub does not answer in time, from the Hugging Face cache. ``None`` where neither has
+    them (no safetensors, nothing cached): the plan goes without.
 
     Raises:
         CheckpointError: A header the Hub serves is not one; the message names the file.
@@ -265,12 +266,25 @@ def read_hub(
     kwargs: dict[str, Any] = {"revision": revision, "token": token}
     if "timeout" in inspect.signature(api.get_safetensors_metadata).parameters:
         kwargs["timeout"] = HUB_TIMEOUT
-    try:
-        found = api.get_safetensors_metadata(repo_id, **kwargs)
-    except SafetensorsParsingError as error:
-        raise CheckpointError(f"The safetensors headers of {repo_id!r}: {error}. {_FIX}") from None
-    except Exception:  # noqa: BLE001 - no safetensors there, or no answer: try the cache
+    answers: list[object] = []
+
+    def ask() -> None:
+        try:
+            answers.append(api.get_safetensors_metadata(repo_id, **kwargs))
+        except Exception as error:  # noqa: BLE001 - handed to the caller below
+            answers.append(error)
+
+    # huggingface_hub's own requests wait up to 10 s each (its metadata timeout): a Hub that
+    # answered for config.json but not for the weights is left behind after HUB_TIMEOUT.
+    asking = threading.Thread(target=ask, name="omnifix-safetensors-headers", daemon=True)
+    asking.start()
+    asking.join(HUB_TIMEOUT)
+    found = answers[0] if answers else None
+    if isinstance(found, SafetensorsParsingError):
+        raise CheckpointError(f"The safetensors headers of {repo_id!r}: {found}. {_FIX}")
+    if found is None or isinstance(found, BaseException):  # none there, or no answer: the cache
         return _cached(repo_id, revision)
+    found = cast("Any", found)
     files = []
     for name in sorted(found.files_metadata):
         tensors = found.files_metadata[name].tensors
