@@ -4,7 +4,9 @@ huggingface_hub reads a file of a repository with ``HEAD`` then ``GET``
 ``{endpoint}/{repo_id}/resolve/{revision}/{filename}``; the ``HEAD`` answer names the commit
 (``X-Repo-Commit``), the file's ``ETag`` and size. This serves the files of its repositories that
 way, at ``main`` or at a commit, refuses private repositories without the right bearer token
-(401) and unknown files (404, ``X-Error-Code: EntryNotFound``), and records every request.
+(401) and unknown files (404, ``X-Error-Code: EntryNotFound``), answers a ``Range: bytes=A-B``
+request with those bytes alone (206), never answers for the file names in ``hang``, and records
+every request (and every range asked for).
 
 ``silent()`` is a server that accepts connections and never answers: a Hub that hangs.
 """
@@ -32,7 +34,36 @@ class Hub:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+    #: ``(path, range)`` of every GET, the range ``None`` for a whole file.
+    gets: list[tuple[str, str | None]] = field(default_factory=list)
+    #: File names never answered (a Hub that hangs on them): the request waits a minute.
+    hang: set[str] = field(default_factory=set)
     endpoint: str = ""
+
+
+def _slice(data: bytes, asked: str | None) -> bytes:
+    """The bytes a ``Range: bytes=A-B`` header asks for (all of them without one)."""
+    if asked is None or not asked.startswith("bytes="):
+        return data
+    first, _, last = asked.removeprefix("bytes=").partition("-")
+    return data[int(first) : int(last) + 1 if last else None]
+
+
+def _find(hub: Hub, path: str, authorization: str | None) -> bytes | tuple[int, str] | None:
+    """The file a resolve URL names, or the error status and code; ``None`` to hang."""
+    owner, _, rest = path.lstrip("/").partition("/")
+    name, _, rest = rest.partition("/resolve/")
+    repo_id = f"{owner}/{name}"
+    revision, _, filename = rest.partition("/")
+    files = hub.repos.get(repo_id)
+    token = hub.tokens.get(repo_id)
+    if files is None or (token and authorization != f"Bearer {token}"):
+        return 401, "RepoNotFound"
+    if revision not in ("main", "v1", COMMIT):
+        return 404, "RevisionNotFound"
+    if filename not in files:
+        return 404, "EntryNotFound"
+    return None if filename.rpartition("/")[2] in hub.hang else files[filename]
 
 
 def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
@@ -41,24 +72,21 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             return
 
         def _answer(self, *, body: bool) -> None:
-            hub.requests.append((self.command, self.path, self.headers.get("authorization")))
-            owner, _, rest = self.path.lstrip("/").partition("/")
-            name, _, rest = rest.partition("/resolve/")
-            repo_id = f"{owner}/{name}"
-            revision, _, filename = rest.partition("/")
-            files = hub.repos.get(repo_id)
-            token = hub.tokens.get(repo_id)
-            if files is None or (token and self.headers.get("authorization") != f"Bearer {token}"):
-                self._error(401, "RepoNotFound")
+            authorization = self.headers.get("authorization")
+            hub.requests.append((self.command, self.path, authorization))
+            found = _find(hub, self.path, authorization)
+            if isinstance(found, tuple):
+                self._error(*found)
                 return
-            if revision not in ("main", "v1", COMMIT) or filename not in files:
-                self._error(
-                    404,
-                    "EntryNotFound" if revision in ("main", "v1", COMMIT) else "RevisionNotFound",
-                )
+            if found is None:  # a file the Hub hangs on
+                threading.Event().wait(60)
                 return
-            data = files[filename]
-            self.send_response(200)
+            data = found
+            asked = self.headers.get("range") if body else None
+            if body:
+                hub.gets.append((self.path, asked))
+            data = _slice(data, asked)
+            self.send_response(206 if asked else 200)
             self.send_header("X-Repo-Commit", COMMIT)
             self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
             self.send_header("Content-Length", str(len(data)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import types
@@ -675,6 +676,36 @@ CASES = [
         "free memory on the GPUs.",
     ),
     Case("omnifix.plan_placement(empty_dir)", Checkpoint, "empty", "save_pretrained"),
+    Case(
+        "omnifix.plan_placement(corrupt_dir)",
+        Checkpoint,
+        "corrupt/model.safetensors",
+        "download or copy the checkpoint again",
+    ),
+    Case(
+        "omnifix.plan_placement(truncated_dir)",
+        Checkpoint,
+        "truncated/model.safetensors",
+        "download or copy the checkpoint again",
+    ),
+    Case(
+        "omnifix.plan_placement(bad_index_dir)",
+        Checkpoint,
+        "model.safetensors.index.json",
+        "download or copy the checkpoint again",
+    ),
+    Case(
+        "omnifix.plan_placement(missing_shard_dir)",
+        Checkpoint,
+        "model-00002-of-00002.safetensors",
+        "download or copy the checkpoint again",
+    ),
+    Case(
+        "cli('plan', truncated_dir, '--gpu', '1GiB')",
+        CommandLine,
+        "truncated/model.safetensors",
+        "download or copy the checkpoint again",
+    ),
     # Workload
     Case(
         "omnifix.Workload(batch_size=0)",
@@ -881,12 +912,17 @@ def write_checkpoints(root: Path) -> dict[str, str]:
     broken = root / "broken-config"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    for name in ("bad-index", "corrupt", "no-weights"):
+    for name in ("bad-index", "corrupt", "no-weights", "truncated", "missing-shard"):
         folder = root / name
         folder.mkdir()
         (folder / "config.json").write_text((lm / "config.json").read_text())
     (root / "bad-index" / "model.safetensors.index.json").write_text("not json")
     (root / "corrupt" / "model.safetensors").write_bytes(b"\x00" * 64)
+    header = (lm / "model.safetensors").read_bytes()[:5]
+    (root / "truncated" / "model.safetensors").write_bytes(header)
+    shard = "model-00002-of-00002.safetensors"
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": shard}}
+    (root / "missing-shard" / "model.safetensors.index.json").write_text(json.dumps(index))
     return {
         "lm": str(lm),
         "tied": str(root / "tied"),
@@ -897,6 +933,8 @@ def write_checkpoints(root: Path) -> dict[str, str]:
         "bad_index_dir": str(root / "bad-index"),
         "corrupt_dir": str(root / "corrupt"),
         "no_weights_dir": str(root / "no-weights"),
+        "truncated_dir": str(root / "truncated"),
+        "missing_shard_dir": str(root / "missing-shard"),
     }
 
 

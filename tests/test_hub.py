@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
 from tests import hub_standin
 
 import omnifix
@@ -26,14 +27,16 @@ if TYPE_CHECKING:
 
 SRC = str(Path(omnifix.__file__).parent.parent)
 #: Plans each ``[repo, keywords]`` of the JSON list in argv[1]; prints one JSON list: each plan's
-#: model, verdict and weights, or the error's class and message.
+#: model, verdict, weights and stored-weights note, or the error's class and message.
 _PLAN = """
 import json, sys, omnifix
 results = []
 for repo, kwargs in json.loads(sys.argv[1]):
     try:
         plan = omnifix.plan_placement(repo, budgets={0: "8GiB"}, **kwargs)
-        results.append({"model": plan.model, "fits": plan.fits, "weights": plan.devices[0].weights})
+        stored = [note for note in plan.notes if note.startswith("stored weights")]
+        results.append({"model": plan.model, "fits": plan.fits, "weights": plan.devices[0].weights,
+                        "stored": stored[0] if stored else None})
     except omnifix.OmnifixError as error:
         results.append({"error": type(error).__name__, "message": str(error)})
 print(json.dumps(results))
@@ -116,7 +119,8 @@ def test_a_hub_id_plans_from_its_config_alone_then_offline_from_the_cache(
 def test_the_token_comes_from_hf_token(hub: hub_standin.Hub, env: dict[str, str]) -> None:
     (plan,) = _plan({**env, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_x"}, ("private/qwen2", {}))
     assert plan["fits"]
-    assert _resolved(hub)[-1] == ("/private/qwen2/resolve/main/config.json", "Bearer hf_x")
+    assert ("/private/qwen2/resolve/main/config.json", "Bearer hf_x") in _resolved(hub)
+    assert all(auth == "Bearer hf_x" for _, auth in _resolved(hub))
 
 
 def test_a_silent_hub_fails_after_one_bounded_request(env: dict[str, str]) -> None:
@@ -142,4 +146,85 @@ def test_cli_hub_flags(hub: hub_standin.Hub, env: dict[str, str]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model"] == "private/qwen2"
-    assert _resolved(hub)[-1] == ("/private/qwen2/resolve/v1/config.json", "Bearer hf_x")
+    assert ("/private/qwen2/resolve/v1/config.json", "Bearer hf_x") in _resolved(hub)
+    assert all(auth == "Bearer hf_x" for _, auth in _resolved(hub))
+
+
+@pytest.fixture
+def weights_hub(tmp_path: Path) -> Iterator[tuple[hub_standin.Hub, dict[str, str]]]:
+    """Repositories with safetensors weights (bf16, fp32 norms): one file, and sharded."""
+    model = ot.tiny_model("qwen2").to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            module.float()
+    notes = {}
+    repos = {}
+    for repo, shard in (("tiny/single", "10GB"), ("tiny/sharded", "20KB"), ("private/w", "10GB")):
+        folder = tmp_path / repo
+        model.save_pretrained(folder, max_shard_size=shard)
+        repos[repo] = {path.name: path.read_bytes() for path in folder.iterdir()}
+        plan = omnifix.plan_placement(folder, budgets={0: "8GiB"})
+        notes[repo] = next(note for note in plan.notes if note.startswith("stored weights"))
+    assert "model.safetensors.index.json" in repos["tiny/sharded"]
+    served = hub_standin.Hub(repos=repos, tokens={"private/w": "hf_x"})
+    for started in hub_standin.serve(served):
+        yield started, notes
+
+
+def test_a_hub_id_s_stored_dtypes_come_from_its_headers_alone(
+    weights_hub: tuple[hub_standin.Hub, dict[str, str]], env: dict[str, str]
+) -> None:
+    hub, notes = weights_hub
+    online = {**env, "HF_ENDPOINT": hub.endpoint}
+    cases = [("tiny/single", {}), ("tiny/sharded", {}), ("tiny/single", {"revision": "v1"})]
+    cases += [("private/w", {"token": "hf_x"})]
+    single, sharded, at_v1, private = _plan(online, *cases)
+    assert single["stored"] == notes["tiny/single"]
+    assert sharded["stored"] == notes["tiny/sharded"] == single["stored"]
+    assert at_v1["stored"] == single["stored"]
+    assert private["stored"] == notes["private/w"]
+    weights = [(path, asked) for path, asked in hub.gets if path.endswith(".safetensors")]
+    shards = {name for name in hub.repos["tiny/sharded"] if name.endswith(".safetensors")}
+    assert len(shards) > 1
+    assert {path for path, _ in weights} >= {
+        "/tiny/single/resolve/main/model.safetensors",
+        *(f"/tiny/sharded/resolve/main/{shard}" for shard in shards),
+    }
+    assert all(asked is not None for _, asked in weights), weights  # headers, never the weights
+    assert any(path == "/tiny/single/resolve/v1/model.safetensors" for path, _ in weights)
+    assert all(auth == "Bearer hf_x" for path, auth in _resolved(hub) if "/private/" in path)
+    # Offline: the headers were never cached (only ranges were read), so the plan goes without.
+    count = len(hub.requests)
+    (offline,) = _plan({**online, "HF_HUB_OFFLINE": "1"}, ("tiny/single", {}))
+    assert offline == {**single, "stored": None}
+    assert len(hub.requests) == count
+
+
+#: Plans argv[1] twice (the first pays the imports) and prints the second plan's seconds, whether
+#: it fits, and whether it has a stored-weights note.
+_TIMED = """
+import json, sys, time, omnifix
+omnifix.plan_placement("qwen2-vl-7b", budgets={0: "8GiB"})
+start = time.monotonic()
+plan = omnifix.plan_placement(sys.argv[1], budgets={0: "8GiB"})
+stored = any(note.startswith("stored weights") for note in plan.notes)
+print(json.dumps([time.monotonic() - start, plan.fits, stored]))
+"""
+
+
+def test_a_hub_that_hangs_on_the_weights_leaves_the_headers_out_after_the_hub_timeout(
+    weights_hub: tuple[hub_standin.Hub, dict[str, str]], env: dict[str, str]
+) -> None:
+    hub, _ = weights_hub
+    hub.hang = {"model.safetensors", "model.safetensors.index.json"}
+    done = subprocess.run(  # noqa: S603 - our own interpreter running the script above
+        [sys.executable, "-c", _TIMED, "tiny/single"],
+        env={**env, "HF_ENDPOINT": hub.endpoint},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds, fits, stored = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fits
+    assert not stored
+    assert seconds < HUB_TIMEOUT + 1.5

@@ -337,5 +337,9 @@ def test_a_bitsandbytes_checkpoint_plans_quantised_and_others_say_so(tmp_path: P
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": stored}))
     gptq = plan_placement(path, budgets={0: "1GiB"})
     assert gptq.quantization is None
-    assert gptq.devices[0].weights == plain.devices[0].weights
+    assert not gptq.fits  # not sized: the bound (unquantised weights) only when accepted
+    assert gptq.options[0].kind == "bound"
     assert any("quantised with gptq" in note for note in gptq.notes)
+    bound = plan_placement(path, budgets={0: "1GiB"}, accept_bound=True)
+    assert bound.fits
+    assert bound.devices[0].weights == plain.devices[0].weights

@@ -24,6 +24,7 @@ from omnifix._load import explicit_map, load_safely, skeleton_of
 from omnifix._meta import assert_no_meta
 from omnifix._modules import execution_devices
 from omnifix._plan import require_workload
+from omnifix._stored import stored_weights
 from omnifix.errors import OmnifixWarning, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -264,8 +265,9 @@ def _plain_dtype(cls: type[Any], pretrained: Any, kwargs: dict[str, Any]) -> tor
     """The dtype the plain call would load in (popping ``dtype``/``torch_dtype`` from kwargs).
 
     ``"auto"`` means the checkpoint's dtype for ``from_pretrained`` and "what suits the GPU" for
-    ``load_safely``, so it is resolved here from the config; transformers 5 defaults to
-    ``"auto"``, older releases to torch's default dtype.
+    ``load_safely``, so it is resolved here as transformers does: the config's dtype, else the
+    stored one (read from the safetensors headers); transformers 5 defaults to ``"auto"``, older
+    releases to torch's default dtype.
     """
     import torch
     import transformers
@@ -284,4 +286,12 @@ def _plain_dtype(cls: type[Any], pretrained: Any, kwargs: dict[str, Any]) -> tor
         config = cls.config_class.from_pretrained(config or pretrained)
     # dtype from 4.56 on; torch_dtype before (read from __dict__: later releases warn on access).
     found = getattr(config, "dtype", None) or config.__dict__.get("torch_dtype")
+    if found is None:
+        stored = stored_weights(
+            pretrained,
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            subfolder=kwargs.get("subfolder") or None,
+        )
+        found = None if stored is None else stored.auto_dtype
     return found or torch.get_default_dtype()  # type: ignore[no-any-return,unused-ignore]

@@ -25,6 +25,7 @@ from omnifix._plan.quantization import (
 from omnifix._plan.skeleton import load_skeleton
 from omnifix._plan.strategies import Request, Strategy, choose
 from omnifix._plan.workload import Workload, require_workload
+from omnifix._stored import stored_weights
 from omnifix._table import Block, Table, plain, rich
 from omnifix._units import format_bytes
 from omnifix.errors import InsufficientMemoryError, InvalidArgumentError
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from omnifix._attention import Capability
     from omnifix._plan.engines import Engine
     from omnifix._plan.skeleton import Skeleton
+    from omnifix._stored import StoredWeights
 
 __all__ = ["AttnImplementation", "PlacementPlan", "plan_placement"]
 
@@ -350,18 +352,45 @@ def _check_workload(skeleton: Skeleton, workload: Workload) -> None:
             )
 
 
-def _unknown(skeleton: Skeleton) -> tuple[str, ...]:
+def _unknown(request: Request) -> tuple[str, ...]:
     """What the memory model does not understand about the model, with the bound it uses."""
-    anatomy = skeleton.anatomy
+    anatomy = request.skeleton.anatomy
     if anatomy.decoders or anatomy.towers:
-        return anatomy.unknown
+        return (*anatomy.unknown, *request.unsized)
     return (
         *anatomy.unknown,
+        *request.unsized,
         (
             "no language model or tower recognised (no stack of layers with a vocabulary, "
             "patches or mel bins): the bound counts weights, overhead and margin only"
         ),
     )
+
+
+def _unsized(method: str | None, stored: object, weights: StoredWeights | None) -> tuple[str, ...]:
+    """The checkpoint's quantised weights the memory model does not size, with the bound used."""
+    bound = "the bound counts them unquantised, in the plan's dtype"
+    if method:
+        return (f"the checkpoint is quantised with {method}, which omnifix does not size: {bound}",)
+    if stored is None and weights is not None and weights.packed:
+        packed = ", ".join(f"{count:,} in {dtype}" for dtype, count in weights.packed)
+        packed_note = (
+            f"the checkpoint stores weights packed ({packed}) as quantised weights are, but its "
+            f"config.json has no quantization_config: {bound}"
+        )
+        return (packed_note,)
+    return ()
+
+
+def _stored_notes(weights: StoredWeights | None, dtype: torch.dtype) -> tuple[str, ...]:
+    """What the checkpoint's safetensors headers say, next to the dtype the plan loads."""
+    if weights is None:
+        return ()
+    note = (
+        f"stored weights (safetensors headers): {weights.describe()} values; the plan loads the "
+        f"floating ones in {_dtype_name(dtype)}"
+    )
+    return (note,)
 
 
 def _notes(request: Request) -> tuple[str, ...]:
@@ -391,7 +420,8 @@ def _notes(request: Request) -> tuple[str, ...]:
         f"GPU figures are what the CUDA caching allocator reserves at the peak ({gap} above "
         f"the allocated peak; allocator settings {where})"
     )
-    notes += [f"not understood: {item}" for item in _unknown(request.skeleton)]
+    notes += [f"not understood: {item}" for item in _unknown(request)]
+    notes += request.stored
     if request.attn.startswith(("flash", "flex")):
         notes.append(f"{request.attn} is modelled like sdpa: no attention scores in memory")
     if request.quantization is not None:
@@ -472,9 +502,11 @@ def plan_placement(
     Args:
         model: A built-in preset name (``"qwen2.5-omni-7b"``; its Hub id works too, offline),
             a local checkpoint directory (its ``config.json``), any other Hub id (its
-            ``config.json`` only, read in one request of at most 3 s, else from the cache), a
+            ``config.json``, read in one request of at most 3 s, else from the cache), a
             transformers config, or a model built on ``meta`` (its own dtype is used when it
-            matches).
+            matches). A directory's or Hub id's safetensors headers are read too (never the
+            weights): the notes give the values stored per dtype, and packed (quantised)
+            weights that ``config.json`` does not declare are not understood.
         model_class: The class to build; default: the one the config's ``architectures`` names.
         budgets: ``{device: size}`` such as ``{0: "24GiB", "cpu": "64GiB"}``; GPUs this machine
             lacks are simulated. ``None``: the free memory of each visible GPU now, or the host
@@ -497,8 +529,9 @@ def plan_placement(
         trust_remote_code: For a Hub id or directory whose config is remote code.
         token: For a gated or private Hub repository (default: ``HF_TOKEN``, the saved login).
         accept_bound: Where the memory model does not understand part of the model (the
-            plan's notes say what, and the conservative bound used instead), accept a plan
-            that fits on that bound. By default such a plan is refused, with this as its option.
+            plan's notes say what, and the conservative bound used instead; also a checkpoint
+            quantised by a method omnifix does not size), accept a plan that fits on that bound.
+            By default such a plan is refused, with this as its option.
         engine: Plan tensor/pipeline parallelism for ``"vllm"``, ``"sglang"`` or ``"torchrun"``
             (transformers' own, through ``load_safely(..., parallel="tensor")``) and write its
             command lines (``plan.parallel.launch``); docs/beyond-one-host.md explains it.
@@ -512,7 +545,8 @@ def plan_placement(
 
     Raises:
         UnsupportedModelError: ``model`` is not something the planner can build.
-        CheckpointError: No readable config at a path.
+        CheckpointError: No readable config at a path; a safetensors header or index that is
+            cut short or corrupt (the message names the file).
         InvalidArgumentError: A bad budget, dtype, attention name, workload (media the model
             has no tower for) or quantization (or one with ``allow_offload=True``); a
             :class:`DeviceError` for a budget key that is not a device; an unknown engine, more
@@ -551,6 +585,7 @@ def plan_placement(
     _check_workload(skeleton, workload)
     stored, unsized = stored_quantization(skeleton.config)
     quantized = resolve_quantization(stored if quantization is None else quantization, skeleton)
+    weights = stored_weights(model, revision=revision, token=token)
     if quantized is not None:
         if allow_offload:
             raise InvalidArgumentError(
@@ -561,16 +596,17 @@ def plan_placement(
         skeleton = quantize(skeleton, quantized)
     call = replace(call_of(model, model_class, hub), budgets_given=budgets is not None)
     request = Request(
-        skeleton, resolved, attn, workload, allow_offload, quantization=quantized, call=call
+        skeleton,
+        resolved,
+        attn,
+        workload,
+        allow_offload,
+        quantization=quantized,
+        call=call,
+        unsized=_unsized(unsized if quantized is None else None, stored, weights),
+        stored=_stored_notes(weights, skeleton.dtype),
     )
     notes = _notes(request)
-    if unsized and quantized is None:
-        notes += (
-            (
-                f"the checkpoint is quantised with {unsized}, which omnifix does not size: its "
-                "weights are counted unquantised, in the plan's dtype (an overestimate)"
-            ),
-        )
     parallel = ParallelRequest(
         engine=engine,
         nodes=nodes,
@@ -582,7 +618,7 @@ def plan_placement(
     if parallel.asked:
         return _parallel_plan(request, parallel)
     strategy, reason, attempt = choose(request)
-    unknown = _unknown(skeleton)
+    unknown = _unknown(request)
     bound_options: tuple[PlanOption, ...] = ()
     if unknown and strategy != "refuse" and not accept_bound:
         bound_options = (bound_option(request, strategy, attempt.rows),)

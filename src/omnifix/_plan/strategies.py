@@ -60,6 +60,10 @@ class Request:
     quantization: Quantization | None = None
     #: How the user called the planner, to write each option as a call.
     call: Call = field(default_factory=Call)
+    #: What the checkpoint stores that the memory model does not size (quantised weights), and
+    #: what its safetensors headers say (the plan's notes).
+    unsized: tuple[str, ...] = ()
+    stored: tuple[str, ...] = ()
 
     @property
     def gpus(self) -> tuple[Budget, ...]:
