@@ -444,7 +444,7 @@ def predict_phases(
         >>> work = omnifix.Workload(text_tokens=8192, max_new_tokens=1)
         >>> phases = predict_phases("qwen2-vl-7b", workload=work)
         >>> sorted(phases), round(phases["prefill"] / 2**30, 2)  # Qwen2.5-VL-7B's LM: 1.53
-        (['logits', 'prefill'], 1.53)
+        (['decode', 'logits', 'prefill'], 1.53)
     """
     import torch
 
