@@ -167,3 +167,16 @@ def test_quantization_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     lm_head, tower = data["quantization_config"]["llm_int8_skip_modules"]
     assert (lm_head, tower.rpartition(".")[2]) == ("lm_head", "visual")
+
+
+def test_accept_bound_flag(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import transformers
+
+    config_class = getattr(transformers, "Qwen3NextConfig", None)
+    if config_class is None:
+        pytest.skip("no Qwen3-Next (linear attention) in this transformers")
+    config_class(num_hidden_layers=4, vocab_size=1024).save_pretrained(tmp_path)
+    argv = ["plan", str(tmp_path), "--gpu", "80GiB", "--plain"]
+    assert main(argv) == 1  # linear-attention layers: sized only by a bound, refused by default
+    assert "accept_bound=True" in capsys.readouterr().out  # the option, as Python to paste
+    assert main([*argv, "--accept-bound"]) == 0

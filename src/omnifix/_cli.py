@@ -50,6 +50,7 @@ _QUANTISED: Final = re.compile(r"u?int\d+|fp[48]|float8.*|nf4|q\d.*|4bit|8bit", 
 #: The library's parameter names in its messages, as the flags that set them.
 _FLAGS: Final = {
     "allow_offload=True": "--allow-offload",
+    "accept_bound=True": "--accept-bound",
     "attn_implementation": "--attn",
     "allow_offload": "--allow-offload",
     "batch_size": "--batch-size",
@@ -327,6 +328,7 @@ def _plan(args: argparse.Namespace) -> int:
         "attn_implementation": args.attn,
         "workload": workload,
         "allow_offload": args.allow_offload,
+        "accept_bound": args.accept_bound,
         "revision": args.revision,
         "trust_remote_code": args.trust_remote_code,
         "token": args.token,
@@ -414,6 +416,12 @@ def _add_plan(commands: Any) -> argparse.ArgumentParser:
         "--allow-offload",
         action="store_true",
         help="accept plans that keep weights on the cpu or disk (slow; default: refuse them)",
+    )
+    model.add_argument(
+        "--accept-bound",
+        action="store_true",
+        help="plan a model the memory model does not wholly understand on the conservative bound "
+        "its notes state (default: refuse to call it a fit)",
     )
     model.add_argument(
         "--quantization",

@@ -358,6 +358,7 @@ def load_safely(
     hooks: Literal["lean", "accelerate"] = "lean",
     expandable_segments: bool = True,
     verify_workload: bool = False,
+    accept_bound: bool = False,
     quantization: object = None,
     parallel: ParallelMode | None = None,
     **from_pretrained_kwargs: Any,
@@ -379,6 +380,7 @@ def load_safely(
     hooks: Literal["lean", "accelerate"] = "lean",
     expandable_segments: bool = True,
     verify_workload: bool = False,
+    accept_bound: bool = False,
     quantization: object = None,
     parallel: ParallelMode | None = None,
     **from_pretrained_kwargs: Any,
@@ -399,6 +401,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
     hooks: Literal["lean", "accelerate"] = "lean",
     expandable_segments: bool = True,
     verify_workload: bool = False,
+    accept_bound: bool = False,
     quantization: object = None,
     parallel: ParallelMode | None = None,
     **from_pretrained_kwargs: Any,
@@ -436,6 +439,9 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
             reserved peak with its budget; a peak over budget raises before the first real
             request. Costs one request of that size (docs/planning.md has the figures); on the
             cpu the pass runs but no peak is compared. Needs a plan (no explicit ``device_map``).
+        accept_bound: Where the memory model does not understand part of the model (the plan's
+            notes say what, with the conservative bound used instead), load on that bound
+            instead of refusing (as for :func:`omnifix.plan_placement`).
         strict: Raise instead of falling back when the requested attention cannot run.
         hooks: For a model split over several GPUs: ``"lean"`` (:func:`omnifix.lean_dispatch`,
             one light hook per ``device_map`` entry) or ``"accelerate"`` (its hook on every module
@@ -556,6 +562,7 @@ def load_safely(  # noqa: C901, PLR0915 - one linear recipe, commented step by s
             workload=workload,
             allow_offload=allow_offload,
             quantization=quantization,
+            accept_bound=accept_bound,
         )
         if not plan.fits and max_memory is not None:  # the caps refused it, maybe not the machine
             raise InsufficientMemoryError(

@@ -145,8 +145,10 @@ class DeviceBudget:
 
 
 def outside_allocator(row: DeviceBudget) -> int:
-    """What ``row`` counts outside the caching allocator: the CUDA context and lazily loaded
-    kernels, less the context a measured budget has already paid."""
+    """What ``row`` counts outside the caching allocator (context and lazily loaded kernels).
+
+    Less the context CUDA starts with, which a budget of measured free memory has already paid.
+    """
     return max(0, row.overhead - CALIBRATION.workspace)
 
 

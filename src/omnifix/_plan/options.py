@@ -48,12 +48,12 @@ class PlanOption:
 
     Attributes:
         kind: ``"dtype"``, ``"attention"``, ``"workload"``, ``"gpus"``, ``"quantization"``,
-            ``"offload"`` or ``"cpu"``.
+            ``"offload"``, ``"cpu"`` or ``"bound"``.
         description: The change in words.
         arguments: The changed ``plan_placement`` keywords, as Python source.
         load: The keywords that load with the change (``load_safely`` takes them;
-            ``from_pretrained`` too, but ``device=``, ``workload=`` and ``allow_offload=``), as
-            source; ``""`` for hardware (more GPUs).
+            ``from_pretrained`` too, but ``device=``, ``workload=``, ``allow_offload=`` and
+            ``accept_bound=``), as source; ``""`` for hardware (more GPUs).
         code: The ``omnifix.plan_placement(...)`` call with the change, as source: pasted after
             ``import omnifix, torch, transformers`` it returns the plan described here.
         strategy: The re-planned strategy.
@@ -199,7 +199,7 @@ def bound_option(
         kind="bound",
         description="accept_bound=True (the conservative bound the notes state)",
         arguments={"accept_bound": "True"},
-        load="",
+        load="accept_bound=True",
         code=request.call.source(arguments),
         strategy=strategy,
         devices=rows,
