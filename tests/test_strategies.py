@@ -181,6 +181,14 @@ def test_eager_attention_reserves_a_share_of_its_score_blocks() -> None:
     assert sdpa.allocator < row.allocator
 
 
+def test_quantised_weights_dequantised_for_the_prefill_are_counted_where_they_run() -> None:
+    plain = _gpu_need()
+    int8 = _gpu_need(quantization="int8")
+    assert int8.weights < plain.weights
+    # The largest quantised weight, the MLP's 768 x 3072 projection, dequantised to bf16.
+    assert int8.activations - plain.activations == 768 * 3072 * 2
+
+
 def test_free_memory_measured_now_has_already_paid_for_the_cuda_context() -> None:
     skeleton = load_skeleton(MODEL, model_class=None, dtype=torch.bfloat16)
     explicit = Budget("cuda:0", 80 * GIB)
@@ -200,6 +208,11 @@ def test_free_memory_measured_now_has_already_paid_for_the_cuda_context() -> Non
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
+
+
+def _layer_index(name: str) -> int | None:
+    prefix = "transformer.h."
+    return int(name[len(prefix) :]) if name.startswith(prefix) else None
 
 
 def _layers(plan: PlacementPlan) -> list[str]:
@@ -287,6 +300,20 @@ def test_a_split_balances_the_used_gpus_within_a_layer(sizes: tuple[int, ...]) -
     assert filled.fits
     assert max(shares) <= max(_utilisation(filled.row(device)) for device in plan.devices_used)
     assert max(shares) - min(shares) <= 2 * _layer_step(plan)
+    # No other boundary between the two GPUs' layers lowers the highest utilisation.
+    first, second = plan.devices_used
+    peaks = []
+    for boundary in range(len(layers) + 1):
+        device_map = {
+            name: (first if index < boundary else second)
+            if (index := _layer_index(name)) is not None
+            else device
+            for name, device in plan.device_map.items()
+        }
+        attempt = evaluate(request, device_map)
+        if attempt.fits:
+            peaks.append(max(_utilisation(attempt.row(d)) for d in plan.devices_used))
+    assert max(shares) == pytest.approx(min(peaks), abs=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
