@@ -822,3 +822,57 @@ def test_each_entry_makes_its_gpu_current_and_the_callers_comes_back(fake_gpus: 
 def test_lean_dispatch_names_itself_when_given_no_module() -> None:
     with pytest.raises(omnifix.UnsupportedModelError, match=r"^lean_dispatch needs a torch"):
         omnifix.lean_dispatch("Qwen/Qwen2-7B")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("offloaded", "shown"),
+    [
+        (4, "layers.0: disk, layers.1: disk, layers.2: disk, layers.3: disk next"),
+        (5, "layers.0: disk, layers.1: disk, layers.2: disk, layers.3: disk and 1 more next"),
+    ],
+)
+def test_an_offloading_map_is_refused_naming_four_entries_and_the_gpus(
+    offloaded: int, shown: str
+) -> None:
+    toy = build_toy(offloaded)
+    toy.hf_device_map = split_placement(["disk"] * offloaded, embed_tokens="cuda:10")
+    toy.hf_device_map["rotary_emb"] = "cuda:2"
+    with pytest.raises(omnifix.InvalidArgumentError) as caught:
+        omnifix.lean_dispatch(toy)
+    assert str(caught.value).startswith(
+        f"The device_map offloads {shown} to entries on cuda:1, cuda:2, cuda:10: "
+    )
+    toy.hf_device_map = {"": "disk"}
+    with pytest.raises(omnifix.InvalidArgumentError, match=r"offloads \(root\): disk next to "):
+        omnifix.lean_dispatch(toy)
+
+
+def test_a_recorded_map_may_place_single_tensors(fake_gpus: None) -> None:
+    placement = split_placement(["cuda:0", "cuda:1"])
+    toy = toy_on(placement)
+    del placement["layers.0"]
+    placement.update({"layers.0.linear.weight": "cuda:0", "layers.0.linear.bias": "cuda:0"})
+    toy.hf_device_map = placement
+    with omnifix.lean_dispatch(toy) as lean:
+        assert lean.devices == ("cuda:0", "cuda:1")
+        # A tensor's entry gets no hook: its module runs where its caller's tensors are.
+        assert set(hooked(toy)) == {"", *placement} - {
+            "layers.0.linear.weight",
+            "layers.0.linear.bias",
+        }
+
+
+def test_a_model_without_token_embedding_takes_inputs_on_its_first_entrys_device(
+    fake_gpus: None,
+) -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    placement = {"0": "cuda:1", "1": "cuda:0"}
+    for name, device in placement.items():
+        place(model.get_submodule(name), device)
+    model.hf_device_map = placement
+    with omnifix.lean_dispatch(model):
+        assert model._hf_hook.execution_device == torch.device("cuda:1")
+        assert model(torch.zeros(2, 4)).device == torch.device("cpu")
