@@ -189,6 +189,20 @@ def test_quantised_weights_dequantised_for_the_prefill_are_counted_where_they_ru
     assert int8.activations - plain.activations == 768 * 3072 * 2
 
 
+def test_in_a_quantised_split_each_gpu_counts_the_weights_it_dequantises() -> None:
+    budgets: dict[object, str | int] = {0: "1000MiB", 1: "1000MiB"}
+    plan = _plan(budgets, quantization="int8")
+    assert plan.strategy == "split"
+    # The same map unquantised: every GPU runs MLP layers, so each holds one dequantised weight.
+    skeleton = load_skeleton(MODEL, model_class=None, dtype=torch.bfloat16)
+    budget = resolve_budgets(budgets, allow_offload=False)
+    request = Request(skeleton, budget, "sdpa", Workload(), allow_offload=False)
+    plain = evaluate(request, plan.device_map)
+    for device in plan.devices_used:
+        extra = plan.device(device).activations - plain.row(device).activations
+        assert extra == 768 * 3072 * 2, device
+
+
 def test_free_memory_measured_now_has_already_paid_for_the_cuda_context() -> None:
     skeleton = load_skeleton(MODEL, model_class=None, dtype=torch.bfloat16)
     explicit = Budget("cuda:0", 80 * GIB)
@@ -314,6 +328,49 @@ def test_a_split_balances_the_used_gpus_within_a_layer(sizes: tuple[int, ...]) -
         if attempt.fits:
             peaks.append(max(_utilisation(attempt.row(d)) for d in plan.devices_used))
     assert max(shares) == pytest.approx(min(peaks), abs=1e-9)
+
+
+def test_unequal_gpus_are_balanced_by_utilisation_not_bytes() -> None:
+    budgets: dict[object, str | int] = {0: "1050MiB", 1: "900MiB"}
+    plan = _plan(budgets, workload=Workload(text_tokens=256, max_new_tokens=64))
+    assert plan.strategy == "split"
+    large, small = plan.device("cuda:0"), plan.device("cuda:1")
+    assert abs(_utilisation(small) - _utilisation(large)) <= 2 * _layer_step(plan)
+    assert large.weights > small.weights
+
+
+@pytest.mark.parametrize("sizes", [(12, 12), (10, 14), (14, 10), (16, 9)], ids=str)
+def test_a_split_of_many_layers_is_balanced_to_within_a_layer_of_the_best(
+    sizes: tuple[int, int],
+) -> None:
+    # Qwen3-8B: 36 layers of 0.4 GiB, so the balancing pass has to narrow its bracket.
+    budgets: dict[object, str | int] = {i: size * GIB for i, size in enumerate(sizes)}
+    work = Workload(text_tokens=2048)
+    plan = plan_placement("qwen3-8b", budgets=budgets, workload=work)
+    assert plan.strategy == "split"
+    skeleton = load_skeleton("qwen3-8b", model_class=None, dtype=torch.bfloat16)
+    resolved = resolve_budgets(budgets, allow_offload=False)
+    request = Request(skeleton, resolved, plan.attn_implementation, work, allow_offload=False)
+    first, second = plan.devices_used
+    prefix = "model.layers."
+    layers = [name for name in plan.device_map if name.startswith(prefix)]
+    peaks = []
+    for boundary in range(len(layers) + 1):
+        device_map = {
+            name: (first if int(name[len(prefix) :]) < boundary else second)
+            if name.startswith(prefix)
+            else device
+            for name, device in plan.device_map.items()
+        }
+        attempt = evaluate(request, device_map)
+        if attempt.fits:
+            peaks.append(max(_utilisation(attempt.row(d)) for d in plan.devices_used))
+    highest = max(_utilisation(plan.device(d)) for d in plan.devices_used)
+    # A layer (with its margin) on each side of the boundary, as tests/test_plan.py allows.
+    layer = skeleton.sizes[layers[0]] * (1 + CALIBRATION.margin_fraction)
+    assert min(peaks) <= highest <= min(peaks) + 2 * layer / (min(sizes) * GIB)
+    filled = fill(request, request.gpus)
+    assert highest <= max(_utilisation(filled.row(d)) for d in plan.devices_used)
 
 
 # --------------------------------------------------------------------------------------------
