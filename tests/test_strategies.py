@@ -373,6 +373,36 @@ def test_a_split_of_many_layers_is_balanced_to_within_a_layer_of_the_best(
     assert highest <= max(_utilisation(filled.row(d)) for d in plan.devices_used)
 
 
+@pytest.mark.parametrize(
+    ("sizes", "layers"),
+    [
+        ((12, 12), [17, 19]),
+        ((10, 14), [13, 23]),
+        ((14, 10), [22, 14]),
+        ((16, 9), [25, 11]),
+        ((11, 13), [15, 21]),
+        ((13, 11), [20, 16]),
+        ((12, 12, 12), [17, 19]),
+        ((8, 9, 10), [8, 13, 15]),
+    ],
+    ids=str,
+)
+def test_the_balancing_pass_splits_qwen3_8b_as_it_did(
+    sizes: tuple[int, ...], layers: list[int]
+) -> None:
+    # What the bisection settles on (docs/planning.md): a change to it shows here first; the
+    # tests above say what any balancing must hold.
+    budgets: dict[object, str | int] = {i: size * GIB for i, size in enumerate(sizes)}
+    plan = plan_placement("qwen3-8b", budgets=budgets, workload=Workload(text_tokens=2048))
+    assert plan.strategy == "split"
+    prefix = "model.layers."
+    counts = [
+        sum(1 for name, where in plan.device_map.items() if name.startswith(prefix) and where == d)
+        for d in plan.devices_used
+    ]
+    assert counts == layers
+
+
 # --------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------
