@@ -12,7 +12,7 @@
 # docs/mutation.md records the last scores. Every module takes 1 to 4 minutes on 2 cores, all five
 # about 12 (building .venvs/mut first adds about 6). The planner's strategies are tested here by
 # tests/test_strategies.py (GPT-2 and Qwen3-8B presets, every row checked), not by
-# tests/test_plan.py, whose full-size presets would take hours over hundreds of mutants. Lines that hold nothing but message text (the continuation lines of error messages)
+# tests/test_plan.py, whose full-size presets take far longer per mutant. Lines that hold nothing but message text (the continuation lines of error messages)
 # are not mutated: tests/test_bad_inputs.py checks what each message must say (the value and the
 # fix), and a test per word of wording would only pin the prose.
 #
