@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import omnifix
+from omnifix._devices import cuda_device_count
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -557,10 +558,14 @@ def test_model_built_under_init_empty_weights_raises_meta_tensor_error(tiny_lm_d
     with pytest.raises(omnifix.MetaTensorError) as caught:
         omnifix.input_device(model)
     message = str(caught.value)
-    assert "'model.embed_tokens'" in message
+    assert message.startswith("The input embedding 'model.embed_tokens' of Qwen2ForCausalLM ")
     assert "init_empty_weights" in message
     assert message.endswith("then ask again.")
     assert isinstance(caught.value, RuntimeError)
+    # The error carries the report of what is on meta: every weight of the skeleton.
+    names = {tensor.name for tensor in caught.value.report.tensors}
+    assert "model.embed_tokens.weight" in names
+    assert len(names) == len(list(model.parameters()))
 
 
 class Wrapped(nn.Module):
@@ -631,3 +636,189 @@ def test_rocm_words_on_an_nvidia_machine_are_unavailable_not_every_gpu(word: str
         omnifix.resolve_device_map(word)
     with simulated(cuda=2, rocm=True):
         assert omnifix.resolve_device_map(word) == ("auto", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the errors say, and the machines' less common corners
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("machine", "expected"),
+    [
+        (CPU_BOX, ["cpu"]),
+        ({"xpu": 1, "mps": True}, ["xpu:0", "mps", "cpu"]),
+        (
+            {"cuda": 2, "xpu": 2, "mps": True},
+            ["cuda:0", "cuda:1", "xpu:0", "xpu:1", "mps", "cpu"],
+        ),
+        ({"cuda": 8}, [*(f"cuda:{i}" for i in range(8)), "cpu"]),
+        ({"cuda": 10}, [*(f"cuda:{i}" for i in range(8)), "... cuda:9", "cpu"]),
+    ],
+)
+def test_the_devices_listed_are_every_kind_this_machine_has(
+    machine: dict[str, Any], expected: list[str]
+) -> None:
+    with simulated(**machine), pytest.raises(omnifix.DeviceUnavailableError) as caught:
+        omnifix.normalize_device("cuda:11")
+    assert list(caught.value.available) == expected
+    with simulated(**machine):
+        assert cuda_device_count() == machine.get("cuda", 0)
+
+
+def test_a_gpu_the_driver_cannot_open_is_not_counted() -> None:
+    # device_count() may count devices that is_available() knows the driver cannot open.
+    with simulated(), mock.patch.object(torch.cuda, "device_count", return_value=1):
+        assert cuda_device_count() == 0
+        with pytest.raises(omnifix.DeviceUnavailableError, match="CPU-only build"):
+            omnifix.normalize_device("cuda:0")
+
+
+@contextlib.contextmanager
+def out_of_tree_accelerator(kind: str, count: int, current: int) -> Iterator[None]:
+    """A machine whose accelerator is a type torch knows but omnifix has no probe for (hpu)."""
+    with simulated(), contextlib.ExitStack() as stack:
+        accelerator = torch.accelerator
+        patches = {
+            "is_available": lambda: True,
+            "current_accelerator": lambda *_: torch.device(kind),
+            "current_device_index": lambda: current,
+            "device_count": lambda: count,
+        }
+        for name, value in patches.items():
+            stack.enter_context(mock.patch.object(accelerator, name, value))
+        yield
+
+
+def test_an_out_of_tree_accelerator_is_found_through_torch_accelerator() -> None:
+    with out_of_tree_accelerator("hpu", count=2, current=1):
+        assert omnifix.normalize_device("hpu") == torch.device("hpu", 1)
+        assert omnifix.normalize_device("HPU:0") == torch.device("hpu", 0)
+        assert omnifix.normalize_device("auto") == torch.device("hpu", 1)
+        with pytest.raises(omnifix.DeviceUnavailableError) as caught:
+            omnifix.normalize_device("hpu:2")
+        assert "sees 2 hpu devices (hpu:0 to hpu:1;" in str(caught.value)
+        # Another type torch knows is not this machine's accelerator: none of it.
+        with pytest.raises(omnifix.DeviceUnavailableError, match="torch sees no xla device"):
+            omnifix.normalize_device("xla:0")
+
+
+@pytest.mark.parametrize(
+    ("machine", "request_", "why", "fix"),
+    [
+        (CPU_BOX, "hpu", "torch sees no hpu device", "Pass 'auto' to use the best device"),
+        ({"cuda": 1}, "xpu:0", "torch sees no xpu device", "Pass 'auto' to use the best device"),
+        (CPU_BOX, "cuda:0", "this torch is a CPU-only build", "Pass 'auto' to use the best"),
+        (
+            CPU_BOX,
+            "npu:0",
+            "Ascend NPUs need the torch_npu package, which is not installed",
+            "Install torch_npu, or pass 'auto' to use the best device available.",
+        ),
+        (CPU_BOX, "cpu:1", "torch has one CPU device", "Pass 'cpu' without an index."),
+        ({"mps": True}, "mps:1", "Apple's mps backend has one device", "Pass 'mps' without"),
+        ({"cuda": 2}, "cuda:2", "sees 2 cuda devices (cuda:0 to cuda:1;", "Pass an index below 2"),
+    ],
+)
+def test_an_unavailable_device_is_explained_then_fixed(
+    machine: dict[str, Any], request_: str, why: str, fix: str
+) -> None:
+    with simulated(**machine), pytest.raises(omnifix.DeviceUnavailableError) as caught:
+        omnifix.normalize_device(request_)
+    message = str(caught.value)
+    assert message.startswith(f"{request_!r} is not available: ")
+    what, _, rest = message.partition(". This process can use: ")
+    assert why in what
+    assert fix in rest.partition(". ")[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem", "fix"),
+    [
+        ("cdua", "unknown device type", "Did you mean 'cuda'?"),
+        ("cdua:x", "unknown device type", "Did you mean 'cuda'?"),
+        ("cuda0", "the index must follow a colon", "Did you mean 'cuda:0'?"),
+        ("auto0", "the index must follow a colon", "Did you mean 'auto'?"),
+        ("\N{ROCKET}:1", "unknown device type", "Write one of 'auto', 'cpu', 'cuda'"),
+    ],
+)
+def test_a_malformed_string_says_what_is_wrong_and_the_closest_spelling(
+    text: str, problem: str, fix: str
+) -> None:
+    with pytest.raises(omnifix.DeviceError) as caught:
+        omnifix.normalize_device(text)
+    message = str(caught.value)
+    assert message.startswith(f"{text!r} is not a device: {problem}. {fix}")
+
+
+def test_the_default_request_is_auto() -> None:
+    with simulated():
+        assert omnifix.normalize_device() == torch.device("cpu")
+        assert omnifix.resolve_device_map() == ({"": "cpu"}, torch.device("cpu"))
+    with simulated(**TWO_GPUS):
+        assert omnifix.resolve_device_map() == ("auto", None)
+
+
+def test_a_meta_device_object_is_named_in_its_refusal() -> None:
+    with pytest.raises(omnifix.DeviceError) as caught:
+        omnifix.normalize_device(torch.device("meta"))
+    assert str(caught.value).startswith("device(type='meta') is not a device you can compute on")
+
+
+def test_device_map_values_are_read_like_devices_and_errors_keep_what_was_asked() -> None:
+    assert omnifix.resolve_device_map({"lm_head": " Disk ", "model": "CPU"}) == (
+        {"lm_head": "disk", "model": "cpu"},
+        torch.device("cpu"),
+    )
+    with simulated(), pytest.raises(omnifix.DeviceUnavailableError) as caught:
+        omnifix.resolve_device_map({"model": "cpu", "lm_head": "cuda:3"})
+    assert caught.value.requested == "cuda:3"
+    assert caught.value.available == ("cpu",)
+    assert str(caught.value).startswith("device_map['lm_head']: 'cuda:3' is not available")
+
+
+def test_input_device_is_never_meta_whatever_the_recorded_map_says() -> None:
+    model = nn.Sequential(nn.Linear(2, 2)).to("meta")
+    model.hf_device_map = {"": "meta"}
+    with pytest.raises(omnifix.MetaTensorError, match="first module with weights '0'"):
+        omnifix.input_device(model)
+    model.hf_device_map = {}
+    with pytest.raises(omnifix.MetaTensorError, match="first module with weights '0'"):
+        omnifix.input_device(model)
+
+
+class Nested(nn.Module):
+    """An embedding three modules deep: ``outer.inner.embed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outer = nn.Module()
+        self.outer.inner = nn.Module()
+        self.outer.inner.embed = nn.Embedding(8, 4)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.outer.inner.embed
+
+
+@pytest.mark.parametrize("hooked", ["outer", "outer.inner"])
+def test_the_nearest_hooked_ancestor_of_the_embedding_says_where_it_runs(hooked: str) -> None:
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = Nested()
+    hook = AlignDevicesHook(execution_device=torch.device("xpu", 1), offload=True)
+    hook.place_submodules = True
+    add_hook_to_module(model.get_submodule(hooked), hook)
+    assert model.get_input_embeddings().weight.is_meta
+    assert omnifix.input_device(model) == torch.device("xpu", 1)
+
+
+def test_a_module_with_only_its_childrens_buffers_is_named_by_the_child() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Module())
+    model[1].register_buffer("table", torch.empty(2, device="meta"))
+    with pytest.raises(omnifix.MetaTensorError, match="first module with weights '1'"):
+        omnifix.input_device(model)
+
+
+def test_input_device_names_itself_when_given_no_module() -> None:
+    with pytest.raises(omnifix.UnsupportedModelError, match=r"^input_device needs a torch"):
+        omnifix.input_device("Qwen/Qwen2-7B")  # type: ignore[arg-type]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -336,6 +338,7 @@ def block() -> nn.Module:
             self.linear = nn.Linear(4, 4)
             self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
             self.cache: object = None
+            self.extra: object = None
             self.touch_cos = False
 
         def forward(
@@ -344,10 +347,12 @@ def block() -> nn.Module:
             position_embeddings: tuple[torch.Tensor, torch.Tensor],
             mask: torch.Tensor,
             past_key_values: object = None,
+            extra: object = None,
         ) -> torch.Tensor:
             cos, sin = position_embeddings
             self.seen.append((cos, mask))
             self.cache = past_key_values
+            self.extra = extra
             if self.touch_cos:
                 cos.mul_(1)  # a layer that changes its input in place
             return self.linear(hidden) * cos + sin + mask.unsqueeze(-1)
@@ -368,21 +373,37 @@ def build_toy(layers: int) -> nn.Module:
             self.norm = nn.LayerNorm(4)
             self.head = nn.Linear(4, 16)
             self.touch_after: int | None = None
+            self.output = "dict"
 
         def get_input_embeddings(self) -> nn.Module:
             return self.embed_tokens
 
         def forward(
-            self, input_ids: torch.Tensor, mask: torch.Tensor, past_key_values: object = None
-        ) -> dict[str, Any]:
+            self,
+            input_ids: torch.Tensor,
+            mask: torch.Tensor,
+            past_key_values: object = None,
+            extra: object = None,
+        ) -> Any:
             hidden = self.embed_tokens(input_ids)
             position_embeddings = self.rotary_emb(hidden, input_ids)
             for index, layer in enumerate(self.layers):
-                hidden = layer(hidden, position_embeddings, mask, past_key_values=past_key_values)
+                hidden = layer(
+                    hidden,
+                    position_embeddings,
+                    mask=mask,
+                    past_key_values=past_key_values,
+                    extra=extra,
+                )
                 if index == self.touch_after:
                     position_embeddings[0].mul_(1)  # the parent changes a shared tensor in place
+            logits = self.head(self.norm(hidden))
+            if self.output == "tuple":  # return_dict=False
+                return logits, (hidden, hidden), past_key_values
+            if self.output == "tensor":
+                return logits
             return {
-                "logits": self.head(self.norm(hidden)),
+                "logits": logits,
                 "hidden_states": (hidden, hidden),
                 "past_key_values": past_key_values,
             }
@@ -413,6 +434,7 @@ def toy_on(placement: dict[str, str]) -> Model:
 
 
 def split_placement(layer_devices: list[str], **others: str) -> dict[str, str]:
+    """Embeddings on cuda:0, the rotary embedding, norm and head on cuda:1, layers as given."""
     placement = {"embed_tokens": "cuda:0", "rotary_emb": "cuda:1"}
     placement.update({f"layers.{index}": device for index, device in enumerate(layer_devices)})
     placement.update({"norm": "cuda:1", "head": "cuda:1"})
@@ -558,3 +580,299 @@ def test_any_split_runs_and_copies_each_shared_tensor_once_per_device(
             assert len({id(cos) for cos, _ in on_device}) == 1
             assert len({id(seen) for _, seen in on_device}) == 1
         lean.remove()
+
+
+# --- maps read from the weights, maps given, and what the root hook hands back -------------------
+
+
+def hooked(model: nn.Module) -> dict[str, str]:
+    """Where each lean hook of ``model`` runs its module, by module name."""
+    return {
+        name: str(module._hf_hook.execution_device)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "_hf_hook", None), _dispatch._EntryHook)
+    }
+
+
+def test_without_a_recorded_map_the_map_is_read_from_the_weights(fake_gpus: None) -> None:
+    import torch
+
+    placement = split_placement(["cuda:0", "cuda:1", "cuda:1"])
+    toy = toy_on(placement)
+    del toy.hf_device_map
+    toy.register_buffer("step", torch.zeros(1, device="cuda:0"))  # the model's own tensor
+    ids, mask = toy_inputs("cpu")
+    with omnifix.lean_dispatch(toy) as lean:
+        assert lean.devices == ("cuda:0", "cuda:1")
+        # The largest modules on one device each: the layers one by one, since they differ.
+        assert hooked(toy) == {"": "cuda:0", **placement}
+        assert toy(ids, mask)["logits"].device == torch.device("cpu")
+    # All layers on one GPU: the ModuleList is one entry.
+    toy = toy_on(split_placement(["cuda:1", "cuda:1"]))
+    del toy.hf_device_map
+    with omnifix.lean_dispatch(toy):
+        assert "layers" in hooked(toy)
+        assert "layers.0" not in hooked(toy)
+
+
+def test_a_module_whose_own_tensors_are_on_two_devices_has_no_entry(fake_gpus: None) -> None:
+    import torch
+
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"]))
+    del toy.hf_device_map
+    toy.layers[0].register_buffer("scale", torch.ones(1, device="cuda:1"))
+    toy.layers[0].register_buffer("shift", torch.ones(1, device="cuda:0"))
+    with pytest.raises(omnifix.InvalidArgumentError) as caught:
+        omnifix.lean_dispatch(toy)
+    assert str(caught.value).startswith(
+        "Block layers.0 holds its own tensors on cuda:0, cuda:1, so no device_map entry"
+    )
+
+
+def test_weights_on_meta_without_a_recorded_map_are_named() -> None:
+    toy = build_toy(3)
+    for index in (2, 0):
+        toy.layers[index].to("meta")
+    with pytest.raises(omnifix.InvalidArgumentError) as caught:
+        omnifix.lean_dispatch(toy)
+    assert str(caught.value).startswith("'layers.0', 'layers.2' of Toy have weights on 'meta'")
+
+
+@pytest.mark.parametrize("output", ["tuple", "tensor"])
+def test_tuples_and_bare_tensors_come_back_to_the_callers_device(
+    fake_gpus: None, output: str
+) -> None:
+    import torch
+
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"]))
+    toy.output = output
+    ids, mask = toy_inputs("cpu")
+    cache = torch.zeros(1, device="cuda:1")
+    omnifix.lean_dispatch(toy)
+    out = toy(input_ids=ids, mask=mask, past_key_values=cache)  # the caller's device: keywords
+    if output == "tensor":
+        assert out.device == torch.device("cpu")
+        return
+    logits, hidden_states, _ = out
+    assert type(out) is tuple
+    assert logits.device == torch.device("cpu")
+    assert {tensor.device for tensor in hidden_states} == {torch.device("cpu")}
+
+
+def test_keys_the_model_keeps_in_place_are_not_moved(fake_gpus: None) -> None:
+    import torch
+
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"]))
+    ids, mask = toy_inputs("cuda:0")
+    extra = torch.zeros(1, device="cuda:1")
+    omnifix.lean_dispatch(toy)
+    toy(ids, mask, extra=extra)
+    assert toy.layers[0].extra.device == torch.device("cuda:0")  # moved to the layer's GPU
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"]))
+    toy._skip_keys_device_placement = ["extra"]
+    omnifix.lean_dispatch(toy)
+    toy(ids, mask, extra=extra)
+    assert toy.layers[0].extra is extra
+
+
+def test_the_root_hook_sends_inputs_to_the_embedding_wherever_its_entry_is(
+    fake_gpus: None,
+) -> None:
+    import torch
+
+    # The embedding's entry is not the map's first, and names its parent.
+    toy = build_toy(2)
+    toy.stem = torch.nn.Module()
+    toy.stem.embed_tokens = toy.embed_tokens
+    placement = {"rotary_emb": "cuda:1", "stem": "cuda:0", "embed_tokens": "cuda:0"}
+    placement.update(
+        {"layers.0": "cuda:1", "layers.1": "cuda:1", "norm": "cuda:1", "head": "cuda:1"}
+    )
+    for name, device in placement.items():
+        place(toy.get_submodule(name), device)
+    toy.hf_device_map = placement
+    ids, mask = toy_inputs("cpu")
+    with omnifix.lean_dispatch(toy):
+        assert toy._hf_hook.execution_device == torch.device("cuda:0")
+        assert toy(ids, mask)["logits"].device == torch.device("cpu")
+
+
+def test_a_model_without_forward_gets_its_root_hook_on_the_child_with_the_embedding(
+    fake_gpus: None,
+) -> None:
+    import torch
+    from torch import nn
+
+    class Composite(nn.Module):  # like Qwen2.5-Omni: the thinker computes, the model has no forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.thinker = build_toy(2)
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.thinker.embed_tokens
+
+    model = Composite()
+    placement = {
+        f"thinker.{name}": device for name, device in split_placement(["cuda:0"] * 2).items()
+    }
+    for name, device in placement.items():
+        place(model.get_submodule(name), device)
+    model.hf_device_map = placement
+    ids, mask = toy_inputs("cpu")
+    with omnifix.lean_dispatch(model) as lean:
+        assert lean.hooks == len(placement) + 1
+        assert isinstance(model.thinker._hf_hook, _dispatch._RootHook)
+        assert model.thinker._hf_hook.execution_device == torch.device("cuda:0")
+        assert not hasattr(model, "_hf_hook")
+        assert model.thinker(ids, mask)["logits"].device == torch.device("cpu")
+
+
+def test_modules_with_other_hooks_keep_them_and_get_no_lean_hook(fake_gpus: None) -> None:
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"]))
+    head, root = ModelHook(), ModelHook()
+    add_hook_to_module(toy.head, head)
+    add_hook_to_module(toy, root)
+    ids, mask = toy_inputs("cuda:0")
+    with omnifix.lean_dispatch(toy) as lean:
+        assert toy.head._hf_hook is head
+        assert toy._hf_hook is root
+        assert lean.hooks == len(toy.hf_device_map) - 1  # no lean hook on head, none on the root
+        assert "head" not in hooked(toy)
+        toy(ids, mask)
+    assert toy.head._hf_hook is head
+
+
+def test_removing_leaves_hooks_others_put_on_since(fake_gpus: None) -> None:
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"]))
+    lean = omnifix.lean_dispatch(toy)
+    mine = ModelHook()
+    add_hook_to_module(toy.norm, mine)  # replaces the lean hook there
+    remove_hook_from_module(toy.head)  # and this one is simply gone
+    lean.remove()
+    assert toy.norm._hf_hook is mine
+    assert not hasattr(toy.head, "_hf_hook")
+    assert hooked(toy) == {}
+
+
+@contextlib.contextmanager
+def cuda_runtime(count: int = 0) -> Iterator[list[int]]:
+    """torch's CUDA probes and current device as on a machine with GPUs (``count`` of them).
+
+    Yields the indices made current, in order (``torch.cuda.set_device``). With a ``count``,
+    the copies between its GPUs are not checked: fake GPUs hold no data to compare.
+    """
+    import torch
+
+    current = [0]
+    calls: list[int] = []
+
+    def set_device(index: int) -> None:
+        calls.append(index)
+        current[0] = index
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.cuda, "is_available", return_value=True))
+        stack.enter_context(
+            mock.patch.object(torch.cuda, "current_device", side_effect=lambda: current[0])
+        )
+        stack.enter_context(mock.patch.object(torch.cuda, "set_device", set_device))
+        if count:
+            stack.enter_context(mock.patch.object(torch.cuda, "device_count", return_value=count))
+            stack.enter_context(mock.patch.object(_dispatch, "check_copies", return_value=0))
+        yield calls
+
+
+def test_a_given_map_moves_only_what_is_elsewhere_and_lists_gpus_by_index(
+    fake_gpus: None,
+) -> None:
+    import torch
+
+    # Already where the map says: nothing is moved (fake tensors could not be moved in place).
+    device_map = split_placement(["cuda:2", "cuda:10"], embed_tokens="cuda:10", head="cuda:2")
+    toy = toy_on(device_map)
+    del toy.hf_device_map
+    ids, mask = toy_inputs("cpu")
+    with cuda_runtime(11), omnifix.lean_dispatch(toy, device_map=device_map) as lean:
+        assert lean.devices == ("cuda:1", "cuda:2", "cuda:10")  # by index, not by spelling
+        assert toy.hf_device_map == device_map
+        assert hooked(toy)["layers.1"] == "cuda:10"
+        assert toy(ids, mask)["logits"].device == torch.device("cpu")
+
+
+def test_each_entry_makes_its_gpu_current_and_the_callers_comes_back(fake_gpus: None) -> None:
+    toy = toy_on(split_placement(["cuda:0", "cuda:1"], embed_tokens="cuda:1"))
+    ids, mask = toy_inputs("cpu")
+    with cuda_runtime() as calls:
+        omnifix.lean_dispatch(toy)
+        toy(ids, mask)
+        # The root makes the embedding's GPU current, each layer its own, then the caller's
+        # comes back.
+        assert calls == [1, 0, 1, 0]
+        calls.clear()
+        toy.head.weight = None  # a forward that raises: the caller's GPU still comes back
+        with pytest.raises(TypeError):
+            toy(ids, mask)
+        assert calls[-1] == 0
+
+
+def test_lean_dispatch_names_itself_when_given_no_module() -> None:
+    with pytest.raises(omnifix.UnsupportedModelError, match=r"^lean_dispatch needs a torch"):
+        omnifix.lean_dispatch("Qwen/Qwen2-7B")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("offloaded", "shown"),
+    [
+        (4, "layers.0: disk, layers.1: disk, layers.2: disk, layers.3: disk next"),
+        (5, "layers.0: disk, layers.1: disk, layers.2: disk, layers.3: disk and 1 more next"),
+    ],
+)
+def test_an_offloading_map_is_refused_naming_four_entries_and_the_gpus(
+    offloaded: int, shown: str
+) -> None:
+    toy = build_toy(offloaded)
+    toy.hf_device_map = split_placement(["disk"] * offloaded, embed_tokens="cuda:10")
+    toy.hf_device_map["rotary_emb"] = "cuda:2"
+    with pytest.raises(omnifix.InvalidArgumentError) as caught:
+        omnifix.lean_dispatch(toy)
+    assert str(caught.value).startswith(
+        f"The device_map offloads {shown} to entries on cuda:1, cuda:2, cuda:10: "
+    )
+    toy.hf_device_map = {"": "disk"}
+    with pytest.raises(omnifix.InvalidArgumentError, match=r"offloads \(root\): disk next to "):
+        omnifix.lean_dispatch(toy)
+
+
+def test_a_recorded_map_may_place_single_tensors(fake_gpus: None) -> None:
+    placement = split_placement(["cuda:0", "cuda:1"])
+    toy = toy_on(placement)
+    del placement["layers.0"]
+    placement.update({"layers.0.linear.weight": "cuda:0", "layers.0.linear.bias": "cuda:0"})
+    toy.hf_device_map = placement
+    with omnifix.lean_dispatch(toy) as lean:
+        assert lean.devices == ("cuda:0", "cuda:1")
+        # A tensor's entry gets no hook: its module runs where its caller's tensors are.
+        assert set(hooked(toy)) == {"", *placement} - {
+            "layers.0.linear.weight",
+            "layers.0.linear.bias",
+        }
+
+
+def test_a_model_without_token_embedding_takes_inputs_on_its_first_entrys_device(
+    fake_gpus: None,
+) -> None:
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    placement = {"0": "cuda:1", "1": "cuda:0"}
+    for name, device in placement.items():
+        place(model.get_submodule(name), device)
+    model.hf_device_map = placement
+    with omnifix.lean_dispatch(model):
+        assert model._hf_hook.execution_device == torch.device("cuda:1")
+        assert model(torch.zeros(2, 4)).device == torch.device("cpu")

@@ -549,3 +549,202 @@ def test_a_non_persistent_meta_buffer_is_uninitialised_even_behind_an_offload_ho
     linear.register_buffer("scale", torch.empty(2, device="meta"), persistent=False)
     kinds = {t.name: t.kind for t in omnifix.find_meta_tensors(linear).tensors}
     assert kinds == {"weight": "offloaded", "bias": "offloaded", "scale": "uninitialised"}
+
+
+# ---------------------------------------------------------------------------------------------
+# accelerate's weights maps, read without loading, and the report built from them
+# ---------------------------------------------------------------------------------------------
+
+
+def _offload(module: nn.Module, weights_map: object, **kwargs: object) -> nn.Module:
+    """``module`` on meta behind an offloading hook that loads from ``weights_map``."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    module.to("meta")
+    hook = AlignDevicesHook(execution_device="cpu", offload=True, **kwargs)
+    hook.weights_map = weights_map
+    add_hook_to_module(module, hook)
+    return module
+
+
+def _where(report: omnifix.MetaReport) -> dict[str, tuple[str, str | None]]:
+    return {tensor.name: (tensor.kind, tensor.offloaded_to) for tensor in report.tensors}
+
+
+def test_each_kind_of_weights_map_says_what_it_holds_and_where() -> None:
+    from types import MappingProxyType
+
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    # What accelerate builds for cpu and disk entries under a GPU: one loader, a prefix a module.
+    loader = OffloadedWeightsLoader(
+        state_dict={"0.weight": torch.ones(2, 4), "0.bias": torch.empty(2, device="meta")},
+        index={"0.bias": {"dtype": "float32", "shape": [2]}},
+    )
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    _offload(model[0], PrefixedDataset(loader, "0."))
+    _offload(model[1], PrefixedDataset(loader, "1."))  # nothing of it in the loader
+    # cpu_offload's own copy: a dict; a meta value in it is no data either.
+    _offload(model[2], {"weight": torch.ones(2, 2), "bias": torch.empty(2, device="meta")})
+    # Any other mapping: membership is the only truthful check, and says nothing of where.
+    _offload(model[3], MappingProxyType({"weight": torch.ones(2, 2)}))
+    assert _where(omnifix.find_meta_tensors(model)) == {
+        "0.weight": ("offloaded", "cpu"),
+        "0.bias": ("offloaded", "disk"),
+        "1.weight": ("uninitialised", None),
+        "1.bias": ("uninitialised", None),
+        "2.weight": ("offloaded", "cpu"),
+        "2.bias": ("uninitialised", None),
+        "3.weight": ("offloaded", None),
+        "3.bias": ("uninitialised", None),
+    }
+
+
+def test_a_weights_map_of_unknown_type_is_placed_by_the_recorded_device_map() -> None:
+    from types import MappingProxyType
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    for module in model:
+        _offload(module, MappingProxyType({"weight": torch.ones(2, 2)}))
+    model.hf_device_map = {"0": "cuda:0", "1": "disk", "2": "cpu"}
+    report = omnifix.find_meta_tensors(model)
+    assert _where(report) == {
+        "0.weight": ("offloaded", None),  # a GPU entry says nothing about where its data is
+        "0.bias": ("uninitialised", None),
+        "1.weight": ("offloaded", "disk"),
+        "1.bias": ("uninitialised", None),
+        "2.weight": ("offloaded", "cpu"),
+        "2.bias": ("uninitialised", None),
+    }
+    assert report.offloaded_device_map == {"1": "disk", "2": "cpu"}
+    # An empty recorded map records nothing.
+    model.hf_device_map = {}
+    report = omnifix.find_meta_tensors(model)
+    assert report.offloaded_device_map == {}
+    assert {tensor.offloaded_to for tensor in report.offloaded} == {None}
+    assert "offloaded by accelerate (to unknown place)" in str(report)
+
+
+def test_a_tied_weight_is_reported_once_as_offloaded_when_either_name_has_data() -> None:
+    real = {"weight": torch.ones(4, 4), "bias": torch.zeros(4)}
+    # First seen with no data, then behind an offload hook: offloaded, under its first name.
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4))
+    model[0].to("meta")
+    _offload(model[1], real)
+    model[1].weight = model[0].weight  # tied (the hook's own placement unties)
+    assert _where(omnifix.find_meta_tensors(model)) == {
+        "0.weight": ("offloaded", "cpu"),
+        "1.bias": ("offloaded", "cpu"),
+    }
+    # First seen offloaded, then again without data: still offloaded, and the module's other
+    # tensors are still looked at.
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4))
+    _offload(model[0], real)
+    model[1].to("meta")
+    model[1].weight = model[0].weight
+    assert _where(omnifix.find_meta_tensors(model)) == {
+        "0.weight": ("offloaded", "cpu"),
+        "1.bias": ("uninitialised", None),
+    }
+
+
+def test_only_offloading_hooks_count_and_every_tensor_of_a_module_is_looked_at() -> None:
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    add_hook_to_module(model[0].to("meta"), ModelHook())  # a hook that loads nothing
+    model[1].bias = nn.Parameter(torch.empty(2, device="meta"))  # a real weight, then a meta bias
+    assert _where(omnifix.find_meta_tensors(model)) == {
+        "0.weight": ("uninitialised", None),
+        "0.bias": ("uninitialised", None),
+        "1.bias": ("uninitialised", None),
+    }
+
+
+def test_the_report_lists_uninitialised_tensors_first_with_kind_shape_dtype_and_place(
+    tmp_path: Path,
+) -> None:
+    from accelerate import disk_offload
+    from rich.console import Console
+
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 3, bias=False), nn.BatchNorm1d(3))
+    _offload(model[0], {"weight": torch.ones(2, 4), "bias": torch.zeros(2)})
+    disk_offload(model[1], str(tmp_path), execution_device="cpu")
+    model[2].weight = nn.Parameter(torch.empty(3, dtype=torch.float16, device="meta"))
+    model[2].running_mean = torch.empty(3, device="meta")
+    report = omnifix.find_meta_tensors(model)
+    lines = str(report).splitlines()
+    assert lines[0] == (
+        "5 tensors are on the meta device (82 B): 3 offloaded by accelerate (to cpu and disk), "
+        "2 uninitialised (no data anywhere)."
+    )
+    assert [line.split() for line in lines[1:]] == [
+        ["tensor", "kind", "shape", "dtype", "where"],
+        ["2.weight", "param", "(3,)", "float16", "uninitialised"],
+        ["2.running_mean", "buffer", "(3,)", "float32", "uninitialised"],
+        ["0.weight", "param", "(2,", "4)", "float32", "offloaded", "to", "cpu"],
+        ["0.bias", "param", "(2,)", "float32", "offloaded", "to", "cpu"],
+        ["1.weight", "param", "(3,", "2)", "float32", "offloaded", "to", "disk"],
+    ]
+    console = Console(record=True, width=200)
+    console.print(report)
+    assert console.export_text().splitlines()[0] == lines[0]
+
+
+@pytest.mark.parametrize(("layers", "more"), [(5, None), (6, "... and 2 more")])
+def test_the_table_shows_ten_tensors_then_says_how_many_more(layers: int, more: str | None) -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(layers)))
+    lines = str(omnifix.find_meta_tensors(model)).splitlines()
+    assert len(lines) == 2 + 10 + (more is not None)
+    assert (lines[-1] == more) if more else lines[-1].startswith("4.bias ")
+
+
+@pytest.mark.parametrize(("entries", "listed"), [(8, ""), (10, " and 2 more")])
+def test_the_error_lists_eight_offloaded_entries_then_says_how_many_more(
+    entries: int, listed: str
+) -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(entries)))
+    model.hf_device_map = {str(i): "disk" for i in range(entries)}
+    with pytest.raises(omnifix.MetaTensorError) as caught:
+        omnifix.assert_no_meta(model)
+    shown = ", ".join(f"{i}: disk" for i in range(8))
+    assert f"Offloaded hf_device_map entries: {shown}{listed}.\n" in str(caught.value)
+
+
+def test_the_error_explains_and_fixes_each_kind_it_refuses_and_carries_the_report() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    _offload(model[0], {"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
+    model[1].to("meta")
+    with pytest.raises(omnifix.MetaTensorError) as caught:
+        omnifix.assert_no_meta(model)
+    lines = str(caught.value).splitlines()
+    assert caught.value.report == omnifix.find_meta_tensors(model)
+    assert not any("were allowed" in line for line in lines)  # none was
+    assert lines[-3].startswith("Offloaded tensors hold data only inside forward()")
+    assert lines[-2].startswith("Uninitialised tensors have no data anywhere")
+    assert lines[-1].startswith("Fix: load the weights they need")
+    assert "; and give the model room so nothing is offloaded" in lines[-1]
+    assert lines[-1].endswith("pass allow_offload=True knowingly.")
+    # Allowed, the offloaded ones are counted and neither explained nor fixed.
+    with pytest.raises(omnifix.MetaTensorError) as caught:
+        omnifix.assert_no_meta(model, allow_offload=True)
+    lines = str(caught.value).splitlines()
+    assert "(2 offloaded tensors were allowed.)" in lines
+    assert not any(line.startswith("Offloaded tensors hold") for line in lines)
+    assert caught.value.report.offloaded == omnifix.find_meta_tensors(model).offloaded
+
+
+def test_the_deprecated_spelling_names_its_replacement() -> None:
+    with pytest.warns(omnifix.errors.OmnifixDeprecationWarning) as caught:
+        omnifix.assert_no_meta(nn.Linear(2, 2), allow_offloaded=True)
+    assert str(caught[0].message) == (
+        "assert_no_meta(allow_offloaded=...) is deprecated and goes in the next 0.x release: "
+        "use allow_offload=...."
+    )
+
+
+def test_find_meta_tensors_names_itself_when_given_no_module() -> None:
+    with pytest.raises(omnifix.UnsupportedModelError, match=r"^find_meta_tensors needs a torch"):
+        omnifix.find_meta_tensors("Qwen/Qwen2-7B")  # type: ignore[arg-type]

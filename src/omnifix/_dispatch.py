@@ -454,10 +454,17 @@ def _accelerate_hooks(model: nn.Module) -> Hooked:
 
 
 def _check_placed(modules: Iterable[Entry]) -> None:
-    """Every tensor of every entry is on the entry's device (maps read from the model)."""
-    for name, module, device in modules:
-        for tensor in _tensors(module):
-            if tensor.device != device:
+    """Every tensor is on the device of the entry that places it (maps read from the model).
+
+    That entry is the longest prefix of the tensor's name (accelerate's rule): an entry's
+    submodules that have entries of their own are checked against those.
+    """
+    entries = list(modules)
+    where = {name: device for name, _, device in entries}
+    for name, module, device in entries:
+        for local, tensor in (*module.named_parameters(), *module.named_buffers()):
+            full = f"{name}.{local}" if name else local
+            if locate(where, full) == (name, device) and tensor.device != device:
                 raise DeviceError(
                     f"model.hf_device_map puts {name or '(root)'} on {device}, but some of its "
                     f"tensors are on {tensor.device}. Fix: pass device_map= to lean_dispatch, "
