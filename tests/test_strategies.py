@@ -114,7 +114,8 @@ def test_the_whole_model_on_the_one_gpu_it_fits_and_the_reason_gives_its_numbers
     assert (plan.strategy, plan.device_map, plan.fits) == ("single", {"": "cuda:0"}, True)
     assert_rows_add_up(plan, _bytes_of(budgets))
     (row,) = plan.devices
-    assert row.phase == "prefill"
+    # 256 new tokens on a 512-token prompt: the last decode step, with the whole cache, is the peak.
+    assert row.phase == "decode"
     assert row.kv_cache > 0
     assert row.activations > 0
     # bf16 weights on a GPU: the half of what the same model takes in fp32 on the cpu.
@@ -215,8 +216,10 @@ def test_free_memory_measured_now_has_already_paid_for_the_cuda_context() -> Non
     ]
     (paid,), (free,) = rows[0], rows[1]
     assert paid.overhead == CALIBRATION.workspace + CALIBRATION.cuda_context
-    assert free.overhead == CALIBRATION.workspace
-    assert paid.total - free.total == CALIBRATION.cuda_context
+    # Measured free memory has paid what CUDA starts with, not the kernels loaded later.
+    kernels = CALIBRATION.cuda_context - CALIBRATION.cuda_context_at_init
+    assert free.overhead == CALIBRATION.workspace + kernels
+    assert paid.total - free.total == CALIBRATION.cuda_context_at_init
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def _layers(plan: PlacementPlan) -> list[str]:
 
 def test_a_model_no_gpu_holds_is_split_in_order_then_balanced() -> None:
     one = _gpu_need()
-    budgets: dict[object, str | int] = {0: "1000MiB", 1: "1000MiB", 2: "1000MiB"}
+    budgets: dict[object, str | int] = {0: "1020MiB", 1: "1020MiB", 2: "1020MiB"}
     plan = _plan(budgets)
     assert plan.strategy == "split"
     assert_rows_add_up(plan, _bytes_of(budgets))
@@ -265,7 +268,7 @@ def test_a_model_no_gpu_holds_is_split_in_order_then_balanced() -> None:
     shares = [100 * _utilisation(row) for row in rows]
     low, high = min(shares), max(shares)
     assert plan.reason == (
-        f"no single GPU holds it ({format_bytes(_need(one))} needed, cuda:0 has 1000.0 MiB); "
+        f"no single GPU holds it ({format_bytes(_need(one))} needed, cuda:0 has 1020.0 MiB); "
         "split into 2 contiguous blocks over cuda:0, cuda:1, each GPU's budget reduced by its "
         "own KV cache, activation peak and overhead first, then balanced to within "
         f"{100 * (high / low - 1):.1f} % predicted utilisation ({low:.1f}-{high:.1f} % of each "
@@ -290,11 +293,11 @@ def _request(budgets: dict[object, str | int], work: Workload) -> Request:
 
 @pytest.mark.parametrize(
     "sizes",
-    [(1000, 1000), (950, 1000), (1000, 950), (1050, 900), (880, 950, 1000)],
+    [(1040, 1040), (990, 1040), (1040, 990), (1090, 940), (920, 990, 1040)],
     ids=str,
 )
 def test_a_split_balances_the_used_gpus_within_a_layer(sizes: tuple[int, ...]) -> None:
-    # MiB: GPT-2 in bf16 needs 1.1 GiB on one GPU, 830 MiB of it the CUDA context and margin.
+    # MiB: GPT-2 in bf16 needs 1.1 GiB on one GPU, 853 MiB of it the CUDA context and margin.
     budgets: dict[object, str | int] = {i: size * MIB for i, size in enumerate(sizes)}
     work = Workload(text_tokens=256, max_new_tokens=64)
     plan = _plan(budgets, workload=work)
@@ -331,7 +334,7 @@ def test_a_split_balances_the_used_gpus_within_a_layer(sizes: tuple[int, ...]) -
 
 
 def test_unequal_gpus_are_balanced_by_utilisation_not_bytes() -> None:
-    budgets: dict[object, str | int] = {0: "1050MiB", 1: "900MiB"}
+    budgets: dict[object, str | int] = {0: "1100MiB", 1: "950MiB"}
     plan = _plan(budgets, workload=Workload(text_tokens=256, max_new_tokens=64))
     assert plan.strategy == "split"
     large, small = plan.device("cuda:0"), plan.device("cuda:1")
@@ -497,7 +500,7 @@ def test_offload_fills_the_gpu_then_streams_the_rest_from_the_cpu() -> None:
 
 def test_offload_goes_to_disk_past_the_cpu_budget() -> None:
     one = _gpu_need()
-    budgets: dict[object, str | int] = {0: "1000MiB", "cpu": "300MiB"}
+    budgets: dict[object, str | int] = {0: "1000MiB", "cpu": "150MiB"}
     plan = _plan(budgets, allow_offload=True)
     assert plan.strategy == "offload"
     assert_rows_add_up(plan, _bytes_of(budgets), allow_offload=True)
@@ -553,7 +556,7 @@ def test_too_little_host_memory_refuses_or_offloads_to_disk() -> None:
         f"it needs {format_bytes(need)} of host memory and has 300.0 MiB; offload is off"
     )
     # With offload, what the cpu cannot hold goes to disk and the cpu computes.
-    budgets: dict[object, str | int] = {"cpu": "700MiB"}
+    budgets: dict[object, str | int] = {"cpu": "500MiB"}
     offloaded = _plan(budgets, allow_offload=True)
     assert offloaded.strategy == "offload"
     assert_rows_add_up(offloaded, _bytes_of(budgets), allow_offload=True)
@@ -563,9 +566,9 @@ def test_too_little_host_memory_refuses_or_offloads_to_disk() -> None:
         offloaded.reason
     )
     # Offload on, yet too little even for the cpu's share: the refusal says no more than why.
-    refused = _plan({"cpu": "300MiB"}, allow_offload=True)
+    refused = _plan({"cpu": "200MiB"}, allow_offload=True)
     assert refused.strategy == "refuse"
-    assert refused.reason == f"it needs {format_bytes(need)} of host memory and has 300.0 MiB"
+    assert refused.reason == f"it needs {format_bytes(need)} of host memory and has 200.0 MiB"
 
 
 def test_budgets_without_a_device_that_computes_are_refused() -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from omnifix._config import HUB_TIMEOUT
+from omnifix._config import HUB_TIMEOUT, is_hub_id
 from omnifix.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ def stored_weights(
     Raises:
         CheckpointError: A corrupt header or index; the message names the file.
     """
-    from omnifix._config import is_hub_id
+    # Deferred: the planner imports this module, and omnifix._plan's package imports the planner.
     from omnifix._plan.presets import find_preset
 
     if not isinstance(source, (str, os.PathLike)):
