@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -104,3 +104,30 @@ def bench_models(benchmark_suite: Callable[[str], ModuleType]) -> ModuleType:
     as the benchmark suites.
     """
     return benchmark_suite("_models")
+
+
+@pytest.fixture
+def linear_attention_config() -> Any:
+    """A tiny Qwen3-Next config: linear-attention layers the memory model does not size."""
+    import transformers
+
+    config_class = getattr(transformers, "Qwen3NextConfig", None)
+    if config_class is None:
+        pytest.skip("no Qwen3-Next (linear attention) in this transformers")
+    return config_class(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    )

@@ -214,29 +214,12 @@ def test_gpt2_conv1d_weights_shrink_in_the_8_bit_estimate(name: str) -> None:
     assert quantised.sizes[block] < 0.6 * full.sizes[block]
 
 
-def test_a_layer_kind_the_model_does_not_size_is_refused_unless_the_bound_is_accepted() -> None:
+def test_a_layer_kind_the_model_does_not_size_is_refused_unless_the_bound_is_accepted(
+    linear_attention_config: Any,
+) -> None:
     import torch
 
-    config_class = getattr(transformers, "Qwen3NextConfig", None)
-    if config_class is None:
-        pytest.skip("no Qwen3-Next (linear attention) in this transformers")
-    config = config_class(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        linear_num_value_heads=4,
-        linear_num_key_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-    )
+    config = linear_attention_config
     refused = plan_placement(config, budgets={0: "8GiB"})
     assert not refused.fits
     [bound] = refused.options

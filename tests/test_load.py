@@ -559,38 +559,14 @@ def test_loading_emits_no_omnifix_warning_when_nothing_falls_back(qwen2_dir: Pat
         load_safely(qwen2_dir, device="cpu", attn_implementation="sdpa", dtype="fp32")
 
 
-def _linear_attention_dir(root: Path) -> Path:
-    """A tiny Qwen3-Next checkpoint: linear-attention layers the memory model does not size."""
+def test_a_model_planned_on_a_bound_loads_once_the_bound_is_accepted(
+    tmp_path: Path, linear_attention_config: Any
+) -> None:
+    # The refusal's option names accept_bound=True; pasted into load_safely it must load.
     import transformers
 
-    config_class = getattr(transformers, "Qwen3NextConfig", None)
-    if config_class is None:
-        pytest.skip("no Qwen3-Next (linear attention) in this transformers")
-    config = config_class(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=256,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-        linear_num_value_heads=4,
-        linear_num_key_heads=2,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-    )
-    path = root / "qwen3-next"
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
-
-
-def test_a_model_planned_on_a_bound_loads_once_the_bound_is_accepted(tmp_path: Path) -> None:
-    # The refusal's option names accept_bound=True; pasted into load_safely it must load.
-    path = _linear_attention_dir(tmp_path)
+    path = tmp_path / "qwen3-next"
+    transformers.AutoModelForCausalLM.from_config(linear_attention_config).save_pretrained(path)
     with pytest.raises(omnifix.InsufficientMemoryError) as refused:
         load_safely(path, device="cpu")
     (bound,) = [o for o in refused.value.plan.options if o.kind == "bound"]
