@@ -60,7 +60,8 @@ class Calibration:
     #: What a process holds on a GPU outside the caching allocator once ``generate`` has run:
     #: the CUDA context and the kernels loaded lazily on first use (``mem_get_info``'s used
     #: bytes less ``memory_reserved``). Fitted: 701 and 725 MiB after the fit set's text and
-    #: image runs (Qwen2.5-VL-7B; H200, torch 2.11, transformers 5.17); the larger is taken.
+    #: image runs, one after the other in one process (Qwen2.5-VL-7B; H200, torch 2.11,
+    #: transformers 5.17); the larger is taken. In fresh processes they held 701 and 719 MiB.
     cuda_context: int
     #: The part of :attr:`cuda_context` a process holds as soon as CUDA is initialised: measured
     #: 527 MiB in every fit-set process (one H200, torch 2.11). Free memory measured after that
