@@ -29,6 +29,22 @@ GIB = 2**30
 MODEL = "gpt2"
 
 
+def _last_token_logits() -> bool:
+    import inspect
+
+    from transformers import GPT2LMHeadModel
+
+    return "logits_to_keep" in inspect.signature(GPT2LMHeadModel.forward).parameters
+
+
+# The budgets below are sized for a GPT-2 whose generate computes one row of logits per step;
+# where its forward takes no logits_to_keep (transformers 4.45), every prompt token's logits
+# make it another model. tests/test_plan.py plans every release's models.
+pytestmark = pytest.mark.skipif(
+    not _last_token_logits(), reason="GPT-2 takes no logits_to_keep in this transformers"
+)
+
+
 @pytest.fixture(autouse=True)
 def _default_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plan for the default CUDA allocator unless a test sets another."""
@@ -118,8 +134,12 @@ def test_the_whole_model_on_the_one_gpu_it_fits_and_the_reason_gives_its_numbers
     assert row.phase == "decode"
     assert row.kv_cache > 0
     assert row.activations > 0
-    # bf16 weights on a GPU: the half of what the same model takes in fp32 on the cpu.
-    assert 2 * row.weights == _plan({"cpu": "4GiB"}).device("cpu").weights
+    # bf16 weights on a GPU: the half of what the same model takes in fp32 on the cpu, but for
+    # buffers, which may keep their dtype (4.57's GPT-2 keeps a causal mask per layer).
+    fp32 = _plan({"cpu": "4GiB"}).device("cpu").weights
+    skeleton = load_skeleton(MODEL, model_class=None, dtype=torch.bfloat16)
+    buffers = sum(b.numel() * b.element_size() for b in skeleton.model.buffers())
+    assert abs(2 * row.weights - fp32) <= buffers
     assert plan.reason == (
         f"everything fits on cuda:0 ({format_bytes(row.total)} predicted peak + "
         f"{format_bytes(row.margin)} margin of 2.0 GiB): one device, no hooks and no copies "
