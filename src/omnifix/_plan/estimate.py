@@ -304,20 +304,21 @@ class _Estimate:
         return load.prompt_tokens, 0
 
     def kv_cache(self, decoder: Decoder, index: int, prompt: int, cross: int) -> int:
-        """KV cache bytes of layer ``index``: its self-attention span and its cross positions."""
-        if decoder.role == "encoder":
-            return 0
+        """KV cache bytes of layer ``index`` at the end: its self-attention span and cross."""
         total = prompt + self.load.max_new_tokens
         window = decoder.window(index)
         span = total if window is None else min(window, total)
-        per_token = decoder.kv_bytes_per_token(self.itemsize) * self.load.batch_size
-        return per_token * (span + (cross if decoder.keeps_cross(index) else 0))
+        return self._layer_kv(decoder, index, span, cross)
 
     def prefill_kv(self, decoder: Decoder, index: int, prompt: int, cross: int) -> int:
         """KV cache bytes of layer ``index`` at the end of the prefill (see PhasePeaks)."""
+        span = 0 if decoder.window(index) == 0 else prompt  # 0: no self-attention
+        return self._layer_kv(decoder, index, span, cross)
+
+    def _layer_kv(self, decoder: Decoder, index: int, span: int, cross: int) -> int:
+        """Bytes of ``span`` self-attention tokens of layer ``index``, and its cross positions."""
         if decoder.role == "encoder":
             return 0
-        span = 0 if decoder.window(index) == 0 else prompt  # 0: no self-attention
         per_token = decoder.kv_bytes_per_token(self.itemsize) * self.load.batch_size
         return per_token * (span + (cross if decoder.keeps_cross(index) else 0))
 
