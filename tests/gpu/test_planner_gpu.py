@@ -169,20 +169,18 @@ import torch
 import omnifix
 from omnifix._plan.skeleton import build_skeleton
 sys.path.insert(0, "benchmarks")
+from _memory import outside_allocator
 from _models import materialize, workload_inputs
 
 torch.cuda.init()
 torch.empty(1, device=0)
-def outside():
-    free, total = torch.cuda.mem_get_info(0)
-    return total - free - torch.cuda.memory_reserved(0)
 work = omnifix.Workload(text_tokens=1024, max_new_tokens=16)
 plan = omnifix.plan_placement("qwen3-8b", workload=work, attn_implementation="sdpa")
-before = outside()
+before = outside_allocator(0)
 model = materialize(build_skeleton("qwen3-8b"), {"": 0}).eval()
 with torch.inference_mode():
     model.generate(**workload_inputs(model, work), max_new_tokens=16, do_sample=False)
-print(json.dumps({"grew": outside() - before, "overhead": plan.devices[0].overhead}))
+print(json.dumps({"grew": outside_allocator(0) - before, "overhead": plan.devices[0].overhead}))
 """
 
 
