@@ -8,7 +8,8 @@
 # huggingface_hub 0.36.0 + accelerate 1.0.1, downloaded for the machine's Python). "image+fa2" is
 # the image with a flash-attn build on the path: the unpacked tree of a flash-attn wheel built for
 # the machine's torch, CUDA and Python, packed as .fa2/flash_attn-*.tar.xz (OMNIFIX_FA2 names
-# another file); without that file the stack is skipped with a note. Choose with
+# another file); without that file the stack is skipped with a note. .extras/ (from
+# scripts/gpu_wheels.sh: bitsandbytes) is on every stack's path when it exists. Choose with
 # STACKS="image image+fa2 tf4.45". Results (JUnit XML, logs, bug-zoo records) go to
 # $OMNIFIX_GPU_OUT.
 set -uo pipefail
@@ -21,6 +22,7 @@ fa2=${OMNIFIX_FA2:-$(ls .fa2/flash_attn-*.tar.xz 2>/dev/null | head -n 1)}
 status=0
 for stack in $stacks; do
   pythonpath=$PWD/src
+  [[ -d .extras ]] && pythonpath=$PWD/.extras:$pythonpath
   if [[ $stack == image+fa2 ]]; then
     if [[ -z $fa2 || ! -f $fa2 ]]; then
       echo "== stack image+fa2 skipped: no flash-attn build (.fa2/flash_attn-*.tar.xz)"

@@ -7,7 +7,6 @@ the quantisation state bitsandbytes keeps beside the weights) where bitsandbytes
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 import transformers
+from tests.bnb_models import (
+    BNB,
+    a_quantised_module,
+    needs_bnb,
+    quantisation_state,
+    save_tiny_gpt2,
+)
 
 import omnifix
 import omnifix.testing as ot
@@ -27,8 +33,6 @@ if TYPE_CHECKING:
     from omnifix.types import PlanOption
 
 GIB = 2**30
-BNB = importlib.util.find_spec("bitsandbytes") is not None
-needs_bnb = pytest.mark.skipif(not BNB, reason="bitsandbytes is not installed")
 #: A Qwen2-VL-family 7B that every stack has (Qwen2.5-VL needs 4.49).
 VL_7B = "qwen2.5-vl-7b" if "qwen2.5-vl" in ot.available_families() else "qwen2-vl-7b"
 
@@ -232,27 +236,6 @@ def test_without_bitsandbytes_loading_quantised_names_what_to_install(tmp_path: 
         omnifix.load_safely(path, device="cpu", quantization_config=config)
 
 
-def _quantisation_state(model: torch.nn.Module) -> int:
-    """Bytes bitsandbytes keeps beside the weights: absmax, codes, int8 row scales."""
-    total = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        tensors: list[Any] = [getattr(weight, "SCB", None)]
-        if state is not None:
-            tensors += [state.absmax, state.code, getattr(state, "offset", None)]
-            if state.state2 is not None:
-                tensors += [state.state2.absmax, state.state2.code]
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
-
-
-def _save_tiny_gpt2(path: Path) -> Path:
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=256, n_positions=64)
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
-
-
 @needs_bnb
 @pytest.mark.parametrize("quantization", ["int8", "nf4", "fp4", "nf4-config"])
 @pytest.mark.parametrize("family", ["qwen2", "qwen2-vl", "gpt2"])
@@ -260,7 +243,7 @@ def test_quantised_weights_match_real_bitsandbytes_models(
     family: str, quantization: str, tmp_path: Path
 ) -> None:
     path = (
-        _save_tiny_gpt2(tmp_path / "gpt2")
+        save_tiny_gpt2(tmp_path / "gpt2")
         if family == "gpt2"
         else ot.save_tiny_model(family, tmp_path / family)  # type: ignore[arg-type]
     )
@@ -273,23 +256,15 @@ def test_quantised_weights_match_real_bitsandbytes_models(
         warnings.simplefilter("ignore")
         model = omnifix.load_safely(path, device="cpu", dtype=torch.bfloat16, quantization=asked)
     plan = plan_placement(path, budgets={"cpu": "1GiB"}, dtype=torch.bfloat16, quantization=asked)
-    linear = type(model.get_submodule(_a_quantised_module(model)))
+    linear = type(model.get_submodule(a_quantised_module(model)))
     assert linear.__module__.startswith("bitsandbytes")
-    real = model.get_memory_footprint() + _quantisation_state(model)
+    real = model.get_memory_footprint() + quantisation_state(model)
     predicted = plan.device("cpu").weights
     assert abs(predicted - real) <= 0.02 * real, (predicted, real)
     if family == "gpt2":  # bitsandbytes' cpu kernels need 64+ input features (a 4-bit block)
         inputs = {"input_ids": torch.tensor([[1, 2, 3]])}
         with torch.inference_mode():
             assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[-1] == 5
-
-
-def _a_quantised_module(model: torch.nn.Module) -> str:
-    return next(
-        name
-        for name, module in model.named_modules()
-        if type(module).__name__ in ("Linear8bitLt", "Linear4bit")
-    )
 
 
 @needs_bnb
