@@ -77,15 +77,28 @@ def skeleton(preset: str, *, tiny: bool) -> nn.Module:
 
 
 def set_attention(model: nn.Module, attn: str) -> None:
-    """Switch the attention implementation in place (as ``benchmarks/measure_peaks.py`` does)."""
+    """Switch the attention implementation in place, in every config the model's modules hold.
+
+    ``set_attn_implementation`` first, where the installed transformers has it; then every
+    module's config, because that setter misses copies (transformers 5.17 leaves T5's encoder
+    and decoder, which hold copies of the config, on sdpa). Raises when a config disagrees after
+    that, so that no case runs an implementation it is not labelled with.
+    """
     setter = getattr(model, "set_attn_implementation", None)
     if callable(setter):
         setter(attn)
-        return
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = attn  # noqa: SLF001 - 4.x has no public setter
+    configs = {
+        id(config): config
+        for module in model.modules()
+        if hasattr(config := getattr(module, "config", None), "_attn_implementation")
+    }
+    for config in configs.values():
+        if config._attn_implementation != attn:  # noqa: SLF001 - no public setter on a copy
+            config._attn_implementation = attn  # noqa: SLF001
+    wrong = {c._attn_implementation for c in configs.values()} - {attn}  # noqa: SLF001
+    if wrong:
+        msg = f"{type(model).__name__}: configs still ask for {sorted(wrong)} after {attn!r}"
+        raise RuntimeError(msg)
 
 
 def on_cpu(device_map: Mapping[str, int | str]) -> dict[str, int | str]:

@@ -106,6 +106,12 @@ def bench_models(benchmark_suite: Callable[[str], ModuleType]) -> ModuleType:
     return benchmark_suite("_models")
 
 
+@pytest.fixture(scope="session")
+def bench_memory(benchmark_suite: Callable[[str], ModuleType]) -> ModuleType:
+    """``benchmarks/_memory.py``: ``set_attention``, ``outside_allocator`` and the phase model."""
+    return benchmark_suite("_memory")
+
+
 @pytest.fixture
 def linear_attention_config() -> Any:
     """A tiny Qwen3-Next config: linear-attention layers the memory model does not size."""

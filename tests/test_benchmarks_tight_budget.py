@@ -47,3 +47,19 @@ def test_the_fit_and_validation_sets_are_apart(
     assert len(validation) >= 8
     assert any(case.attn == "eager" for case in suite.CASES if case.group == "validation")
     assert any(case.work.get("batch_size", 1) > 1 for case in suite.CASES)
+
+
+def test_set_attention_reaches_the_configs_an_encoder_and_a_decoder_copy(
+    bench_memory: ModuleType,
+) -> None:
+    # T5 hands its encoder and decoder copies of the config; transformers 5.17's
+    # set_attn_implementation left them on sdpa, so a case labelled eager ran sdpa.
+    config = transformers.T5Config(d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=1)
+    model = transformers.T5ForConditionalGeneration(config)
+    bench_memory.set_attention(model, "eager")
+    implementations = {
+        module.config._attn_implementation  # what each module will run
+        for module in model.modules()
+        if hasattr(module, "config")
+    }
+    assert implementations == {"eager"}

@@ -54,7 +54,9 @@ def _run(
     attn: str,
     budgets: dict[int, str],
     work: dict[str, Any],
+    *,
     bench_models: ModuleType,
+    bench_memory: ModuleType,
 ) -> dict[str, Any]:
     import torch
 
@@ -74,10 +76,7 @@ def _run(
     model: Any = build_skeleton(preset)
     bench_models.materialize(model, plan.device_map)
     model.eval()
-    setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
-        setter(attn)
-    del setter  # a bound method: it would keep the model alive past the cleanup below
+    bench_memory.set_attention(model, attn)
     # Qwen2.5-Omni: text generation is the thinker's (the full class's generate also wants the
     # speaker files of a real checkpoint); every part's weights are loaded all the same.
     target = getattr(model, "thinker", model)
@@ -140,13 +139,15 @@ def test_predicted_peak_matches_the_measured_one(
     attn: str,
     budgets: dict[int, str],
     work: dict[str, Any],
+    *,
     bench_models: ModuleType,
+    bench_memory: ModuleType,
 ) -> None:
     import torch
 
     if len(budgets) > torch.cuda.device_count():
         pytest.skip(f"needs {len(budgets)} GPUs")
-    result = _run(preset, attn, budgets, work, bench_models)
+    result = _run(preset, attn, budgets, work, bench_models=bench_models, bench_memory=bench_memory)
     path = os.environ.get("OMNIFIX_PLANNER_RECORD")
     if path:
         import transformers
