@@ -98,6 +98,7 @@ CASES: tuple[Case, ...] = (
         tags=("media", "long decode"),
     ),
     Case("flan-t5-large", "eager", {"batch_size": 8, "text_tokens": 1024, "max_new_tokens": 128}),
+    Case("flan-t5-large", "sdpa", {"batch_size": 8, "text_tokens": 1024, "max_new_tokens": 128}),
     Case("gpt2", "eager", {"batch_size": 16, "text_tokens": 256, "max_new_tokens": 256}),
     # flash_attention_2 (run where flash-attn imports, skipped elsewhere).
     Case(

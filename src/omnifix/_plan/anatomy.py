@@ -11,7 +11,7 @@ not understood is listed in :attr:`Anatomy.unknown`, never silently left out.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from omnifix._compat import (
@@ -21,6 +21,7 @@ from omnifix._compat import (
     transformers_at_least,
 )
 from omnifix._modules import find_input_embeddings
+from omnifix._plan.scores import takes_position_bias
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -81,6 +82,12 @@ class Decoder:
     sparse: tuple[bool, ...] = ()
     #: Attention adds a learned relative position bias (T5): scores are materialised.
     score_bias: bool = False
+    #: The bias is computed once per pass without the batch dimension and added inside each
+    #: attention call (T5 on transformers 5); else it carries the mask, ``batch x heads x L^2``.
+    batch_free_bias: bool = False
+    #: One of the layers' self-attention modules (on ``meta``): its eager code is probed for
+    #: the bytes each score costs (:mod:`omnifix._plan.scores`).
+    attention: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """KV cache bytes of one layer per token and sample."""
@@ -121,6 +128,8 @@ class Tower:
     #: Feature maps of intermediate blocks handed to the language model and kept through its
     #: prefill (Qwen3-VL's deepstack: ``deepstack_visual_indexes``), and their width.
     kept_features: int = 0
+    #: One block's attention module (on ``meta``), probed like :attr:`Decoder.attention`.
+    attention: nn.Module | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,7 @@ def _tower(kind: Literal["vision", "audio"], name: str, owner: nn.Module, blocks
         segment,
         patches_per_token=(_config_int(config, "spatial_merge_size") or 1) ** 2,
         kept_features=len(kept) if isinstance(kept, (list, tuple)) else 0,
+        attention=_attention_module(blocks[0]) or _child(blocks[0], _SELF_NAMES),
     )
 
 
@@ -251,7 +261,13 @@ def _windows(config: Any, count: int, unknown: list[str], name: str) -> tuple[in
 
 
 def _has_child(block: nn.Module, names: tuple[str, ...]) -> bool:
-    return any(child.rpartition(".")[2] in names for child, _ in block.named_modules())
+    return _child(block, names) is not None
+
+
+def _child(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    """The first module under ``block`` whose own name is one of ``names``."""
+    found = (m for child, m in block.named_modules() if child.rpartition(".")[2] in names)
+    return next(found, None)
 
 
 def _experts(block: nn.Module, config: Any) -> Experts | None:
@@ -308,6 +324,8 @@ def _decoder(
     )
     experts = next((e for e in (_experts(b, config) for b in blocks) if e), None)
     sparse = tuple(_experts(block, config) is not None for block in blocks)
+    score_bias = any(_has_child(b, ("relative_attention_bias",)) for b in (blocks[0], blocks[-1]))
+    attention = next((a for a in (_child(b, _SELF_NAMES) for b in blocks) if a is not None), None)
     return Decoder(
         role,
         layers,
@@ -323,8 +341,9 @@ def _decoder(
         cross_source=cross_source if any(cross) else "",
         experts=experts,
         sparse=sparse if any(sparse) else (),
-        score_bias=_has_child(blocks[0], ("relative_attention_bias",))
-        or _has_child(blocks[-1], ("relative_attention_bias",)),
+        score_bias=score_bias,
+        batch_free_bias=score_bias and takes_position_bias(attention),
+        attention=attention,
     )
 
 

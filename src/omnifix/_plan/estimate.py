@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
+from omnifix._plan.scores import eager_score_bytes
 from omnifix._units import MIB
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class Calibration:
     #: The same for an audio encoder layer; not measured yet: code reading.
     audio_width: float
     #: Bytes per eager score in bf16 (or cpu fp16): the scores, softmax's fp32 copy and output.
+    #: Used where the attention code cannot be probed (:mod:`omnifix._plan.scores`: code
+    #: without ``eager_attention_forward``) and for sdpa with a score bias, whose math path
+    #: upcasts likewise (FLAN-T5, transformers 5.17: 10.0 bytes per score measured on one H200).
     eager_score_bytes: int
     #: Bytes per score where the softmax needs no copy (fp32, or fp16 on CUDA's fused kernel).
     eager_score_bytes_fused: int
@@ -59,9 +63,9 @@ class Calibration:
     workspace: int
     #: What a process holds on a GPU outside the caching allocator once ``generate`` has run:
     #: the CUDA context and the kernels loaded lazily on first use (``mem_get_info``'s used
-    #: bytes less ``memory_reserved``). Fitted: 701 and 725 MiB after the fit set's text and
-    #: image runs, one after the other in one process (Qwen2.5-VL-7B; H200, torch 2.11,
-    #: transformers 5.17); the larger is taken. In fresh processes they held 701 and 719 MiB.
+    #: bytes less ``memory_reserved``). Fitted: the fit set's text and image runs held 701 and
+    #: 719 MiB, each in a fresh process (Qwen2.5-VL-7B; H200, torch 2.11, transformers 5.17);
+    #: their mean is taken, and :attr:`margin_bytes` holds the spread.
     cuda_context: int
     #: The part of :attr:`cuda_context` a process holds as soon as CUDA is initialised: measured
     #: 527 MiB in every fit-set process (one H200, torch 2.11). Free memory measured after that
@@ -73,11 +77,16 @@ class Calibration:
     #: single prompts) on full-size random-weight 7B to 30B models, bf16, sdpa, text and image
     #: workloads, one H200, torch 2.11, transformers 5.17; the worst case is taken.
     reserved_gap: float
-    #: The same with ``expandable_segments:True``: measured 0.3 % to 0.9 % on those runs.
+    #: The same with ``expandable_segments:True``, as a point estimate. Fitted: 0.63 % and
+    #: 0.21 % of allocated on the fit set's text and image runs (tight budget, fresh processes);
+    #: their mean is taken.
     reserved_gap_expandable: float
+    #: The share the margin keeps room for with expandable segments: the worst measured on 7B
+    #: to 30B models (0.3 % to 0.9 %), rounded up. The margin holds it less the point estimate.
+    reserved_gap_expandable_worst: float
     #: Kept free on every GPU for the estimate's error: what a process holds outside the
     #: allocator varies by the kernels it loads (695 to 793 MiB after ``generate`` over 17 models
-    #: and workloads, one H200) ...
+    #: and workloads, one H200, against the 710 MiB point estimate) ...
     margin_bytes: int
     #: ... plus this share of the predicted KV cache + activations (the model's error bound).
     margin_fraction: float
@@ -113,11 +122,12 @@ CALIBRATION: Final = Calibration(
     eager_score_bytes=10,
     eager_score_bytes_fused=8,
     workspace=64 * MIB,
-    cuda_context=725 * MIB,
+    cuda_context=710 * MIB,
     cuda_context_at_init=527 * MIB,
     reserved_gap=0.05,
-    reserved_gap_expandable=0.01,
-    margin_bytes=64 * MIB,
+    reserved_gap_expandable=0.004,
+    reserved_gap_expandable_worst=0.01,
+    margin_bytes=80 * MIB,
     margin_fraction=0.05,
     eager_block_fraction=0.40,
     fresh_blocks=1,
@@ -271,8 +281,21 @@ class _Estimate:
     def peaks(self, device: str) -> PhasePeaks:
         return self.usage.setdefault(device, PhasePeaks())
 
-    def scores(self, device: str) -> int:
-        return score_bytes(self.dtype, cuda=device.startswith("cuda"), calibration=self.cal)
+    def scores(self, device: str, part: Decoder | Tower) -> float:
+        """Bytes per score: what ``part``'s own eager code holds (probed), else the constant.
+
+        Only eager attention is probed; sdpa materialises scores only where a score bias forces
+        its math path (T5), which upcasts to fp32 like the calibrated eager attention.
+        """
+        cuda = device.startswith("cuda")
+        if self.eager:
+            kv_heads = getattr(part, "kv_heads", part.heads)  # a tower's heads are all its own
+            probed = eager_score_bytes(
+                part.attention, self.dtype, cuda=cuda, heads=part.heads, kv_heads=kv_heads
+            )
+            if probed is not None:
+                return probed
+        return score_bytes(self.dtype, cuda=cuda, calibration=self.cal)
 
     def fresh(self, device: str, block: float, scores: float = 0) -> float:
         if not device.startswith("cuda"):  # only the CUDA caching allocator needs fresh blocks
@@ -360,10 +383,11 @@ class _Estimate:
             attention = rows * b * cal.lm_attn_hidden * decoder.hidden
             softmax = 0
             if scores_kept:  # batch x heads x S^2 scores, and the batch x S^2 additive mask
-                attention += square * (decoder.heads * self.scores(device) + b)
+                attention += square * (decoder.heads * self.scores(device, decoder) + b)
                 softmax = load.batch_size * decoder.heads * tokens * max(tokens, cross) * _FP32
             if decoder.score_bias:  # the bias, computed once, kept for every layer
-                attention += square * decoder.heads * b
+                per_sample = square // load.batch_size if decoder.batch_free_bias else square
+                attention += per_sample * decoder.heads * b
             mlp = max((sparse if decoder.is_sparse(i) else dense for i in indices), default=dense)
             peaks = self.peaks(device)
             layer_kv = [self.kv_cache(decoder, i, tokens, cross) for i in indices]
@@ -429,14 +453,14 @@ class _Estimate:
                 # sdpa, the measured upper bound, until flash-attn can be measured.
                 if tower.layout == "full_mask":  # a bool mask for 4.45's vision sdpa
                     mask = square * (1 if tower.kind == "vision" and not self.eager else b)
-                    scores = tower.heads * square * self.scores(device) if self.eager else 0
+                    scores = tower.heads * square * self.scores(device, tower) if self.eager else 0
                     peak = linear + mask + scores
                 elif not self.eager:
                     peak = linear
                 elif tower.layout == "batched":  # padded clips in one batch, with their mask
-                    peak = linear + square * (tower.heads * self.scores(device) + b)
+                    peak = linear + square * (tower.heads * self.scores(device, tower) + b)
                 else:  # one segment at a time
-                    peak = linear + square * tower.heads * self.scores(device)
+                    peak = linear + square * tower.heads * self.scores(device, tower)
                 softmax = tower.heads * square * _FP32 if self.eager else 0
                 mlp = patches * tower.intermediate * b
                 peaks.add_phase(phase, peak, self.fresh(device, mlp, softmax))

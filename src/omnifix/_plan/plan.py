@@ -408,7 +408,10 @@ def _notes(request: Request) -> tuple[str, ...]:
     ]
     allocator = request.allocator
     if allocator.expandable_segments:
-        gap = f"expandable segments: {CALIBRATION.reserved_gap_expandable:.0%}"
+        gap = (
+            f"expandable segments: {CALIBRATION.reserved_gap_expandable:.1%}, the margin room "
+            f"up to {CALIBRATION.reserved_gap_expandable_worst:.1%}"
+        )
     else:
         gap = f"default configuration: {CALIBRATION.reserved_gap:.0%} or the largest fresh block"
     where = {

@@ -157,6 +157,9 @@ def _row(
         allocated = weights + usage.kv_cache + activations
         if request.allocator.expandable_segments:
             reserved = int(cal.reserved_gap_expandable * allocated)
+            # The prediction is the point estimate; the margin holds the rest of the worst gap.
+            spread = cal.reserved_gap_expandable_worst - cal.reserved_gap_expandable
+            margin += int(spread * allocated)
         else:
             eager = cal.eager_block_fraction * activations if request.attn == "eager" else 0
             reserved = int(max(cal.reserved_gap * allocated, usage.fresh, eager))
