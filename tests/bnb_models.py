@@ -16,6 +16,19 @@ BNB = importlib.util.find_spec("bitsandbytes") is not None
 needs_bnb = pytest.mark.skipif(not BNB, reason="bitsandbytes is not installed")
 
 
+#: The quantisations the size tests load: the three names and a config as a user writes it.
+QUANTISATIONS = ["int8", "nf4", "fp4", "nf4-config"]
+
+
+def asked(quantization: str) -> object:
+    """What to pass as ``quantization=`` for one of :data:`QUANTISATIONS`."""
+    if quantization == "nf4-config":  # as given: transformers' default skips, no double quant
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    return quantization
+
+
 def quantisation_state(model: torch.nn.Module) -> int:
     """Bytes bitsandbytes keeps beside the weights: absmax, codes, int8 row scales."""
     total = 0

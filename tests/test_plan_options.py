@@ -16,7 +16,9 @@ import torch
 import transformers
 from tests.bnb_models import (
     BNB,
+    QUANTISATIONS,
     a_quantised_module,
+    asked,
     needs_bnb,
     quantisation_state,
     save_tiny_gpt2,
@@ -237,7 +239,7 @@ def test_without_bitsandbytes_loading_quantised_names_what_to_install(tmp_path: 
 
 
 @needs_bnb
-@pytest.mark.parametrize("quantization", ["int8", "nf4", "fp4", "nf4-config"])
+@pytest.mark.parametrize("quantization", QUANTISATIONS)
 @pytest.mark.parametrize("family", ["qwen2", "qwen2-vl", "gpt2"])
 def test_quantised_weights_match_real_bitsandbytes_models(
     family: str, quantization: str, tmp_path: Path
@@ -247,15 +249,15 @@ def test_quantised_weights_match_real_bitsandbytes_models(
         if family == "gpt2"
         else ot.save_tiny_model(family, tmp_path / family)  # type: ignore[arg-type]
     )
-    asked: object = quantization
-    if quantization == "nf4-config":  # as given: transformers' default skips, no double quant
-        asked = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
+    quantised_as = asked(quantization)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = omnifix.load_safely(path, device="cpu", dtype=torch.bfloat16, quantization=asked)
-    plan = plan_placement(path, budgets={"cpu": "1GiB"}, dtype=torch.bfloat16, quantization=asked)
+        model = omnifix.load_safely(
+            path, device="cpu", dtype=torch.bfloat16, quantization=quantised_as
+        )
+    plan = plan_placement(
+        path, budgets={"cpu": "1GiB"}, dtype=torch.bfloat16, quantization=quantised_as
+    )
     linear = type(model.get_submodule(a_quantised_module(model)))
     assert linear.__module__.startswith("bitsandbytes")
     real = model.get_memory_footprint() + quantisation_state(model)

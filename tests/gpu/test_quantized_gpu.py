@@ -20,23 +20,20 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from tests.bnb_models import a_quantised_module, needs_bnb, quantisation_state, save_tiny_gpt2
+from tests.bnb_models import (
+    QUANTISATIONS,
+    a_quantised_module,
+    asked,
+    needs_bnb,
+    quantisation_state,
+    save_tiny_gpt2,
+)
 
 import omnifix
 import omnifix.testing as ot
 from omnifix import plan_placement
 
 pytestmark = [pytest.mark.gpu, needs_bnb]
-
-QUANTISATIONS = ["int8", "nf4", "fp4", "nf4-config"]
-
-
-def _asked(quantization: str) -> object:
-    if quantization == "nf4-config":  # as given: transformers' default skips, no double quant
-        return transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
-    return quantization
 
 
 def _full_width(path: Path) -> Path:
@@ -79,15 +76,19 @@ def test_quantised_weights_on_the_gpu_match_bitsandbytes(
     family: str, quantization: str, tmp_path: Path
 ) -> None:
     path = _saved(family, tmp_path / family)
-    asked = _asked(quantization)
+    quantised_as = asked(quantization)
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = omnifix.load_safely(path, device="cuda", dtype=torch.bfloat16, quantization=asked)
+        model = omnifix.load_safely(
+            path, device="cuda", dtype=torch.bfloat16, quantization=quantised_as
+        )
     held = torch.cuda.memory_allocated(0) - before
-    plan = plan_placement(path, budgets={0: "40GiB"}, dtype=torch.bfloat16, quantization=asked)
+    plan = plan_placement(
+        path, budgets={0: "40GiB"}, dtype=torch.bfloat16, quantization=quantised_as
+    )
     quantised = model.get_submodule(a_quantised_module(model))
     assert type(quantised).__module__.startswith("bitsandbytes")
     assert quantised.weight.device == torch.device("cuda:0")
