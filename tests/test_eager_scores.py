@@ -104,3 +104,24 @@ def test_eager_activations_match_a_real_generate(family: str, tmp_path: Path) ->
         return
     # Within 10 %: a per-score cost off by 2 bytes, or a batch-sized bias, is 20 % or more here.
     assert abs(predicted - measured) <= 0.10 * measured, (predicted / MIB, measured / MIB)
+
+
+def test_cuda_takes_an_fp16_softmax_into_fp32_without_a_copy(tmp_path: Path) -> None:
+    # torch's CUDA softmax reads fp16 and writes fp32 in one kernel; bf16 (and the cpu) copy the
+    # scores to fp32 first: 2 bytes more per score at the peak of Llama-style eager attention.
+    model_class, config, _ = MODELS["qwen2"]
+    model_class(config).save_pretrained(tmp_path)
+
+    def activations(dtype: torch.dtype, device: object) -> int:
+        plan = plan_placement(
+            tmp_path,
+            budgets={device: "8GiB"},
+            dtype=dtype,
+            attn_implementation="eager",
+            workload=WORK,
+        )
+        return plan.devices[0].activations
+
+    scores = WORK.batch_size * HEADS * WORK.text_tokens**2
+    assert activations(torch.bfloat16, 0) - activations(torch.float16, 0) == 2 * scores
+    assert activations(torch.bfloat16, "cpu") == activations(torch.float16, "cpu")
