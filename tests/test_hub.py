@@ -228,3 +228,36 @@ def test_a_hub_that_hangs_on_the_weights_leaves_the_headers_out_after_the_hub_ti
     assert fits
     assert not stored
     assert seconds < HUB_TIMEOUT + 1.5
+
+
+#: ``omnifix plan argv[1] --dtypes --json``: one row per dtype and quantisation.
+_DTYPES = """
+import sys
+from omnifix._cli import main
+sys.exit(main(["plan", sys.argv[1], "--gpu", "8GiB", "--dtypes", "--json"]))
+"""
+
+
+def test_a_dtype_table_reads_a_hub_id_s_headers_once(
+    weights_hub: tuple[hub_standin.Hub, dict[str, str]], env: dict[str, str]
+) -> None:
+    hub, _ = weights_hub
+    online = {**env, "HF_ENDPOINT": hub.endpoint}
+
+    def header_reads() -> int:
+        return sum(1 for path, _ in hub.gets if path.endswith(".safetensors"))
+
+    _plan(online, ("tiny/single", {}))
+    one_plan = header_reads()
+    assert one_plan > 0
+    done = subprocess.run(  # noqa: S603 - our own interpreter running the script above
+        [sys.executable, "-c", _DTYPES, "tiny/single"],
+        env=online,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 1: no row fits the budget
+    rows = json.loads(done.stdout)["dtypes"]
+    assert len(rows) > 1
+    assert header_reads() == 2 * one_plan  # the table's rows share one read

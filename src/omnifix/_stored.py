@@ -10,6 +10,8 @@ Hugging Face cache offline.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import json
 import os
@@ -23,11 +25,11 @@ from omnifix._config import HUB_TIMEOUT, is_hub_id
 from omnifix.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     import torch
 
-__all__ = ["StoredWeights", "read_hub", "read_local", "stored_weights"]
+__all__ = ["StoredWeights", "read_hub", "read_local", "remembered", "stored_weights"]
 
 _SINGLE: Final = "model.safetensors"
 _INDEX: Final = "model.safetensors.index.json"
@@ -310,14 +312,49 @@ def stored_weights(
     Raises:
         CheckpointError: A corrupt header or index; the message names the file.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    memo = _MEMO.get()
+    key = (os.fspath(source), revision, token, subfolder)
+    if memo is not None and key in memo:
+        return memo[key]
+    found = _read(os.fspath(source), revision=revision, token=token, subfolder=subfolder)
+    if memo is not None:
+        memo[key] = found
+    return found
+
+
+#: Headers read within :func:`remembered`, by source, revision, token and subfolder.
+_MEMO: contextvars.ContextVar[dict[tuple[object, ...], StoredWeights | None] | None]
+_MEMO = contextvars.ContextVar("omnifix_stored_weights", default=None)
+
+
+@contextlib.contextmanager
+def remembered() -> Iterator[None]:
+    """Within it, each checkpoint's headers are read once: plans of one model in many dtypes.
+
+    Outside it every plan reads them again, so that a checkpoint changed on disk or on the Hub
+    is seen. Nested uses share the outermost memo.
+    """
+    if _MEMO.get() is not None:
+        yield
+        return
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _read(
+    source: str, *, revision: str | None, token: str | bool | None, subfolder: str | None
+) -> StoredWeights | None:
     # Deferred: the planner imports this module, and omnifix._plan's package imports the planner.
     from omnifix._plan.presets import find_preset
 
-    if not isinstance(source, (str, os.PathLike)):
-        return None
-    path = Path(os.fspath(source)).expanduser()
+    path = Path(source).expanduser()
     if path.is_dir():
         return read_local(path / (subfolder or ""))
-    if not is_hub_id(source) or subfolder or find_preset(os.fspath(source), required=False):
+    if not is_hub_id(source) or subfolder or find_preset(source, required=False):
         return None
-    return read_hub(os.fspath(source), revision=revision, token=token)
+    return read_hub(source, revision=revision, token=token)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from omnifix._plan.plan import plan_placement
+from omnifix._stored import remembered
 from omnifix._table import Block, Table, plain, rich
 from omnifix._units import format_bytes
 
@@ -109,14 +110,15 @@ def dtype_table(model: object, **plan_kwargs: Any) -> DtypeTable:
     import torch
 
     plan_kwargs = {k: v for k, v in plan_kwargs.items() if k not in ("dtype", "quantization")}
-    half_plan = plan_placement(model, **plan_kwargs)
-    half = half_plan.dtype if half_plan.dtype != torch.float32 else torch.bfloat16
-    plans = []
-    for label, dtype, quantization in _VARIANTS:
-        kwargs = dict(plan_kwargs)
-        if quantization is not None:
-            kwargs["allow_offload"] = False
-        chosen = half if dtype == "auto-half" else getattr(torch, dtype)
-        plan = plan_placement(model, dtype=chosen, quantization=quantization, **kwargs)
-        plans.append((str(chosen).removeprefix("torch.") if label == "half" else label, plan))
+    with remembered():  # one read of the checkpoint's headers for every row
+        half_plan = plan_placement(model, **plan_kwargs)
+        half = half_plan.dtype if half_plan.dtype != torch.float32 else torch.bfloat16
+        plans = []
+        for label, dtype, quantization in _VARIANTS:
+            kwargs = dict(plan_kwargs)
+            if quantization is not None:
+                kwargs["allow_offload"] = False
+            chosen = half if dtype == "auto-half" else getattr(torch, dtype)
+            plan = plan_placement(model, dtype=chosen, quantization=quantization, **kwargs)
+            plans.append((str(chosen).removeprefix("torch.") if label == "half" else label, plan))
     return DtypeTable(half_plan.model, tuple(plans))
