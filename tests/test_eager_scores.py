@@ -125,3 +125,30 @@ def test_cuda_takes_an_fp16_softmax_into_fp32_without_a_copy(tmp_path: Path) -> 
     scores = WORK.batch_size * HEADS * WORK.text_tokens**2
     assert activations(torch.bfloat16, 0) - activations(torch.float16, 0) == 2 * scores
     assert activations(torch.bfloat16, "cpu") == activations(torch.float16, "cpu")
+
+
+def test_a_plan_made_in_inference_mode_counts_what_the_kernels_copy(tmp_path: Path) -> None:
+    # Inference mode hands a composite softmax to a dispatch mode whole, its fp32 copy hidden;
+    # the probe steps out of it. Twelve heads: a config no other test has probed yet.
+    config = transformers.Qwen2Config(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        **SMALL,
+    )
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    with torch.inference_mode():
+        plans = {
+            dtype: plan_placement(
+                tmp_path,
+                budgets={0: "8GiB"},
+                dtype=dtype,
+                attn_implementation="eager",
+                workload=WORK,
+            ).devices[0]
+            for dtype in (torch.bfloat16, torch.float16)
+        }
+    scores = WORK.batch_size * 12 * WORK.text_tokens**2
+    assert plans[torch.bfloat16].activations - plans[torch.float16].activations == 2 * scores

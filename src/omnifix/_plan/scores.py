@@ -109,6 +109,8 @@ def _probe(
     # Second divided difference: the L^2 coefficient of the peak, per score of one head.
     slope1, slope2 = (p2 - p1) / (l2 - l1), (p3 - p2) / (l3 - l2)
     per_square = (slope2 - slope1) / (l3 - l1)
+    if per_square < 0:  # not a peak that grows with the scores: nothing to learn from it
+        return None
     return round(per_square / heads, 2)
 
 
