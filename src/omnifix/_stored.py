@@ -25,7 +25,7 @@ from omnifix._config import HUB_TIMEOUT, is_hub_id
 from omnifix.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
 
     import torch
 
@@ -212,17 +212,11 @@ def read_local(folder: str | os.PathLike[str]) -> StoredWeights | None:
         '40 float32'
     """
     root = Path(folder)
-    if (root / _SINGLE).is_file():
-        return StoredWeights.of(os.fspath(folder), [_read_header(root / _SINGLE)])
-    if not (root / _INDEX).is_file():
-        return None
-    shards, metadata = _index(root / _INDEX)
-    files = []
-    for shard in shards:
-        if not (root / shard).is_file():
-            raise _broken(root / shard, "is missing: the index names it")
-        files.append(_read_header(root / shard))
-    return StoredWeights.of(os.fspath(folder), files, metadata)
+
+    def local(filename: str) -> Path | None:
+        return root / filename if (root / filename).is_file() else None
+
+    return _read_files(os.fspath(folder), local, complete=True)
 
 
 def _cached(repo_id: str, revision: str | None) -> StoredWeights | None:
@@ -233,17 +227,33 @@ def _cached(repo_id: str, revision: str | None) -> StoredWeights | None:
         found = try_to_load_from_cache(repo_id, filename, revision=revision)
         return Path(found) if isinstance(found, str) else None
 
-    single = cached(_SINGLE)
+    return _read_files(repo_id, cached, complete=False)
+
+
+def _read_files(
+    source: str, find: Callable[[str], Path | None], *, complete: bool
+) -> StoredWeights | None:
+    """``model.safetensors``, else the shards the index names, as ``find`` locates them.
+
+    ``complete``: a shard the index names must be there (a checkpoint directory); else a
+    missing one means the files are not all at hand (the Hugging Face cache): ``None``.
+    """
+    single = find(_SINGLE)
     if single is not None:
-        return StoredWeights.of(repo_id, [_read_header(single)])
-    index = cached(_INDEX)
+        return StoredWeights.of(source, [_read_header(single)])
+    index = find(_INDEX)
     if index is None:
         return None
     shards, metadata = _index(index)
-    paths = [cached(shard) for shard in shards]
-    if any(path is None for path in paths):
+    paths = [find(shard) for shard in shards]
+    if not complete and None in paths:
         return None
-    return StoredWeights.of(repo_id, [_read_header(p) for p in paths if p], metadata)
+    files = []
+    for shard, path in zip(shards, paths, strict=True):
+        if path is None:
+            raise _broken(index.parent / shard, "is missing: the index names it")
+        files.append(_read_header(path))
+    return StoredWeights.of(source, files, metadata)
 
 
 def read_hub(
