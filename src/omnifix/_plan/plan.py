@@ -355,11 +355,11 @@ def _check_workload(skeleton: Skeleton, workload: Workload) -> None:
 def _unknown(request: Request) -> tuple[str, ...]:
     """What the memory model does not understand about the model, with the bound it uses."""
     anatomy = request.skeleton.anatomy
+    unknown = (*anatomy.unknown, *request.unsized)
     if anatomy.decoders or anatomy.towers:
-        return (*anatomy.unknown, *request.unsized)
+        return unknown
     return (
-        *anatomy.unknown,
-        *request.unsized,
+        *unknown,
         (
             "no language model or tower recognised (no stack of layers with a vocabulary, "
             "patches or mel bins): the bound counts weights, overhead and margin only"

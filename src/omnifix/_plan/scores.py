@@ -18,7 +18,7 @@ import inspect
 import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -73,7 +73,7 @@ def eager_score_bytes(
         >>> cost is None or 10 <= cost < 11  # None: the installed code has no eager function
         True
     """
-    if eager_function(attention) is None or attention is None:
+    if attention is None or eager_function(attention) is None:
         return None
     groups = getattr(attention, "num_key_value_groups", None)  # what the code repeats keys by
     if isinstance(groups, int) and groups > 0 and heads % groups == 0:
@@ -99,9 +99,15 @@ _PROBES_KEPT: Final = 256
 def _probe(
     attention: nn.Module, heads: int, kv_heads: int, dtype: torch.dtype, *, cuda: bool
 ) -> float | None:
+    function = eager_function(attention)
+    if function is None:
+        return None
+    module = copy.copy(attention)  # a shallow copy: the skeleton's own module stays as it is
+    module.training = False
+    call = _Call(function, module, (heads, kv_heads), takes_position_bias(attention), dtype)
     peaks = []
     for length in _LENGTHS:
-        peak = _peak(attention, (heads, kv_heads), length, dtype, cuda=cuda)
+        peak = _peak(call, length, cuda=cuda)
         if peak is None:
             return None
         peaks.append(peak)
@@ -114,19 +120,22 @@ def _probe(
     return round(per_square / heads, 2)
 
 
-def _peak(
-    attention: nn.Module, shape: tuple[int, int], length: int, dtype: torch.dtype, *, cuda: bool
-) -> int | None:
+class _Call(NamedTuple):
+    """One probe's eager function, the module it is called with, and its inputs' shape."""
+
+    function: Callable[..., Any]
+    module: nn.Module
+    heads: tuple[int, int]
+    position_bias: bool
+    dtype: torch.dtype
+
+
+def _peak(call: _Call, length: int, *, cuda: bool) -> int | None:
     """The most bytes alive at once while the eager function runs at ``length`` (fake tensors)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    function = eager_function(attention)
-    if function is None:
-        return None
-    heads, kv_heads = shape
-    module = copy.copy(attention)  # a shallow copy: the skeleton's own module stays as it is
-    module.training = False
+    heads, kv_heads = call.heads
     kwargs: dict[str, Any] = {"dropout": 0.0, "scaling": _HEAD_DIM**-0.5}
     try:
         # Outside inference mode, composite operations (softmax with a dtype, matmul) reach the
@@ -138,16 +147,16 @@ def _peak(
             warnings.simplefilter("ignore")
 
             def make(*shape: int) -> torch.Tensor:
-                return torch.zeros(shape, dtype=dtype)
+                return torch.zeros(shape, dtype=call.dtype)
 
             query = make(1, heads, length, _HEAD_DIM)
             key, value = make(1, kv_heads, length, _HEAD_DIM), make(1, kv_heads, length, _HEAD_DIM)
             mask = make(1, 1, length, length)
-            if takes_position_bias(attention):
+            if call.position_bias:
                 kwargs["position_bias"] = make(1, heads, length, length)
             live = live_bytes()  # buffers the code slices count at every length: they cancel
             with _cuda_softmax(enabled=cuda), live:
-                function(module, query, key, value, mask, **kwargs)
+                call.function(call.module, query, key, value, mask, **kwargs)
     except Exception:  # noqa: BLE001 - code the probe cannot run falls back to the constant
         return None
     peak: int = live.peak
