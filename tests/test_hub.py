@@ -230,14 +230,6 @@ def test_a_hub_that_hangs_on_the_weights_leaves_the_headers_out_after_the_hub_ti
     assert seconds < HUB_TIMEOUT + 1.5
 
 
-#: ``omnifix plan argv[1] --dtypes --json``: one row per dtype and quantisation.
-_DTYPES = """
-import sys
-from omnifix._cli import main
-sys.exit(main(["plan", sys.argv[1], "--gpu", "8GiB", "--dtypes", "--json"]))
-"""
-
-
 def test_a_dtype_table_reads_a_hub_id_s_headers_once(
     weights_hub: tuple[hub_standin.Hub, dict[str, str]], env: dict[str, str]
 ) -> None:
@@ -250,12 +242,9 @@ def test_a_dtype_table_reads_a_hub_id_s_headers_once(
     _plan(online, ("tiny/single", {}))
     one_plan = header_reads()
     assert one_plan > 0
-    done = subprocess.run(  # noqa: S603 - our own interpreter running the script above
-        [sys.executable, "-c", _DTYPES, "tiny/single"],
-        env=online,
-        capture_output=True,
-        text=True,
-        check=False,
+    argv = [sys.executable, "-m", "omnifix", "plan", "tiny/single", "--gpu", "8GiB", "--dtypes"]
+    done = subprocess.run(  # noqa: S603 - our own interpreter running omnifix
+        [*argv, "--json"], env=online, capture_output=True, text=True, check=False
     )
     assert done.returncode in (0, 1), done.stderr  # 1: no row fits the budget
     rows = json.loads(done.stdout)["dtypes"]

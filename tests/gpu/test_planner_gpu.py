@@ -41,14 +41,6 @@ CASES: list[tuple[str, str, dict[int, str], dict[str, Any]]] = [
 ]
 
 
-def _outside_allocator(device: int) -> int:
-    """Bytes the process holds on ``device`` outside torch's allocator (context, libraries)."""
-    import torch
-
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free - torch.cuda.memory_reserved(device)
-
-
 def _run(
     preset: str,
     attn: str,
@@ -96,7 +88,7 @@ def _run(
             )
     except torch.cuda.OutOfMemoryError as error:
         status = f"oom: {str(error).splitlines()[0]}"
-    outside = {gpu: _outside_allocator(gpu) for gpu in gpus}
+    outside = {gpu: bench_memory.outside_allocator(gpu) for gpu in gpus}
     measured = {
         gpu: torch.cuda.max_memory_reserved(gpu) - reserved_before[gpu] + outside[gpu]
         for gpu in gpus
